@@ -1,0 +1,142 @@
+//! `hoststackd`: the hoststack node daemon.
+use anyhow::{Context, Result};
+use clap::Parser;
+use hoststack::config::{Config, NamespaceConfig};
+use hoststack::uplink::UplinkKind;
+use std::path::PathBuf;
+
+const KEYS: &str = "\
+CONFIG FILE (TOML; every key optional unless noted, flags override the file):
+  [uplink]
+    kind = \"af-packet\"         af-packet (named interface, e.g. a veth end) | tap
+    interface = \"veth0\"        required; must carry no kernel IP address
+    mac = \"02:00:00:00:00:01\"  default: the interface's MAC (af-packet) / random (tap)
+    ipv4 = \"198.18.0.1/24\"     daemon-owned IPv4 address/prefix
+    ipv6 = \"2001:2::1/64\"      daemon-owned IPv6 address/prefix (+ EUI-64 link-local)
+    gateway4 / gateway6        default gateways used by the daemon (not the kernel's)
+  [daemon]
+    socket_dir = \"/run/hoststack\"  attach sockets <dir>/<namespace>.sock, ctl.sock
+    busy_poll = false          spin instead of sleeping (benchmarks)
+    rx_batch = 64              frames per uplink receive batch (1..=1024)
+  [tcp]
+    rx_buffer = 262144         smoltcp receive buffer per connection
+    tx_buffer = 262144         smoltcp send buffer per connection
+    connect_timeout_ms = 20000 active open gives up after this (ETIMEDOUT)
+  [session]
+    fifo_size = 262144         rx and tx FIFO per session (power of two)
+    segment_size = 1073741824  per-app shared segment (virtual; touched on use)
+    ct_segment_size = 268435456 per app-pair cut-through segment
+    max_sessions_per_app = 16384
+    max_flows = 65536
+  [[namespace]]                one attach socket per namespace (repeatable)
+    name = \"default\"
+    secret = \"...\"             apps must present it (env HOSTSTACK_SECRET on the app side)
+If no namespace is configured, \"default\" is served with the secret from the
+daemon's HOSTSTACK_SECRET environment variable (empty if unset).
+
+LOGGING: RUST_LOG or --log (e.g. info, hoststack=debug).";
+
+/// Userspace TCP/UDP host stack daemon: owns an uplink, terminates TCP/UDP
+/// with smoltcp and serves apps through shared-memory FIFOs.
+#[derive(Parser, Debug)]
+#[command(name = "hoststackd", version, after_help = KEYS)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Uplink kind (overrides uplink.kind).
+    #[arg(long, value_enum)]
+    uplink: Option<UplinkKind>,
+    /// Interface name (overrides uplink.interface).
+    #[arg(short, long)]
+    interface: Option<String>,
+    /// MAC address (overrides uplink.mac).
+    #[arg(long)]
+    mac: Option<String>,
+    /// IPv4 address/prefix (overrides uplink.ipv4).
+    #[arg(long)]
+    ipv4: Option<String>,
+    /// IPv6 address/prefix (overrides uplink.ipv6).
+    #[arg(long)]
+    ipv6: Option<String>,
+    /// IPv4 default gateway (overrides uplink.gateway4).
+    #[arg(long)]
+    gateway4: Option<String>,
+    /// IPv6 default gateway (overrides uplink.gateway6).
+    #[arg(long)]
+    gateway6: Option<String>,
+    /// Socket directory (overrides daemon.socket_dir).
+    #[arg(long)]
+    socket_dir: Option<PathBuf>,
+    /// Busy-poll instead of sleeping (overrides daemon.busy_poll).
+    #[arg(long)]
+    busy_poll: bool,
+    /// FIFO size in bytes (overrides session.fifo_size).
+    #[arg(long)]
+    fifo_size: Option<u32>,
+    /// Add an app namespace NAME=SECRET (repeatable; adds to the file's).
+    #[arg(long = "namespace", value_name = "NAME=SECRET")]
+    namespaces: Vec<String>,
+    /// Log filter (overrides RUST_LOG), e.g. "info" or "hoststack=debug".
+    #[arg(long)]
+    log: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = cli
+        .log
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = match &cli.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(k) = cli.uplink {
+        cfg.uplink.kind = k;
+    }
+    if let Some(v) = cli.interface {
+        cfg.uplink.interface = v;
+    }
+    if cli.mac.is_some() {
+        cfg.uplink.mac = cli.mac;
+    }
+    if cli.ipv4.is_some() {
+        cfg.uplink.ipv4 = cli.ipv4;
+    }
+    if cli.ipv6.is_some() {
+        cfg.uplink.ipv6 = cli.ipv6;
+    }
+    if cli.gateway4.is_some() {
+        cfg.uplink.gateway4 = cli.gateway4;
+    }
+    if cli.gateway6.is_some() {
+        cfg.uplink.gateway6 = cli.gateway6;
+    }
+    if let Some(d) = cli.socket_dir {
+        cfg.daemon.socket_dir = d;
+    }
+    if cli.busy_poll {
+        cfg.daemon.busy_poll = true;
+    }
+    if let Some(f) = cli.fifo_size {
+        cfg.session.fifo_size = f;
+    }
+    for ns in &cli.namespaces {
+        let (name, secret) = ns
+            .split_once('=')
+            .with_context(|| format!("--namespace {ns:?}: expected NAME=SECRET"))?;
+        cfg.namespaces.push(NamespaceConfig {
+            name: name.into(),
+            secret: secret.into(),
+        });
+    }
+    hoststack::daemon::preflight(&cfg)?;
+    let mut d = hoststack::daemon::Daemon::new(cfg)?;
+    d.run()
+}

@@ -1,0 +1,325 @@
+//! Daemon configuration: a TOML file, overridden by command-line flags.
+//!
+//! Every key, its default and meaning (also printed by `hoststackd --help`):
+//!
+//! ```toml
+//! [uplink]
+//! kind = "af-packet"        # "af-packet" (a named interface, e.g. a veth end) or "tap"
+//! interface = "veth0"       # interface name (must carry no kernel IP address)
+//! mac = "02:00:00:00:00:01" # our MAC; default: the interface's (af-packet) or random (tap)
+//! ipv4 = "198.18.0.1/24"    # daemon-owned IPv4 address/prefix
+//! ipv6 = "2001:2::1/64"     # daemon-owned IPv6 address/prefix (link-local is added automatically)
+//! gateway4 = "198.18.0.254" # IPv4 default gateway (the daemon's, not the kernel's)
+//! gateway6 = "2001:2::fe"   # IPv6 default gateway
+//!
+//! [daemon]
+//! socket_dir = "/run/hoststack" # attach sockets <dir>/<namespace>.sock and ctl.sock
+//! busy_poll = false             # spin instead of sleeping in epoll (benchmarks only)
+//! rx_batch = 64                 # frames read per uplink batch
+//!
+//! [tcp]
+//! rx_buffer = 262144        # smoltcp receive buffer per connection (bytes)
+//! tx_buffer = 262144        # smoltcp send buffer per connection (bytes)
+//! connect_timeout_ms = 20000
+//!
+//! [session]
+//! fifo_size = 262144        # each rx/tx FIFO, power of two
+//! segment_size = 1073741824 # per-app segment (virtual; pages are touched on use)
+//! ct_segment_size = 268435456 # per app-pair cut-through segment
+//! max_sessions_per_app = 16384
+//! max_flows = 65536
+//!
+//! [[namespace]]             # one attach socket per namespace
+//! name = "default"
+//! secret = "change-me"
+//! ```
+
+use crate::uplink::UplinkKind;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// Whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The network side.
+    pub uplink: UplinkConfig,
+    /// Process-level settings.
+    pub daemon: DaemonConfig,
+    /// TCP tunables.
+    pub tcp: TcpConfig,
+    /// Session-layer tunables.
+    pub session: SessionCfg,
+    /// App namespaces.
+    #[serde(rename = "namespace")]
+    pub namespaces: Vec<NamespaceConfig>,
+}
+
+/// `[uplink]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// Device kind.
+    pub kind: UplinkKind,
+    /// Interface name.
+    pub interface: String,
+    /// MAC override.
+    pub mac: Option<String>,
+    /// IPv4 address with prefix.
+    pub ipv4: Option<String>,
+    /// IPv6 address with prefix.
+    pub ipv6: Option<String>,
+    /// IPv4 gateway.
+    pub gateway4: Option<String>,
+    /// IPv6 gateway.
+    pub gateway6: Option<String>,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Where the sockets live.
+    pub socket_dir: PathBuf,
+    /// Busy-poll instead of epoll sleep.
+    pub busy_poll: bool,
+    /// Frames per receive batch.
+    pub rx_batch: usize,
+}
+
+/// `[tcp]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    /// smoltcp receive buffer.
+    pub rx_buffer: usize,
+    /// smoltcp send buffer.
+    pub tx_buffer: usize,
+    /// Active open timeout.
+    pub connect_timeout_ms: u64,
+}
+
+/// `[session]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionCfg {
+    /// FIFO capacity.
+    pub fifo_size: u32,
+    /// App segment size.
+    pub segment_size: usize,
+    /// Cut-through segment size.
+    pub ct_segment_size: usize,
+    /// Session cap per app.
+    pub max_sessions_per_app: usize,
+    /// Flow cap.
+    pub max_flows: usize,
+}
+
+/// `[[namespace]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Name (socket file name).
+    pub name: String,
+    /// Secret apps must present.
+    pub secret: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            uplink: UplinkConfig::default(),
+            daemon: DaemonConfig::default(),
+            tcp: TcpConfig::default(),
+            session: SessionCfg::default(),
+            namespaces: Vec::new(),
+        }
+    }
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            kind: UplinkKind::AfPacket,
+            interface: String::new(),
+            mac: None,
+            ipv4: None,
+            ipv6: None,
+            gateway4: None,
+            gateway6: None,
+        }
+    }
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket_dir: PathBuf::from("/run/hoststack"),
+            busy_poll: false,
+            rx_batch: 64,
+        }
+    }
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            rx_buffer: 256 * 1024,
+            tx_buffer: 256 * 1024,
+            connect_timeout_ms: 20_000,
+        }
+    }
+}
+
+impl Default for SessionCfg {
+    fn default() -> Self {
+        SessionCfg {
+            fifo_size: 256 * 1024,
+            segment_size: 1 << 30,
+            ct_segment_size: 256 << 20,
+            max_sessions_per_app: 16384,
+            max_flows: 65536,
+        }
+    }
+}
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// File unreadable.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TOML invalid.
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: toml::de::Error,
+    },
+    /// A value is out of its domain.
+    #[error("invalid value for {key}: {why}")]
+    Value {
+        /// Key.
+        key: &'static str,
+        /// Why.
+        why: String,
+    },
+}
+
+impl Config {
+    /// Load from a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    /// Check values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let v = |key, why: &str| {
+            Err(ConfigError::Value {
+                key,
+                why: why.to_string(),
+            })
+        };
+        if self.uplink.interface.is_empty() {
+            return v("uplink.interface", "an interface name is required");
+        }
+        if self.uplink.ipv4.is_none() && self.uplink.ipv6.is_none() {
+            return v("uplink.ipv4", "at least one of ipv4/ipv6 is required");
+        }
+        let f = self.session.fifo_size;
+        if !f.is_power_of_two() || !(4096..=(1 << 28)).contains(&f) {
+            return v("session.fifo_size", "must be a power of two between 4096 and 2^28");
+        }
+        if self.session.segment_size < 4 << 20 {
+            return v("session.segment_size", "must be at least 4 MiB");
+        }
+        if self.session.ct_segment_size < 1 << 20 {
+            return v("session.ct_segment_size", "must be at least 1 MiB");
+        }
+        if self.tcp.rx_buffer < 1024 || self.tcp.tx_buffer < 1024 {
+            return v("tcp.rx_buffer", "buffers must be at least 1024 bytes");
+        }
+        if self.daemon.rx_batch == 0 || self.daemon.rx_batch > 1024 {
+            return v("daemon.rx_batch", "must be 1..=1024");
+        }
+        for n in &self.namespaces {
+            if n.name.is_empty() || !n.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return v("namespace.name", "must be non-empty [A-Za-z0-9_-]");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parse "a:b:c:d:e:f".
+pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || ConfigError::Value {
+        key: "uplink.mac",
+        why: format!("{s:?} is not a MAC address"),
+    };
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut m = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        m[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if m[0] & 1 != 0 {
+        return Err(bad());
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_example_parses() {
+        let c: Config = toml::from_str(
+            r#"
+            [uplink]
+            kind = "tap"
+            interface = "tap0"
+            ipv4 = "198.18.0.1/24"
+            [daemon]
+            busy_poll = true
+            [session]
+            fifo_size = 65536
+            [[namespace]]
+            name = "default"
+            secret = "x"
+            "#,
+        )
+        .unwrap();
+        assert!(c.daemon.busy_poll);
+        assert_eq!(c.namespaces.len(), 1);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(toml::from_str::<Config>("[uplink]\nnope = 1").is_err());
+        let mut c = Config::default();
+        c.uplink.interface = "x".into();
+        c.uplink.ipv4 = Some("198.18.0.1/24".into());
+        c.session.fifo_size = 1000;
+        assert!(c.validate().is_err());
+        assert!(parse_mac("01:00:00:00:00:00").is_err());
+        assert_eq!(parse_mac("02:00:00:00:00:0a").unwrap()[5], 10);
+    }
+}

@@ -1,0 +1,1472 @@
+//! The session layer: binds app sessions (FIFO pairs in shared memory) to
+//! transport flows, serves app requests, and runs cut-through sessions.
+//!
+//! Flow control is end to end: data moves from a smoltcp receive buffer into
+//! the app's rx FIFO only while the FIFO has room, so the advertised TCP
+//! window is what the app has not yet consumed plus smoltcp's free space; a
+//! slow reader closes the window and nothing is dropped or buffered without
+//! bound. When the FIFO is full the daemon asks the app for a dequeue
+//! notification and resumes when it arrives.
+//!
+//! Sans-IO apart from shared memory: frames go out through a
+//! [`FrameTx`](crate::stack::FrameTx), time is passed in.
+
+use crate::app::{alloc_block, consumer, producer, write_desc, App, AppId, PostError, Segment, SessionBlock};
+use crate::stack::{FlowId, FlowKind, FrameTx, ListenerId, Stack, StackError};
+use session_api::fifo::{FifoConsumer, FifoProducer};
+use session_api::msg::{
+    dgram_header, parse_dgram_header, Event, Proto, Request, SessOpt, SessionDesc, Shut, DGRAM_HDR,
+};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{IpAddress, IpEndpoint, IpListenEndpoint};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+
+/// Owner tokens with this bit name a listen group, not a session.
+const LISTEN_BIT: u64 = 1 << 63;
+
+/// Session layer tunables.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Capacity of each FIFO (power of two).
+    pub fifo_size: u32,
+    /// Size of each app's private segment.
+    pub segment_size: usize,
+    /// Size of each cut-through segment (one per pair of apps).
+    pub ct_segment_size: usize,
+    /// Give up an active open after this long.
+    pub connect_timeout: Duration,
+    /// Maximum sessions per app (bounded memory).
+    pub max_sessions_per_app: usize,
+}
+
+enum Kind {
+    Net {
+        flow: FlowId,
+        rx: FifoProducer,
+        tx: FifoConsumer,
+    },
+    Ct {
+        peer: Option<u64>,
+    },
+}
+
+struct Session {
+    app: AppId,
+    worker: u32,
+    proto: Proto,
+    blk: SessionBlock,
+    kind: Kind,
+    local: Option<SocketAddr>,
+    remote: Option<SocketAddr>,
+    /// App sent Close: the handle is dead on the app side.
+    app_closed: bool,
+    /// App asked for FIN (shutdown write or close).
+    shut_wr: bool,
+    /// FIN handed to the transport.
+    fin_done: bool,
+    /// PeerClosed posted.
+    peer_closed_sent: bool,
+    /// Connection is gone (reset/closed); only the app's Close is awaited.
+    dead: bool,
+    pending_connect: Option<(u32, Instant)>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+}
+
+struct AppListener {
+    app: AppId,
+    worker: u32,
+    group: ListenerId,
+}
+
+struct Group {
+    local: SocketAddr,
+    members: Vec<u64>,
+    rr: usize,
+}
+
+struct CtSegment {
+    seg: Segment,
+    apps: (AppId, AppId),
+}
+
+/// Counters.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct SessionStats {
+    /// Sessions created.
+    pub sessions_opened: u64,
+    /// Sessions freed.
+    pub sessions_closed: u64,
+    /// Cut-through sessions created (each side counted once).
+    pub cut_through_opened: u64,
+    /// Requests naming a handle the app does not own, or otherwise invalid.
+    pub bad_requests: u64,
+    /// Apps disconnected for corrupting shared memory or stalling.
+    pub apps_killed: u64,
+    /// Connections refused because no app was left to accept them.
+    pub accept_aborts: u64,
+}
+
+/// A session row for `hoststackctl`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionInfo {
+    /// Handle.
+    pub handle: u64,
+    /// App id.
+    pub app: u32,
+    /// Worker index.
+    pub worker: u32,
+    /// tcp/udp.
+    pub proto: String,
+    /// "net" or "cut-through".
+    pub path: &'static str,
+    /// Transport state.
+    pub state: String,
+    /// Local endpoint.
+    pub local: String,
+    /// Remote endpoint.
+    pub remote: String,
+    /// Bytes delivered to the app.
+    pub rx_bytes: u64,
+    /// Bytes taken from the app.
+    pub tx_bytes: u64,
+    /// Bytes waiting in the rx FIFO (net sessions).
+    pub rx_fifo: u32,
+    /// Bytes waiting in the tx FIFO (net sessions).
+    pub tx_fifo: u32,
+    /// FIFO capacity.
+    pub fifo_cap: u32,
+}
+
+/// The session layer and the things it owns.
+pub struct Engine {
+    /// The transports.
+    pub stack: Stack,
+    /// Attached apps.
+    pub apps: HashMap<AppId, App>,
+    next_app: u32,
+    next_segment: u32,
+    sessions: Vec<Option<Session>>,
+    sgen: Vec<u32>,
+    sfree: Vec<u32>,
+    app_sessions: HashMap<AppId, HashSet<u64>>,
+    listeners: HashMap<u64, AppListener>,
+    next_listener: u64,
+    groups: HashMap<ListenerId, Group>,
+    ct_segments: HashMap<u32, CtSegment>,
+    ct_by_pair: HashMap<(AppId, AppId), u32>,
+    cfg: SessionConfig,
+    broken: Vec<AppId>,
+    /// Counters.
+    pub stats: SessionStats,
+    scratch: Vec<u8>,
+    touched: Vec<FlowId>,
+}
+
+fn ep_to_sa(e: IpEndpoint) -> SocketAddr {
+    SocketAddr::new(e.addr.into(), e.port)
+}
+
+fn sa_to_ep(s: SocketAddr) -> IpEndpoint {
+    IpEndpoint::new(s.ip().into(), s.port())
+}
+
+fn listen_ep(s: SocketAddr) -> IpListenEndpoint {
+    IpListenEndpoint {
+        addr: if s.ip().is_unspecified() {
+            None
+        } else {
+            Some(s.ip().into())
+        },
+        port: s.port(),
+    }
+}
+
+impl Engine {
+    /// New engine over a stack.
+    pub fn new(stack: Stack, cfg: SessionConfig) -> Self {
+        Engine {
+            stack,
+            apps: HashMap::new(),
+            next_app: 1,
+            next_segment: 1,
+            sessions: Vec::new(),
+            sgen: Vec::new(),
+            sfree: Vec::new(),
+            app_sessions: HashMap::new(),
+            listeners: HashMap::new(),
+            next_listener: 1,
+            groups: HashMap::new(),
+            ct_segments: HashMap::new(),
+            ct_by_pair: HashMap::new(),
+            cfg,
+            broken: Vec::new(),
+            stats: SessionStats::default(),
+            scratch: vec![0; 65536 + DGRAM_HDR],
+            touched: Vec::new(),
+        }
+    }
+
+    /// Session layer configuration.
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    /// Register an app: creates its private segment. Returns the id.
+    pub fn add_app(&mut self, name: String, namespace: String, pid: u32, ctrl: std::os::fd::OwnedFd) -> std::io::Result<AppId> {
+        let id = AppId(self.next_app);
+        self.next_app += 1;
+        let segid = self.alloc_segment_id();
+        let seg = Segment::create(segid, self.cfg.segment_size, &format!("hoststack-app{}", id.0))?;
+        let mut segments = HashMap::new();
+        segments.insert(segid, seg);
+        self.apps.insert(
+            id,
+            App {
+                id,
+                name,
+                namespace,
+                pid,
+                ctrl,
+                segments,
+                main_segment: segid,
+                workers: Vec::new(),
+                ct_segments: Vec::new(),
+            },
+        );
+        self.app_sessions.insert(id, HashSet::new());
+        Ok(id)
+    }
+
+    fn alloc_segment_id(&mut self) -> u32 {
+        let s = self.next_segment;
+        self.next_segment = self.next_segment.wrapping_add(1).max(1);
+        s
+    }
+
+    /// Apps found broken (corrupt queues, stalled) since the last call.
+    pub fn take_broken(&mut self) -> Vec<AppId> {
+        std::mem::take(&mut self.broken)
+    }
+
+    fn mark_broken(&mut self, app: AppId) {
+        if !self.broken.contains(&app) {
+            tracing::warn!(app = app.0, "app misbehaved (corrupt queue or stalled); disconnecting");
+            self.broken.push(app);
+        }
+    }
+
+    fn post(&mut self, app: AppId, worker: u32, ev: Event) {
+        let r = match self.apps.get_mut(&app).and_then(|a| a.worker(worker)) {
+            Some(w) => w.post(&ev),
+            None => return,
+        };
+        if r == Err(PostError::Broken) {
+            self.mark_broken(app);
+        }
+    }
+
+    fn new_handle(&mut self, s: Session) -> u64 {
+        let idx = match self.sfree.pop() {
+            Some(i) => i,
+            None => {
+                self.sessions.push(None);
+                self.sgen.push(1);
+                (self.sessions.len() - 1) as u32
+            }
+        };
+        let app = s.app;
+        self.sessions[idx as usize] = Some(s);
+        let h = (idx as u64) | ((self.sgen[idx as usize] as u64) << 32);
+        if let Some(set) = self.app_sessions.get_mut(&app) {
+            set.insert(h);
+        }
+        self.stats.sessions_opened += 1;
+        h
+    }
+
+    fn sess(&mut self, h: u64) -> Option<&mut Session> {
+        let idx = (h & 0xffff_ffff) as usize;
+        let gen = (h >> 32) as u32;
+        if h & LISTEN_BIT != 0 || self.sgen.get(idx) != Some(&gen) {
+            return None;
+        }
+        self.sessions.get_mut(idx)?.as_mut()
+    }
+
+    /// A session owned by `app`, or None (and a bad-request count).
+    fn owned(&mut self, app: AppId, h: u64) -> bool {
+        match self.sess(h) {
+            Some(s) if s.app == app && !s.app_closed => true,
+            _ => {
+                self.stats.bad_requests += 1;
+                false
+            }
+        }
+    }
+
+    /// Free the session slot and its FIFO block (the flow, if any, is the
+    /// caller's business).
+    fn free_session(&mut self, h: u64) {
+        let idx = (h & 0xffff_ffff) as usize;
+        let Some(s) = self.sess(h).map(|_| ()).and_then(|_| self.sessions[idx].take()) else {
+            return;
+        };
+        self.sgen[idx] = self.sgen[idx].wrapping_add(1).max(1);
+        self.sfree.push(idx as u32);
+        if let Some(set) = self.app_sessions.get_mut(&s.app) {
+            set.remove(&h);
+        }
+        self.stats.sessions_closed += 1;
+        match s.kind {
+            Kind::Net { .. } => {
+                if let Some(seg) = self.apps.get_mut(&s.app).and_then(|a| a.segments.get_mut(&s.blk.segment)) {
+                    let _ = seg.alloc.free(s.blk.off);
+                }
+            }
+            Kind::Ct { peer } => {
+                // The block is shared: free it when the second side goes.
+                let peer_alive = peer.and_then(|p| self.sess(p).map(|_| p));
+                match peer_alive {
+                    Some(p) => {
+                        if let Some(ps) = self.sess(p) {
+                            if let Kind::Ct { peer } = &mut ps.kind {
+                                *peer = None;
+                            }
+                        }
+                    }
+                    None => {
+                        if let Some(ct) = self.ct_segments.get_mut(&s.blk.segment) {
+                            let _ = ct.seg.alloc.free(s.blk.off);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn alloc_net_block(&mut self, app: AppId) -> Result<SessionBlock, i32> {
+        if self.app_sessions.get(&app).map_or(0, |s| s.len()) >= self.cfg.max_sessions_per_app {
+            return Err(libc::ENOBUFS);
+        }
+        let cap = self.cfg.fifo_size;
+        let a = self.apps.get_mut(&app).ok_or(libc::EINVAL)?;
+        let seg = a.segments.get_mut(&a.main_segment).ok_or(libc::EINVAL)?;
+        alloc_block(seg, cap).ok_or(libc::ENOBUFS)
+    }
+
+    /// Make a network session on a fresh block; writes its descriptor.
+    fn make_net_session(
+        &mut self,
+        app: AppId,
+        worker: u32,
+        proto: Proto,
+        flow: FlowId,
+        local: Option<SocketAddr>,
+        remote: Option<SocketAddr>,
+    ) -> Result<(u64, SessionBlock, u32), i32> {
+        let blk = self.alloc_net_block(app)?;
+        let a = self.apps.get_mut(&app).ok_or(libc::EINVAL)?;
+        let seg = a.segments.get(&blk.segment).ok_or(libc::EINVAL)?;
+        let desc = SessionDesc {
+            proto,
+            rx_off: blk.fifo_ba,
+            rx_cap: blk.cap,
+            tx_off: blk.fifo_ab,
+            tx_cap: blk.cap,
+            local,
+            remote,
+            cut_through: false,
+        };
+        let doff = write_desc(seg, &blk, 0, &desc).ok_or(libc::EFAULT)?;
+        let rx = producer(seg, blk.fifo_ba, blk.cap).ok_or(libc::EFAULT)?;
+        let tx = consumer(seg, blk.fifo_ab, blk.cap).ok_or(libc::EFAULT)?;
+        let h = self.new_handle(Session {
+            app,
+            worker,
+            proto,
+            blk,
+            kind: Kind::Net { flow, rx, tx },
+            local,
+            remote,
+            app_closed: false,
+            shut_wr: false,
+            fin_done: false,
+            peer_closed_sent: false,
+            dead: false,
+            pending_connect: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        });
+        self.stack.set_owner(flow, h);
+        Ok((h, blk, doff))
+    }
+
+    /// Handle every pending request of every worker, bounded per worker.
+    pub fn drain_requests(&mut self, now: Instant, tx: &mut dyn FrameTx) -> usize {
+        let mut batch = Vec::new();
+        let ids: Vec<AppId> = self.apps.keys().copied().collect();
+        let mut total = 0;
+        for app in ids {
+            batch.clear();
+            let mut corrupt = false;
+            if let Some(a) = self.apps.get_mut(&app) {
+                for w in a.workers.iter_mut().flatten() {
+                    for _ in 0..256 {
+                        match w.req.try_recv() {
+                            Ok(Some(m)) => {
+                                w.requests += 1;
+                                batch.push((w.index, m))
+                            }
+                            Ok(None) => break,
+                            Err(_) => {
+                                corrupt = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            if corrupt {
+                self.mark_broken(app);
+                continue;
+            }
+            total += batch.len();
+            for (w, m) in batch.drain(..) {
+                match Request::decode(&m) {
+                    Ok(r) => self.handle_request(app, w, r, now, tx),
+                    Err(e) => {
+                        tracing::warn!(app = app.0, error = %e, "malformed request");
+                        self.mark_broken(app);
+                        break;
+                    }
+                }
+            }
+            if let Some(a) = self.apps.get_mut(&app) {
+                for w in a.workers.iter_mut().flatten() {
+                    if w.flush_backlog().is_err() {
+                        corrupt = true;
+                    }
+                }
+            }
+            if corrupt {
+                self.mark_broken(app);
+            }
+        }
+        total
+    }
+
+    /// Serve one request from `app`'s worker `worker`.
+    pub fn handle_request(&mut self, app: AppId, worker: u32, req: Request, now: Instant, tx: &mut dyn FrameTx) {
+        match req {
+            Request::Listen {
+                req_id,
+                proto,
+                local,
+                backlog,
+            } => {
+                let r = match proto {
+                    Proto::Tcp => self.listen(app, worker, local, backlog),
+                    Proto::Udp => self.udp_open(app, worker, local, None),
+                };
+                let ev = match r {
+                    Ok((handle, segment, desc, local)) => Event::Reply {
+                        req_id,
+                        errno: 0,
+                        handle,
+                        segment,
+                        desc,
+                        local: Some(local),
+                    },
+                    Err(errno) => Event::Reply {
+                        req_id,
+                        errno,
+                        handle: 0,
+                        segment: 0,
+                        desc: 0,
+                        local: None,
+                    },
+                };
+                self.post(app, worker, ev);
+            }
+            Request::Unlisten { handle } => self.unlisten(app, handle, now, tx),
+            Request::Connect {
+                req_id,
+                proto,
+                remote,
+                local,
+            } => {
+                let r = match proto {
+                    Proto::Udp => self.udp_open(app, worker, local.unwrap_or_else(|| unspecified_like(remote)), Some(remote)),
+                    Proto::Tcp => self.connect(app, worker, req_id, remote, local, now, tx),
+                };
+                match r {
+                    Ok((handle, segment, desc, local)) if proto == Proto::Udp => self.post(
+                        app,
+                        worker,
+                        Event::Reply {
+                            req_id,
+                            errno: 0,
+                            handle,
+                            segment,
+                            desc,
+                            local: Some(local),
+                        },
+                    ),
+                    Ok(_) => {} // TCP replies when established (or cut-through replied).
+                    Err(errno) => self.post(
+                        app,
+                        worker,
+                        Event::Reply {
+                            req_id,
+                            errno,
+                            handle: 0,
+                            segment: 0,
+                            desc: 0,
+                            local: None,
+                        },
+                    ),
+                }
+            }
+            Request::Tx { handle } | Request::RxDrained { handle } => {
+                if !self.owned(app, handle) {
+                    return;
+                }
+                let is_tx = matches!(req, Request::Tx { .. });
+                self.kick(handle, is_tx, now, tx);
+            }
+            Request::Shutdown { handle, how } => {
+                if !self.owned(app, handle) {
+                    return;
+                }
+                if matches!(how, Shut::Write | Shut::Both) {
+                    self.shut_write(handle, now, tx);
+                }
+            }
+            Request::Close { handle } => {
+                if !self.owned(app, handle) {
+                    return;
+                }
+                self.close(handle, now, tx);
+            }
+            Request::Abort { handle } => {
+                if !self.owned(app, handle) {
+                    return;
+                }
+                self.abort(handle, now, tx);
+            }
+            Request::SetOpt { handle, opt } => {
+                if !self.owned(app, handle) {
+                    return;
+                }
+                if let Some(Kind::Net { flow, .. }) = self.sess(handle).map(|s| &s.kind) {
+                    let flow = *flow;
+                    if let Some(sock) = self.stack.tcp(flow) {
+                        match opt {
+                            SessOpt::NoDelay(b) => sock.set_nagle_enabled(!b),
+                            SessOpt::KeepAliveMs(0) => sock.set_keep_alive(None),
+                            SessOpt::KeepAliveMs(ms) => sock.set_keep_alive(Some(Duration::from_millis(ms as u64))),
+                            SessOpt::TimeoutMs(0) => sock.set_timeout(None),
+                            SessOpt::TimeoutMs(ms) => sock.set_timeout(Some(Duration::from_millis(ms as u64))),
+                        }
+                        self.stack.egress(flow, now, tx);
+                    }
+                }
+            }
+        }
+    }
+
+    fn listen(&mut self, app: AppId, worker: u32, local: SocketAddr, backlog: u32) -> Result<(u64, u32, u32, SocketAddr), i32> {
+        if local.port() == 0 {
+            // Kernel semantics would pick a port; we need a stable one for sharing.
+            return Err(libc::EINVAL);
+        }
+        // Join an existing group on the same address (SO_REUSEPORT-like).
+        let ep = listen_ep(local);
+        let existing = self.groups.iter().find(|(_, g)| g.local == local).map(|(id, _)| *id);
+        let gid = match existing {
+            Some(g) => g,
+            None => {
+                let gid = self
+                    .stack
+                    .listen(ep, backlog, LISTEN_BIT)
+                    .map_err(StackError::errno)?;
+                self.groups.insert(
+                    gid,
+                    Group {
+                        local,
+                        members: Vec::new(),
+                        rr: 0,
+                    },
+                );
+                gid
+            }
+        };
+        let h = LISTEN_BIT | self.next_listener;
+        self.next_listener += 1;
+        self.listeners.insert(h, AppListener { app, worker, group: gid });
+        if let Some(g) = self.groups.get_mut(&gid) {
+            g.members.push(h);
+        }
+        Ok((h, 0, 0, local))
+    }
+
+    fn unlisten(&mut self, app: AppId, h: u64, now: Instant, tx: &mut dyn FrameTx) {
+        match self.listeners.get(&h) {
+            Some(l) if l.app == app => {}
+            _ => {
+                self.stats.bad_requests += 1;
+                return;
+            }
+        }
+        self.remove_listener(h, now, tx);
+    }
+
+    fn remove_listener(&mut self, h: u64, _now: Instant, _tx: &mut dyn FrameTx) {
+        let Some(l) = self.listeners.remove(&h) else { return };
+        let empty = match self.groups.get_mut(&l.group) {
+            Some(g) => {
+                g.members.retain(|m| *m != h);
+                g.members.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            self.groups.remove(&l.group);
+            self.stack.unlisten(l.group);
+        }
+    }
+
+    fn udp_open(&mut self, app: AppId, worker: u32, local: SocketAddr, remote: Option<SocketAddr>) -> Result<(u64, u32, u32, SocketAddr), i32> {
+        let flow = self.stack.udp_bind(listen_ep(local), 0).map_err(StackError::errno)?;
+        let port = self
+            .stack
+            .udp(flow)
+            .map(|s| s.endpoint().port)
+            .unwrap_or(local.port());
+        let bound = SocketAddr::new(local.ip(), port);
+        match self.make_net_session(app, worker, Proto::Udp, flow, Some(bound), remote) {
+            Ok((h, blk, doff)) => Ok((h, blk.segment, doff, bound)),
+            Err(e) => {
+                self.stack.remove_flow(flow, Instant::from_micros(0), &mut crate::stack::NullTx(Vec::new()));
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn connect(
+        &mut self,
+        app: AppId,
+        worker: u32,
+        req_id: u32,
+        remote: SocketAddr,
+        local: Option<SocketAddr>,
+        now: Instant,
+        tx: &mut dyn FrameTx,
+    ) -> Result<(u64, u32, u32, SocketAddr), i32> {
+        let rip: IpAddress = remote.ip().into();
+        if remote.ip().is_loopback() || self.stack.is_local(rip) {
+            return self.connect_cut_through(app, worker, req_id, remote);
+        }
+        let flow = self
+            .stack
+            .connect(sa_to_ep(remote), local.map(sa_to_ep), 0, now)
+            .map_err(StackError::errno)?;
+        let lep = self.stack.tcp(flow).and_then(|s| s.local_endpoint()).map(ep_to_sa);
+        if let Some(sock) = self.stack.tcp(flow) {
+            sock.set_timeout(Some(self.cfg.connect_timeout));
+        }
+        match self.make_net_session(app, worker, Proto::Tcp, flow, lep, Some(remote)) {
+            Ok((h, blk, doff)) => {
+                if let Some(s) = self.sess(h) {
+                    s.pending_connect = Some((req_id, now));
+                }
+                self.stack.egress(flow, now, tx);
+                Ok((h, blk.segment, doff, lep.unwrap_or(remote)))
+            }
+            Err(e) => {
+                if let Some(s) = self.stack.tcp(flow) {
+                    s.abort();
+                }
+                self.stack.remove_flow(flow, now, tx);
+                Err(e)
+            }
+        }
+    }
+
+    /// Connect to a listener of this daemon: a FIFO pair in a segment shared
+    /// by both apps; the daemon only relays notifications.
+    fn connect_cut_through(&mut self, app: AppId, worker: u32, req_id: u32, remote: SocketAddr) -> Result<(u64, u32, u32, SocketAddr), i32> {
+        let rip = remote.ip();
+        let gid = self
+            .groups
+            .iter()
+            .find(|(_, g)| {
+                g.local.port() == remote.port()
+                    && (g.local.ip().is_unspecified() || g.local.ip() == rip || (rip.is_loopback() && g.local.ip().is_loopback()))
+                    && !g.members.is_empty()
+            })
+            .map(|(id, _)| *id)
+            .ok_or(libc::ECONNREFUSED)?;
+        let lh = self.pick_member(gid).ok_or(libc::ECONNREFUSED)?;
+        let (papp, pworker) = {
+            let l = self.listeners.get(&lh).ok_or(libc::ECONNREFUSED)?;
+            (l.app, l.worker)
+        };
+        for a in [app, papp] {
+            if self.app_sessions.get(&a).map_or(0, |s| s.len()) >= self.cfg.max_sessions_per_app {
+                return Err(libc::ENOBUFS);
+            }
+        }
+        let segid = self.ct_segment(app, papp)?;
+        let cap = self.cfg.fifo_size;
+        let ct = self.ct_segments.get_mut(&segid).ok_or(libc::ENOMEM)?;
+        let blk = alloc_block(&mut ct.seg, cap).ok_or(libc::ENOBUFS)?;
+        // Client endpoint: a made-up ephemeral port on the loopback/local ip.
+        let cport = 49152 + (self.stats.cut_through_opened % 16384) as u16;
+        let client = SocketAddr::new(rip, cport);
+        let server = SocketAddr::new(rip, remote.port());
+        let da = SessionDesc {
+            proto: Proto::Tcp,
+            rx_off: blk.fifo_ba,
+            rx_cap: cap,
+            tx_off: blk.fifo_ab,
+            tx_cap: cap,
+            local: Some(client),
+            remote: Some(server),
+            cut_through: true,
+        };
+        let db = SessionDesc {
+            proto: Proto::Tcp,
+            rx_off: blk.fifo_ab,
+            rx_cap: cap,
+            tx_off: blk.fifo_ba,
+            tx_cap: cap,
+            local: Some(server),
+            remote: Some(client),
+            cut_through: true,
+        };
+        let ct = self.ct_segments.get(&segid).ok_or(libc::ENOMEM)?;
+        let off_a = write_desc(&ct.seg, &blk, 0, &da).ok_or(libc::EFAULT)?;
+        let off_b = write_desc(&ct.seg, &blk, 1, &db).ok_or(libc::EFAULT)?;
+        let mk = |app, worker, local, remote| Session {
+            app,
+            worker,
+            proto: Proto::Tcp,
+            blk,
+            kind: Kind::Ct { peer: None },
+            local: Some(local),
+            remote: Some(remote),
+            app_closed: false,
+            shut_wr: false,
+            fin_done: false,
+            peer_closed_sent: false,
+            dead: false,
+            pending_connect: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        };
+        let ha = self.new_handle(mk(app, worker, client, server));
+        let hb = self.new_handle(mk(papp, pworker, server, client));
+        if let Some(s) = self.sess(ha) {
+            s.kind = Kind::Ct { peer: Some(hb) };
+        }
+        if let Some(s) = self.sess(hb) {
+            s.kind = Kind::Ct { peer: Some(ha) };
+        }
+        self.stats.cut_through_opened += 1;
+        self.post(
+            papp,
+            pworker,
+            Event::Accepted {
+                listener: lh,
+                handle: hb,
+                segment: segid,
+                desc: off_b,
+            },
+        );
+        self.post(
+            app,
+            worker,
+            Event::Reply {
+                req_id,
+                errno: 0,
+                handle: ha,
+                segment: segid,
+                desc: off_a,
+                local: Some(client),
+            },
+        );
+        Ok((ha, segid, off_a, client))
+    }
+
+    /// The segment shared by two apps, created (and announced to both) on
+    /// first use.
+    fn ct_segment(&mut self, a: AppId, b: AppId) -> Result<u32, i32> {
+        let key = if a <= b { (a, b) } else { (b, a) };
+        if let Some(id) = self.ct_by_pair.get(&key) {
+            return Ok(*id);
+        }
+        let id = self.alloc_segment_id();
+        let seg = Segment::create(id, self.cfg.ct_segment_size, "hoststack-ct").map_err(|_| libc::ENOMEM)?;
+        let msg = session_api::proto::DaemonCtrl::Segment {
+            segment: id,
+            size: self.cfg.ct_segment_size as u64,
+        }
+        .encode();
+        for app in [key.0, key.1] {
+            if let Some(ap) = self.apps.get_mut(&app) {
+                use std::os::fd::AsFd;
+                if session_api::shm::send_with_fds(ap.ctrl.as_fd(), &msg, &[seg.region.fd()]).is_err() {
+                    return Err(libc::ENOMEM);
+                }
+                ap.ct_segments.push(id);
+            }
+            if key.0 == key.1 {
+                break;
+            }
+        }
+        self.ct_segments.insert(id, CtSegment { seg, apps: key });
+        self.ct_by_pair.insert(key, id);
+        Ok(id)
+    }
+
+    fn pick_member(&mut self, gid: ListenerId) -> Option<u64> {
+        let g = self.groups.get_mut(&gid)?;
+        if g.members.is_empty() {
+            return None;
+        }
+        g.rr = (g.rr + 1) % g.members.len();
+        Some(g.members[g.rr])
+    }
+
+    /// Data or space appeared on the app side of `h`.
+    fn kick(&mut self, h: u64, is_tx: bool, now: Instant, tx: &mut dyn FrameTx) {
+        let Some(s) = self.sess(h) else { return };
+        match &s.kind {
+            Kind::Net { flow, .. } => {
+                let flow = *flow;
+                self.service_flow(flow, now, tx);
+                self.stack.egress(flow, now, tx);
+            }
+            Kind::Ct { peer } => {
+                let Some(p) = *peer else { return };
+                let Some(ps) = self.sess(p) else { return };
+                if ps.app_closed {
+                    return;
+                }
+                let (pa, pw) = (ps.app, ps.worker);
+                let ev = if is_tx {
+                    Event::Rx { handle: p }
+                } else {
+                    Event::TxSpace { handle: p }
+                };
+                self.post(pa, pw, ev);
+            }
+        }
+    }
+
+    fn shut_write(&mut self, h: u64, now: Instant, tx: &mut dyn FrameTx) {
+        let Some(s) = self.sess(h) else { return };
+        if s.shut_wr {
+            return;
+        }
+        s.shut_wr = true;
+        match &s.kind {
+            Kind::Net { flow, .. } => {
+                let flow = *flow;
+                self.service_flow(flow, now, tx);
+                self.stack.egress(flow, now, tx);
+            }
+            Kind::Ct { peer } => {
+                let Some(p) = *peer else { return };
+                if let Some(ps) = self.sess(p) {
+                    if !ps.peer_closed_sent && !ps.app_closed {
+                        ps.peer_closed_sent = true;
+                        let (pa, pw) = (ps.app, ps.worker);
+                        self.post(pa, pw, Event::PeerClosed { handle: p });
+                    }
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, h: u64, now: Instant, tx: &mut dyn FrameTx) {
+        self.shut_write(h, now, tx);
+        let Some(s) = self.sess(h) else { return };
+        s.app_closed = true;
+        match &s.kind {
+            Kind::Net { flow, .. } => {
+                let flow = *flow;
+                if s.dead {
+                    self.free_session(h);
+                    return;
+                }
+                self.service_flow(flow, now, tx);
+                self.stack.egress(flow, now, tx);
+            }
+            Kind::Ct { .. } => self.free_session(h),
+        }
+    }
+
+    fn abort(&mut self, h: u64, now: Instant, tx: &mut dyn FrameTx) {
+        let Some(s) = self.sess(h) else { return };
+        match &s.kind {
+            Kind::Net { flow, .. } => {
+                let flow = *flow;
+                if let Some(sock) = self.stack.tcp(flow) {
+                    sock.abort();
+                }
+                self.stack.remove_flow(flow, now, tx);
+            }
+            Kind::Ct { peer } => {
+                if let Some(p) = *peer {
+                    if let Some(ps) = self.sess(p) {
+                        if !ps.app_closed && !ps.dead {
+                            ps.dead = true;
+                            let (pa, pw) = (ps.app, ps.worker);
+                            self.post(
+                                pa,
+                                pw,
+                                Event::Reset {
+                                    handle: p,
+                                    errno: libc::ECONNRESET,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        self.free_session(h);
+    }
+
+    /// Feed a received frame and serve the flows it touched.
+    pub fn ingress(&mut self, now: Instant, frame: &[u8], csum_ok: bool, tx: &mut dyn FrameTx) {
+        self.stack.ingress(now, frame, csum_ok, tx);
+    }
+
+    /// Serve every flow touched by ingress or timers, then send what they
+    /// have. Call after a batch of frames.
+    pub fn service_touched(&mut self, now: Instant, tx: &mut dyn FrameTx) {
+        let mut touched = std::mem::take(&mut self.touched);
+        self.stack.take_touched(&mut touched);
+        for id in touched.drain(..) {
+            self.service_flow(id, now, tx);
+            self.stack.egress(id, now, tx);
+        }
+        self.touched = touched;
+    }
+
+    /// Run timers.
+    pub fn poll_timers(&mut self, now: Instant, tx: &mut dyn FrameTx) {
+        self.stack.poll_timers(now, tx);
+        self.service_touched(now, tx);
+    }
+
+    fn service_flow(&mut self, flow: FlowId, now: Instant, tx: &mut dyn FrameTx) {
+        let Some(owner) = self.stack.owner(flow) else { return };
+        if self.stack.flow_listener(flow).is_some() {
+            // Not yet handed to an app: owner is still the listen token.
+            self.service_unaccepted(flow, now, tx);
+            if self.stack.owner(flow).is_none_or(|o| o & LISTEN_BIT != 0 || o == 0) {
+                return;
+            }
+        } else if owner == 0 || owner & LISTEN_BIT != 0 {
+            self.service_orphan(flow, now, tx);
+            return;
+        }
+        let Some(h) = self.stack.owner(flow) else { return };
+        match self.stack.kind(flow) {
+            Some(FlowKind::Tcp) => self.service_tcp(h, flow, now, tx),
+            Some(FlowKind::Udp) => self.service_udp(h, flow),
+            None => {}
+        }
+    }
+
+    fn service_unaccepted(&mut self, flow: FlowId, now: Instant, tx: &mut dyn FrameTx) {
+        let Some(lid) = self.stack.flow_listener(flow) else { return };
+        let state = match self.stack.tcp(flow) {
+            Some(s) => s.state(),
+            None => return,
+        };
+        match state {
+            tcp::State::Established | tcp::State::CloseWait => {}
+            tcp::State::Closed | tcp::State::TimeWait => {
+                self.stack.remove_flow(flow, now, tx);
+                return;
+            }
+            _ => return,
+        }
+        let Some(lh) = self.pick_member(lid) else {
+            self.stats.accept_aborts += 1;
+            if let Some(s) = self.stack.tcp(flow) {
+                s.abort();
+            }
+            self.stack.remove_flow(flow, now, tx);
+            return;
+        };
+        let Some((app, worker)) = self.listeners.get(&lh).map(|l| (l.app, l.worker)) else { return };
+        let (local, remote) = match self.stack.tcp(flow) {
+            Some(s) => (s.local_endpoint().map(ep_to_sa), s.remote_endpoint().map(ep_to_sa)),
+            None => return,
+        };
+        match self.make_net_session(app, worker, Proto::Tcp, flow, local, remote) {
+            Ok((h, blk, doff)) => {
+                self.stack.accepted(flow);
+                self.post(
+                    app,
+                    worker,
+                    Event::Accepted {
+                        listener: lh,
+                        handle: h,
+                        segment: blk.segment,
+                        desc: doff,
+                    },
+                );
+            }
+            Err(_) => {
+                // Out of session memory: refuse like a full backlog would.
+                self.stats.accept_aborts += 1;
+                if let Some(s) = self.stack.tcp(flow) {
+                    s.abort();
+                }
+                self.stack.remove_flow(flow, now, tx);
+            }
+        }
+    }
+
+    /// A flow whose app is gone: discard input, reap when closed.
+    fn service_orphan(&mut self, flow: FlowId, now: Instant, tx: &mut dyn FrameTx) {
+        match self.stack.kind(flow) {
+            Some(FlowKind::Tcp) => {
+                let closed = match self.stack.tcp(flow) {
+                    Some(s) => {
+                        while s.can_recv() {
+                            if s.recv(|b| (b.len(), b.len())).unwrap_or(0) == 0 {
+                                break;
+                            }
+                        }
+                        s.state() == tcp::State::Closed
+                    }
+                    None => true,
+                };
+                if closed {
+                    self.stack.remove_flow(flow, now, tx);
+                }
+            }
+            _ => self.stack.remove_flow(flow, now, tx),
+        }
+    }
+
+    fn service_tcp(&mut self, h: u64, flow: FlowId, now: Instant, tx: &mut dyn FrameTx) {
+        let idx = (h & 0xffff_ffff) as usize;
+        if self.sess(h).is_none() {
+            return;
+        }
+        let connect_timeout = self.cfg.connect_timeout;
+        let Some(sock) = self.stack.tcp(flow) else { return };
+        let Some(s) = self.sessions[idx].as_mut() else { return };
+        let state = sock.state();
+        let mut events: Vec<Event> = Vec::new();
+        let mut reset: Option<i32> = None;
+        let mut corrupt = false;
+        if let Some((req_id, started)) = s.pending_connect {
+            match state {
+                tcp::State::SynSent | tcp::State::SynReceived => return,
+                tcp::State::Closed | tcp::State::TimeWait => {
+                    let errno = if now - started >= connect_timeout {
+                        libc::ETIMEDOUT
+                    } else {
+                        libc::ECONNREFUSED
+                    };
+                    let (app, worker) = (s.app, s.worker);
+                    self.post(
+                        app,
+                        worker,
+                        Event::Reply {
+                            req_id,
+                            errno,
+                            handle: 0,
+                            segment: 0,
+                            desc: 0,
+                            local: None,
+                        },
+                    );
+                    self.stack.remove_flow(flow, now, tx);
+                    self.free_session(h);
+                    return;
+                }
+                _ => {
+                    sock.set_timeout(None);
+                    s.pending_connect = None;
+                    s.local = sock.local_endpoint().map(ep_to_sa);
+                    events.push(Event::Reply {
+                        req_id,
+                        errno: 0,
+                        handle: h,
+                        segment: s.blk.segment,
+                        desc: s.blk.off,
+                        local: s.local,
+                    });
+                }
+            }
+        }
+        let Kind::Net { rx, tx: txf, .. } = &mut s.kind else { return };
+        // Receive path: smoltcp buffer → app rx FIFO, while there is room.
+        let mut moved = 0usize;
+        if s.app_closed {
+            while sock.can_recv() {
+                if sock.recv(|b| (b.len(), b.len())).unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+        } else {
+            for _ in 0..64 {
+                if !sock.can_recv() {
+                    break;
+                }
+                let free = match rx.free_space() {
+                    Ok(f) => f as usize,
+                    Err(_) => {
+                        corrupt = true;
+                        break;
+                    }
+                };
+                if free == 0 {
+                    rx.request_dequeue_notification();
+                    // The app may have drained between our check and the flag.
+                    if rx.free_space().unwrap_or(0) == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                let n = sock
+                    .recv(|b| {
+                        let n = b.len().min(free);
+                        match rx.enqueue(&b[..n]) {
+                            Ok(k) => (k, k),
+                            Err(_) => (0, 0),
+                        }
+                    })
+                    .unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                moved += n;
+            }
+        }
+        if moved > 0 {
+            s.rx_bytes += moved as u64;
+            if rx.set_event() {
+                events.push(Event::Rx { handle: h });
+            }
+        }
+        // Send path: app tx FIFO → smoltcp buffer.
+        if !s.dead && !s.fin_done {
+            txf.clear_event();
+            let mut taken = 0usize;
+            for _ in 0..64 {
+                if !sock.can_send() {
+                    break;
+                }
+                let n = sock
+                    .send(|b| match txf.dequeue(b) {
+                        Ok(k) => (k, k),
+                        Err(_) => (0, 0),
+                    })
+                    .unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                taken += n;
+            }
+            if txf.len().is_err() {
+                corrupt = true;
+            }
+            if taken > 0 {
+                s.tx_bytes += taken as u64;
+                if txf.take_dequeue_notification() && !s.app_closed {
+                    events.push(Event::TxSpace { handle: h });
+                }
+            }
+            if s.shut_wr && txf.len().unwrap_or(0) == 0 {
+                sock.close();
+                s.fin_done = true;
+            }
+        }
+        // Peer's FIN, after everything before it reached the app.
+        let state = sock.state();
+        if !s.peer_closed_sent
+            && !s.app_closed
+            && matches!(
+                state,
+                tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait
+            )
+            && sock.recv_queue() == 0
+        {
+            s.peer_closed_sent = true;
+            events.push(Event::PeerClosed { handle: h });
+        }
+        let mut remove_flow = false;
+        if state == tcp::State::Closed && !s.dead {
+            s.dead = true;
+            remove_flow = true;
+            let graceful = s.peer_closed_sent && s.fin_done;
+            if !graceful && !s.app_closed {
+                reset = Some(libc::ECONNRESET);
+            }
+        }
+        if corrupt {
+            sock.abort();
+            s.dead = true;
+            remove_flow = true;
+            reset = Some(libc::EIO);
+            self.stats.bad_requests += 1;
+        }
+        let (app, worker, app_closed, fin_done) = (s.app, s.worker, s.app_closed, s.fin_done);
+        if let Some(errno) = reset {
+            if !app_closed {
+                events.push(Event::Reset { handle: h, errno });
+            }
+        }
+        for ev in events {
+            self.post(app, worker, ev);
+        }
+        if remove_flow {
+            self.stack.remove_flow(flow, now, tx);
+            if app_closed {
+                self.free_session(h);
+            }
+        } else if app_closed && fin_done {
+            // Everything is in the transport's hands: free the FIFOs now and
+            // let the flow finish (FIN handshake, TIME-WAIT) as an orphan.
+            self.stack.set_owner(flow, 0);
+            self.free_session(h);
+        }
+    }
+
+    fn service_udp(&mut self, h: u64, flow: FlowId) {
+        let idx = (h & 0xffff_ffff) as usize;
+        if self.sess(h).is_none() {
+            return;
+        }
+        let Some(sock) = self.stack.udp(flow) else { return };
+        let Some(s) = self.sessions[idx].as_mut() else { return };
+        let Kind::Net { rx, tx: txf, .. } = &mut s.kind else { return };
+        let mut delivered = false;
+        let mut corrupt = false;
+        let mut drained = false;
+        // Datagrams in: header + payload, only whole datagrams.
+        for _ in 0..256 {
+            let need = match sock.peek() {
+                Ok((d, _)) => DGRAM_HDR + d.len(),
+                Err(_) => break,
+            };
+            let free = match rx.free_space() {
+                Ok(f) => f as usize,
+                Err(_) => {
+                    corrupt = true;
+                    break;
+                }
+            };
+            if free < need {
+                if need > rx.cap() as usize {
+                    let _ = sock.recv(); // can never fit: drop it
+                    continue;
+                }
+                rx.request_dequeue_notification();
+                if rx.free_space().unwrap_or(0) as usize >= need {
+                    continue;
+                }
+                break;
+            }
+            let Ok((d, meta)) = sock.recv() else { break };
+            let hdr = dgram_header(d.len(), Some(ep_to_sa(meta.endpoint)));
+            let _ = rx.enqueue(&hdr);
+            let _ = rx.enqueue(d);
+            s.rx_bytes += d.len() as u64;
+            delivered = true;
+        }
+        // Datagrams out.
+        txf.clear_event();
+        for _ in 0..256 {
+            let have = match txf.len() {
+                Ok(n) => n as usize,
+                Err(_) => {
+                    corrupt = true;
+                    break;
+                }
+            };
+            if have < DGRAM_HDR {
+                break;
+            }
+            let mut hb = [0u8; DGRAM_HDR];
+            if txf.peek(&mut hb).unwrap_or(0) != DGRAM_HDR {
+                break;
+            }
+            let Ok((len, addr)) = parse_dgram_header(&hb) else {
+                corrupt = true;
+                break;
+            };
+            if len > 65507 || DGRAM_HDR + len > have {
+                // A datagram is published whole; a shorter one means garbage.
+                corrupt = len > 65507 || DGRAM_HDR + len > txf.cap() as usize;
+                break;
+            }
+            let dest = addr.or(s.remote);
+            if sock.send_queue() + len > sock.payload_send_capacity() && sock.send_queue() > 0 {
+                break; // socket full: resume when it drains (timer/egress touch)
+            }
+            let total = DGRAM_HDR + len;
+            let buf = &mut self.scratch[..total];
+            if txf.peek(buf).unwrap_or(0) != total {
+                break;
+            }
+            let _ = txf.consume(total as u32);
+            drained = true;
+            if let Some(d) = dest {
+                if sock.send_slice(&buf[DGRAM_HDR..], sa_to_ep(d)).is_ok() {
+                    s.tx_bytes += len as u64;
+                }
+            }
+        }
+        let (app, worker) = (s.app, s.worker);
+        let mut evs = Vec::new();
+        if delivered && rx.set_event() {
+            evs.push(Event::Rx { handle: h });
+        }
+        if drained && txf.take_dequeue_notification() {
+            evs.push(Event::TxSpace { handle: h });
+        }
+        if corrupt {
+            s.dead = true;
+            evs.push(Event::Reset {
+                handle: h,
+                errno: libc::EIO,
+            });
+        }
+        for e in evs {
+            self.post(app, worker, e);
+        }
+    }
+
+    /// Disconnect an app: reset its connections towards their peers, reset
+    /// cut-through peers, drop listeners, unmap its segments.
+    pub fn remove_app(&mut self, app: AppId, now: Instant, tx: &mut dyn FrameTx) {
+        let handles: Vec<u64> = self.app_sessions.get(&app).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        for h in handles {
+            let net = match self.sess(h).map(|s| &s.kind) {
+                Some(Kind::Net { flow, .. }) => Some(*flow),
+                Some(Kind::Ct { .. }) => None,
+                None => continue,
+            };
+            match net {
+                Some(flow) => {
+                    match self.stack.kind(flow) {
+                        Some(FlowKind::Tcp) => {
+                            if let Some(s) = self.stack.tcp(flow) {
+                                s.abort();
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.stack.remove_flow(flow, now, tx);
+                    self.free_session(h);
+                }
+                None => self.abort(h, now, tx),
+            }
+        }
+        let ls: Vec<u64> = self.listeners.iter().filter(|(_, l)| l.app == app).map(|(h, _)| *h).collect();
+        for h in ls {
+            self.remove_listener(h, now, tx);
+        }
+        let cts: Vec<u32> = self.ct_segments.iter().filter(|(_, c)| c.apps.0 == app || c.apps.1 == app).map(|(id, _)| *id).collect();
+        for id in cts {
+            if let Some(c) = self.ct_segments.remove(&id) {
+                self.ct_by_pair.remove(&c.apps);
+            }
+        }
+        self.app_sessions.remove(&app);
+        if self.apps.remove(&app).is_some() {
+            tracing::info!(app = app.0, "app detached");
+        }
+    }
+
+    /// Remove one worker of an app, closing its sessions and listeners.
+    pub fn remove_worker(&mut self, app: AppId, worker: u32, now: Instant, tx: &mut dyn FrameTx) {
+        let hs: Vec<u64> = self.app_sessions.get(&app).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        for h in hs {
+            if self.sess(h).is_some_and(|s| s.worker == worker) {
+                self.abort(h, now, tx);
+            }
+        }
+        let ls: Vec<u64> = self.listeners.iter().filter(|(_, l)| l.app == app && l.worker == worker).map(|(h, _)| *h).collect();
+        for h in ls {
+            self.remove_listener(h, now, tx);
+        }
+        if let Some(a) = self.apps.get_mut(&app) {
+            a.del_worker(worker);
+        }
+    }
+
+    /// Session rows for `hoststackctl`.
+    pub fn session_info(&mut self) -> Vec<SessionInfo> {
+        let mut out = Vec::new();
+        for (i, slot) in self.sessions.iter().enumerate() {
+            let Some(s) = slot else { continue };
+            let h = i as u64 | (self.sgen[i] as u64) << 32;
+            let (path, state, rxf, txf) = match &s.kind {
+                Kind::Net { flow, rx, tx } => (
+                    "net",
+                    self.stack.flow_info(*flow).map(|f| f.state).unwrap_or_else(|| "closed".into()),
+                    rx.len().unwrap_or(0),
+                    tx.len().unwrap_or(0),
+                ),
+                Kind::Ct { peer } => ("cut-through", if peer.is_some() { "connected".into() } else { "peer-closed".into() }, 0, 0),
+            };
+            out.push(SessionInfo {
+                handle: h,
+                app: s.app.0,
+                worker: s.worker,
+                proto: format!("{:?}", s.proto).to_lowercase(),
+                path,
+                state,
+                local: s.local.map(|a| a.to_string()).unwrap_or_default(),
+                remote: s.remote.map(|a| a.to_string()).unwrap_or_default(),
+                rx_bytes: s.rx_bytes,
+                tx_bytes: s.tx_bytes,
+                rx_fifo: rxf,
+                tx_fifo: txf,
+                fifo_cap: s.blk.cap,
+            });
+        }
+        out
+    }
+
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Listeners: (handle, app, worker, address).
+    pub fn listener_info(&self) -> Vec<(u64, u32, u32, String)> {
+        self.listeners
+            .iter()
+            .map(|(h, l)| {
+                let addr = self.groups.get(&l.group).map(|g| g.local.to_string()).unwrap_or_default();
+                (*h, l.app.0, l.worker, addr)
+            })
+            .collect()
+    }
+}
+
+fn unspecified_like(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
+        IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0),
+    }
+}

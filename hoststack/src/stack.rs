@@ -1,0 +1,1185 @@
+//! The transport core: one smoltcp `Interface` and one small `SocketSet` per
+//! flow, with our own flow table.
+//!
+//! smoltcp walks every socket of a set for each packet, so one set for all
+//! connections makes per-packet cost grow with the number of connections. We
+//! instead parse each frame's 4-tuple with `smoltcp::wire`, find the flow's own
+//! set, and feed the single frame to `poll_ingress_single` with a one-packet
+//! device. Frames that match no flow (ARP, NDP, ICMP echo, a segment for a
+//! closed port) go through an empty set, so smoltcp answers like a normal host
+//! (ARP/NDP replies, echo replies, RST, port unreachable).
+//!
+//! smoltcp has no listen backlog (one socket is one connection): a SYN for a
+//! listening port that matches no flow gets a fresh listening socket in its own
+//! set, bounded by the listener's backlog.
+//!
+//! This module is sans-IO: frames come in as byte slices and go out through a
+//! [`FrameTx`], time is passed in. It is driven by the daemon's event loop and
+//! by unit tests that wire two stacks together.
+
+use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr,
+    IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
+};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+/// Where the stack writes outgoing Ethernet frames.
+pub trait FrameTx {
+    /// A buffer of exactly `len` bytes for one outgoing frame.
+    fn tx_frame(&mut self, len: usize) -> &mut [u8];
+}
+
+impl<T: crate::uplink::Uplink + ?Sized> FrameTx for T {
+    fn tx_frame(&mut self, len: usize) -> &mut [u8] {
+        crate::uplink::Uplink::tx_frame(self, len)
+    }
+}
+
+/// Errors from stack operations requested by apps.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
+pub enum StackError {
+    /// Address/port already has a listener or bound socket.
+    #[error("address in use")]
+    AddrInUse,
+    /// The local address is not one of the interface's.
+    #[error("address not available")]
+    AddrNotAvail,
+    /// No ephemeral port left.
+    #[error("no free local port")]
+    NoPorts,
+    /// No route / unsupported address.
+    #[error("network unreachable")]
+    Unreachable,
+    /// Invalid argument (port 0 for connect, etc.).
+    #[error("invalid argument")]
+    Invalid,
+    /// Flow limit reached.
+    #[error("too many flows")]
+    TooMany,
+}
+
+impl StackError {
+    /// The errno a kernel socket reports in the same situation.
+    pub fn errno(self) -> i32 {
+        match self {
+            StackError::AddrInUse => libc::EADDRINUSE,
+            StackError::AddrNotAvail => libc::EADDRNOTAVAIL,
+            StackError::NoPorts => libc::EAGAIN,
+            StackError::Unreachable => libc::ENETUNREACH,
+            StackError::Invalid => libc::EINVAL,
+            StackError::TooMany => libc::ENOBUFS,
+        }
+    }
+}
+
+/// Identifies a flow: slot index plus generation, so a stale id never
+/// reaches a recycled slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId {
+    idx: u32,
+    gen: u32,
+}
+
+/// Identifies a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenerId(pub u32);
+
+/// Sizing and addressing of the stack.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    /// Our MAC address.
+    pub mac: [u8; 6],
+    /// IP MTU of the uplink.
+    pub mtu: usize,
+    /// Addresses (with prefix) the daemon owns.
+    pub addrs: Vec<IpCidr>,
+    /// IPv4 default gateway.
+    pub gateway4: Option<smoltcp::wire::Ipv4Address>,
+    /// IPv6 default gateway.
+    pub gateway6: Option<smoltcp::wire::Ipv6Address>,
+    /// smoltcp receive buffer per TCP connection (the advertised window).
+    pub tcp_rx_buf: usize,
+    /// smoltcp send buffer per TCP connection.
+    pub tcp_tx_buf: usize,
+    /// UDP buffers: packets and bytes.
+    pub udp_packets: usize,
+    /// UDP payload bytes buffered per socket and direction.
+    pub udp_bytes: usize,
+    /// Upper bound on flows (TCP connections + UDP sockets).
+    pub max_flows: usize,
+    /// Random seed (ISNs, ephemeral ports).
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct TcpKey {
+    local: IpAddress,
+    lport: u16,
+    remote: IpAddress,
+    rport: u16,
+}
+
+/// What a flow carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowKind {
+    /// TCP connection (passive if `listener` is set).
+    Tcp,
+    /// UDP socket bound to a port.
+    Udp,
+}
+
+struct Flow {
+    gen: u32,
+    kind: FlowKind,
+    set: SocketSet<'static>,
+    handle: SocketHandle,
+    key: Option<TcpKey>,
+    udp_port: Option<u16>,
+    listener: Option<ListenerId>,
+    /// Opaque owner token (the session id), set by the session layer.
+    owner: u64,
+    /// The earliest timer we queued for this flow.
+    timer: Option<Instant>,
+}
+
+struct Listener {
+    local: Option<IpAddress>,
+    port: u16,
+    backlog: u32,
+    pending: u32,
+    owner: u64,
+}
+
+/// Counters shown by `hoststackctl`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct StackStats {
+    /// Frames fed to the stack.
+    pub rx_frames: u64,
+    /// Frames that matched a flow.
+    pub rx_flow_hits: u64,
+    /// Frames handled by the empty set (ARP, ICMP, RST for closed ports...).
+    pub rx_other: u64,
+    /// SYNs dropped because the listener's backlog was full.
+    pub syn_backlog_drops: u64,
+    /// Frames emitted.
+    pub tx_frames: u64,
+    /// Passive connections created.
+    pub passive_opens: u64,
+    /// Active connections created.
+    pub active_opens: u64,
+    /// Frames dropped for a bad IP/TCP/UDP checksum.
+    pub rx_bad_checksum: u64,
+}
+
+/// The stack.
+pub struct Stack {
+    iface: Interface,
+    empty: SocketSet<'static>,
+    flows: Vec<Option<Flow>>,
+    free: Vec<u32>,
+    gens: Vec<u32>,
+    nflows: usize,
+    tcp: HashMap<TcpKey, FlowId>,
+    udp: HashMap<u16, FlowId>,
+    listeners: Vec<Option<Listener>>,
+    listen_ports: HashMap<u16, Vec<ListenerId>>,
+    used_ports: HashSet<u16>,
+    next_port: u16,
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    touched: Vec<FlowId>,
+    touched_set: HashSet<FlowId>,
+    cfg: StackConfig,
+    caps: DeviceCapabilities,
+    /// Set when an ARP/NDP frame arrived: flows blocked on neighbour
+    /// resolution need an egress pass.
+    neighbor_changed: bool,
+    stats: StackStats,
+}
+
+/// One-frame device: ingress gives exactly the frame we hold; egress writes
+/// through to the uplink's batch.
+struct OneShot<'a> {
+    rx: Option<&'a [u8]>,
+    tx: &'a mut dyn FrameTx,
+    caps: DeviceCapabilities,
+    sent: &'a mut u64,
+}
+
+struct Rx<'a>(&'a [u8]);
+struct Tx<'a, 'b> {
+    tx: &'b mut dyn FrameTx,
+    sent: &'b mut u64,
+    _p: std::marker::PhantomData<&'a ()>,
+}
+
+impl phy::RxToken for Rx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+impl phy::TxToken for Tx<'_, '_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        *self.sent += 1;
+        f(self.tx.tx_frame(len))
+    }
+}
+
+impl Device for OneShot<'_> {
+    type RxToken<'a>
+        = Rx<'a>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = Tx<'a, 'a>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, _t: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let frame = self.rx.take()?;
+        Some((
+            Rx(frame),
+            Tx {
+                tx: &mut *self.tx,
+                sent: &mut *self.sent,
+                _p: std::marker::PhantomData,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _t: Instant) -> Option<Self::TxToken<'_>> {
+        Some(Tx {
+            tx: &mut *self.tx,
+            sent: &mut *self.sent,
+            _p: std::marker::PhantomData,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.caps.clone()
+    }
+}
+
+/// The parsed demultiplexing key of one frame.
+enum Demux {
+    Tcp { key: TcpKey, syn_only: bool },
+    Udp { port: u16 },
+    Neighbor,
+    Other,
+}
+
+fn demux(frame: &[u8]) -> Demux {
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return Demux::Other;
+    };
+    let (src, dst, proto, payload): (IpAddress, IpAddress, IpProtocol, &[u8]) =
+        match eth.ethertype() {
+            EthernetProtocol::Arp => return Demux::Neighbor,
+            EthernetProtocol::Ipv4 => {
+                let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+                    return Demux::Other;
+                };
+                if ip.more_frags() || ip.frag_offset() != 0 {
+                    return Demux::Other;
+                }
+                (
+                    ip.src_addr().into(),
+                    ip.dst_addr().into(),
+                    ip.next_header(),
+                    ip.payload(),
+                )
+            }
+            EthernetProtocol::Ipv6 => {
+                let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) else {
+                    return Demux::Other;
+                };
+                if ip.next_header() == IpProtocol::Icmpv6 {
+                    // NDP (or echo): resolution may unblock queued flows.
+                    return Demux::Neighbor;
+                }
+                (
+                    ip.src_addr().into(),
+                    ip.dst_addr().into(),
+                    ip.next_header(),
+                    ip.payload(),
+                )
+            }
+            _ => return Demux::Other,
+        };
+    match proto {
+        IpProtocol::Tcp => match TcpPacket::new_checked(payload) {
+            Ok(t) => Demux::Tcp {
+                key: TcpKey {
+                    local: dst,
+                    lport: t.dst_port(),
+                    remote: src,
+                    rport: t.src_port(),
+                },
+                syn_only: t.syn() && !t.ack() && !t.rst(),
+            },
+            Err(_) => Demux::Other,
+        },
+        IpProtocol::Udp => match UdpPacket::new_checked(payload) {
+            Ok(u) => Demux::Udp { port: u.dst_port() },
+            Err(_) => Demux::Other,
+        },
+        _ => Demux::Other,
+    }
+}
+
+/// Verify the IPv4 header and TCP/UDP checksums of a frame (what smoltcp
+/// would check, done here so it can be skipped per frame).
+fn checksums_valid(frame: &[u8]) -> bool {
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return true; // malformed: smoltcp drops it
+    };
+    let (src, dst, proto, payload): (IpAddress, IpAddress, IpProtocol, &[u8]) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+                return true;
+            };
+            if !ip.verify_checksum() {
+                return false;
+            }
+            if ip.more_frags() || ip.frag_offset() != 0 {
+                return true;
+            }
+            (ip.src_addr().into(), ip.dst_addr().into(), ip.next_header(), ip.payload())
+        }
+        EthernetProtocol::Ipv6 => {
+            let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) else {
+                return true;
+            };
+            (ip.src_addr().into(), ip.dst_addr().into(), ip.next_header(), ip.payload())
+        }
+        _ => return true,
+    };
+    match proto {
+        IpProtocol::Tcp => TcpPacket::new_checked(payload).is_ok_and(|t| t.verify_checksum(&src, &dst)),
+        IpProtocol::Udp => UdpPacket::new_checked(payload).is_ok_and(|u| {
+            // A zero UDP checksum over IPv4 means "none".
+            (u.checksum() == 0 && matches!(src, IpAddress::Ipv4(_))) || u.verify_checksum(&src, &dst)
+        }),
+        _ => true,
+    }
+}
+
+/// A snapshot of one flow for `hoststackctl`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FlowInfo {
+    /// "tcp" or "udp".
+    pub proto: &'static str,
+    /// TCP state name.
+    pub state: String,
+    /// Local endpoint.
+    pub local: String,
+    /// Remote endpoint.
+    pub remote: String,
+    /// Bytes waiting in smoltcp's receive buffer.
+    pub rx_queue: usize,
+    /// Bytes waiting in smoltcp's send buffer.
+    pub tx_queue: usize,
+}
+
+impl Stack {
+    /// Build the stack. `now` seeds smoltcp's clock.
+    pub fn new(cfg: StackConfig, now: Instant) -> Self {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = cfg.mtu + 14;
+        // smoltcp computes checksums on transmit but does not verify on
+        // receive: `ingress` verifies them itself unless the device vouches
+        // for them (or they are partial, from a local veth peer).
+        {
+            use smoltcp::phy::Checksum;
+            caps.checksum.ipv4 = Checksum::Tx;
+            caps.checksum.tcp = Checksum::Tx;
+            caps.checksum.udp = Checksum::Tx;
+            caps.checksum.icmpv4 = Checksum::Tx;
+            caps.checksum.icmpv6 = Checksum::Tx;
+        }
+        let mut icfg = Config::new(HardwareAddress::Ethernet(EthernetAddress(cfg.mac)));
+        icfg.random_seed = cfg.seed;
+        let mut sent = 0u64;
+        let mut sink = NullTx(Vec::new());
+        let mut dev = OneShot {
+            rx: None,
+            tx: &mut sink,
+            caps: caps.clone(),
+            sent: &mut sent,
+        };
+        let mut iface = Interface::new(icfg, &mut dev, now);
+        iface.update_ip_addrs(|a| {
+            for c in &cfg.addrs {
+                if a.push(*c).is_err() {
+                    tracing::warn!(addr = %c, "too many interface addresses, ignoring");
+                }
+            }
+        });
+        if let Some(gw) = cfg.gateway4 {
+            let _ = iface.routes_mut().add_default_ipv4_route(gw);
+        }
+        if let Some(gw) = cfg.gateway6 {
+            let _ = iface.routes_mut().add_default_ipv6_route(gw);
+        }
+        let seed = cfg.seed;
+        Stack {
+            iface,
+            empty: SocketSet::new(Vec::new()),
+            flows: Vec::new(),
+            free: Vec::new(),
+            gens: Vec::new(),
+            nflows: 0,
+            tcp: HashMap::new(),
+            udp: HashMap::new(),
+            listeners: Vec::new(),
+            listen_ports: HashMap::new(),
+            used_ports: HashSet::new(),
+            next_port: 49152 + (seed % 16000) as u16,
+            timers: BinaryHeap::new(),
+            touched: Vec::new(),
+            touched_set: HashSet::new(),
+            cfg,
+            caps,
+            neighbor_changed: false,
+            stats: StackStats::default(),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &StackStats {
+        &self.stats
+    }
+
+    /// Number of live flows.
+    pub fn flow_count(&self) -> usize {
+        self.nflows
+    }
+
+    /// Is `ip` one of our addresses?
+    pub fn is_local(&self, ip: IpAddress) -> bool {
+        self.iface.has_ip_addr(ip)
+    }
+
+    fn local_addr_for(&self, remote: IpAddress) -> Option<IpAddress> {
+        self.cfg
+            .addrs
+            .iter()
+            .map(|c| c.address())
+            .find(|a| match (a, remote) {
+                (IpAddress::Ipv4(_), IpAddress::Ipv4(_)) => true,
+                (IpAddress::Ipv6(a6), IpAddress::Ipv6(r6)) => {
+                    // Prefer a link-local source for link-local peers.
+                    a6.is_unicast_link_local() == r6.is_unicast_link_local()
+                }
+                _ => false,
+            })
+    }
+
+    fn alloc_flow(&mut self, kind: FlowKind, set: SocketSet<'static>, handle: SocketHandle) -> FlowId {
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.flows.push(None);
+                self.gens.push(0);
+                (self.flows.len() - 1) as u32
+            }
+        };
+        let gen = self.gens[idx as usize];
+        self.flows[idx as usize] = Some(Flow {
+            gen,
+            kind,
+            set,
+            handle,
+            key: None,
+            udp_port: None,
+            listener: None,
+            owner: 0,
+            timer: None,
+        });
+        self.nflows += 1;
+        FlowId { idx, gen }
+    }
+
+    fn flow(&self, id: FlowId) -> Option<&Flow> {
+        self.flows
+            .get(id.idx as usize)?
+            .as_ref()
+            .filter(|f| f.gen == id.gen)
+    }
+
+    fn flow_mut(&mut self, id: FlowId) -> Option<&mut Flow> {
+        self.flows
+            .get_mut(id.idx as usize)?
+            .as_mut()
+            .filter(|f| f.gen == id.gen)
+    }
+
+    fn new_tcp_socket(&self) -> tcp::Socket<'static> {
+        let rx = tcp::SocketBuffer::new(vec![0; self.cfg.tcp_rx_buf]);
+        let tx = tcp::SocketBuffer::new(vec![0; self.cfg.tcp_tx_buf]);
+        let mut s = tcp::Socket::new(rx, tx);
+        s.set_congestion_control(tcp::CongestionControl::Cubic);
+        s.set_ack_delay(Some(Duration::from_millis(1)));
+        s
+    }
+
+    /// Start listening on `local` (unspecified address = all of ours).
+    pub fn listen(&mut self, local: IpListenEndpoint, backlog: u32, owner: u64) -> Result<ListenerId, StackError> {
+        if local.port == 0 {
+            return Err(StackError::Invalid);
+        }
+        if let Some(a) = local.addr {
+            if !self.is_local(a) {
+                return Err(StackError::AddrNotAvail);
+            }
+        }
+        if let Some(ids) = self.listen_ports.get(&local.port) {
+            for id in ids {
+                if let Some(Some(l)) = self.listeners.get(id.0 as usize) {
+                    if l.local.is_none() || local.addr.is_none() || l.local == local.addr {
+                        return Err(StackError::AddrInUse);
+                    }
+                }
+            }
+        }
+        let l = Listener {
+            local: local.addr,
+            port: local.port,
+            backlog: backlog.clamp(1, 65535),
+            pending: 0,
+            owner,
+        };
+        let idx = match self.listeners.iter().position(|l| l.is_none()) {
+            Some(i) => {
+                self.listeners[i] = Some(l);
+                i
+            }
+            None => {
+                self.listeners.push(Some(l));
+                self.listeners.len() - 1
+            }
+        };
+        let id = ListenerId(idx as u32);
+        self.listen_ports.entry(local.port).or_default().push(id);
+        Ok(id)
+    }
+
+    /// Stop listening. Connections already created keep going.
+    pub fn unlisten(&mut self, id: ListenerId) {
+        if let Some(slot) = self.listeners.get_mut(id.0 as usize) {
+            if let Some(l) = slot.take() {
+                if let Some(v) = self.listen_ports.get_mut(&l.port) {
+                    v.retain(|x| *x != id);
+                    if v.is_empty() {
+                        self.listen_ports.remove(&l.port);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Owner token of a listener.
+    pub fn listener_owner(&self, id: ListenerId) -> Option<u64> {
+        self.listeners.get(id.0 as usize)?.as_ref().map(|l| l.owner)
+    }
+
+    /// Which listener (if any) would take a connection to `ep`.
+    pub fn find_listener(&self, addr: IpAddress, port: u16) -> Option<ListenerId> {
+        self.listen_ports.get(&port)?.iter().copied().find(|id| {
+            matches!(self.listeners.get(id.0 as usize), Some(Some(l)) if l.local.is_none() || l.local == Some(addr))
+        })
+    }
+
+    /// The session layer took an established passive connection off the
+    /// backlog.
+    pub fn accepted(&mut self, flow: FlowId) {
+        let lid = match self.flow_mut(flow) {
+            Some(f) => f.listener.take(),
+            None => None,
+        };
+        if let Some(lid) = lid {
+            if let Some(Some(l)) = self.listeners.get_mut(lid.0 as usize) {
+                l.pending = l.pending.saturating_sub(1);
+            }
+        }
+    }
+
+    fn alloc_port(&mut self) -> Result<u16, StackError> {
+        for _ in 0..16384 {
+            let p = self.next_port;
+            self.next_port = if self.next_port >= 65535 { 49152 } else { self.next_port + 1 };
+            if !self.used_ports.contains(&p) && !self.listen_ports.contains_key(&p) && !self.udp.contains_key(&p) {
+                return Ok(p);
+            }
+        }
+        Err(StackError::NoPorts)
+    }
+
+    /// Open an active TCP connection.
+    pub fn connect(&mut self, remote: IpEndpoint, local: Option<IpEndpoint>, owner: u64, now: Instant) -> Result<FlowId, StackError> {
+        if remote.port == 0 || remote.addr.is_unspecified() {
+            return Err(StackError::Invalid);
+        }
+        if self.nflows >= self.cfg.max_flows {
+            return Err(StackError::TooMany);
+        }
+        let laddr = match local.map(|l| l.addr) {
+            Some(a) if !a.is_unspecified() => {
+                if !self.is_local(a) {
+                    return Err(StackError::AddrNotAvail);
+                }
+                a
+            }
+            _ => self.local_addr_for(remote.addr).ok_or(StackError::Unreachable)?,
+        };
+        let lport = match local.map(|l| l.port) {
+            Some(p) if p != 0 => p,
+            _ => self.alloc_port()?,
+        };
+        let key = TcpKey {
+            local: laddr,
+            lport,
+            remote: remote.addr,
+            rport: remote.port,
+        };
+        if self.tcp.contains_key(&key) {
+            return Err(StackError::AddrInUse);
+        }
+        let mut sock = self.new_tcp_socket();
+        sock.connect(self.iface.context(), remote, IpEndpoint::new(laddr, lport))
+            .map_err(|_| StackError::Unreachable)?;
+        let mut set = SocketSet::new(Vec::with_capacity(1));
+        let h = set.add(sock);
+        let id = self.alloc_flow(FlowKind::Tcp, set, h);
+        if let Some(f) = self.flow_mut(id) {
+            f.key = Some(key);
+            f.owner = owner;
+        }
+        self.tcp.insert(key, id);
+        self.used_ports.insert(lport);
+        self.stats.active_opens += 1;
+        self.schedule(id, now);
+        Ok(id)
+    }
+
+    /// Bind a UDP socket on `local` (port 0 = ephemeral).
+    pub fn udp_bind(&mut self, local: IpListenEndpoint, owner: u64) -> Result<FlowId, StackError> {
+        if let Some(a) = local.addr {
+            if !self.is_local(a) {
+                return Err(StackError::AddrNotAvail);
+            }
+        }
+        if self.nflows >= self.cfg.max_flows {
+            return Err(StackError::TooMany);
+        }
+        let port = if local.port == 0 { self.alloc_port()? } else { local.port };
+        if self.udp.contains_key(&port) {
+            return Err(StackError::AddrInUse);
+        }
+        let meta = || vec![udp::PacketMetadata::EMPTY; self.cfg.udp_packets];
+        let rx = udp::PacketBuffer::new(meta(), vec![0; self.cfg.udp_bytes]);
+        let tx = udp::PacketBuffer::new(meta(), vec![0; self.cfg.udp_bytes]);
+        let mut sock = udp::Socket::new(rx, tx);
+        sock.bind(IpListenEndpoint { addr: local.addr, port })
+            .map_err(|_| StackError::Invalid)?;
+        let mut set = SocketSet::new(Vec::with_capacity(1));
+        let h = set.add(sock);
+        let id = self.alloc_flow(FlowKind::Udp, set, h);
+        if let Some(f) = self.flow_mut(id) {
+            f.udp_port = Some(port);
+            f.owner = owner;
+        }
+        self.udp.insert(port, id);
+        Ok(id)
+    }
+
+    /// Set the owner token of a flow.
+    pub fn set_owner(&mut self, id: FlowId, owner: u64) {
+        if let Some(f) = self.flow_mut(id) {
+            f.owner = owner;
+        }
+    }
+
+    /// Owner token of a flow.
+    pub fn owner(&self, id: FlowId) -> Option<u64> {
+        self.flow(id).map(|f| f.owner)
+    }
+
+    /// The listener a passive flow came from, while it is not yet accepted.
+    pub fn flow_listener(&self, id: FlowId) -> Option<ListenerId> {
+        self.flow(id).and_then(|f| f.listener)
+    }
+
+    /// Kind of a flow.
+    pub fn kind(&self, id: FlowId) -> Option<FlowKind> {
+        self.flow(id).map(|f| f.kind)
+    }
+
+    /// Access the TCP socket of a flow.
+    pub fn tcp(&mut self, id: FlowId) -> Option<&mut tcp::Socket<'static>> {
+        let f = self.flow_mut(id)?;
+        if f.kind != FlowKind::Tcp {
+            return None;
+        }
+        let h = f.handle;
+        Some(f.set.get_mut::<tcp::Socket>(h))
+    }
+
+    /// Access the UDP socket of a flow.
+    pub fn udp(&mut self, id: FlowId) -> Option<&mut udp::Socket<'static>> {
+        let f = self.flow_mut(id)?;
+        if f.kind != FlowKind::Udp {
+            return None;
+        }
+        let h = f.handle;
+        Some(f.set.get_mut::<udp::Socket>(h))
+    }
+
+    /// Remove a flow (after close/reset, or when its owner is gone; the TCP
+    /// socket should already be closed or aborted — an aborted socket still
+    /// gets a final egress pass here so its RST leaves).
+    pub fn remove_flow(&mut self, id: FlowId, now: Instant, tx: &mut dyn FrameTx) {
+        self.egress(id, now, tx);
+        let Some(slot) = self.flows.get_mut(id.idx as usize) else {
+            return;
+        };
+        if !matches!(slot, Some(f) if f.gen == id.gen) {
+            return;
+        }
+        let f = slot.take().expect("checked above");
+        self.gens[id.idx as usize] = f.gen.wrapping_add(1);
+        self.free.push(id.idx);
+        self.nflows -= 1;
+        if let Some(k) = f.key {
+            if self.tcp.get(&k) == Some(&id) {
+                self.tcp.remove(&k);
+            }
+            self.used_ports.remove(&k.lport);
+        }
+        if let Some(p) = f.udp_port {
+            if self.udp.get(&p) == Some(&id) {
+                self.udp.remove(&p);
+            }
+        }
+        if let Some(lid) = f.listener {
+            if let Some(Some(l)) = self.listeners.get_mut(lid.0 as usize) {
+                l.pending = l.pending.saturating_sub(1);
+            }
+        }
+        self.touched_set.remove(&id);
+    }
+
+    fn touch(&mut self, id: FlowId) {
+        if self.touched_set.insert(id) {
+            self.touched.push(id);
+        }
+    }
+
+    /// Flows whose state may have changed since the last call.
+    pub fn take_touched(&mut self, out: &mut Vec<FlowId>) {
+        out.append(&mut self.touched);
+        self.touched_set.clear();
+    }
+
+    /// Feed one received Ethernet frame.
+    /// `csum_ok`: the device vouches for the checksums (or they are partial,
+    /// from a local sender), so smoltcp must not verify them.
+    pub fn ingress(&mut self, now: Instant, frame: &[u8], csum_ok: bool, tx: &mut dyn FrameTx) {
+        self.stats.rx_frames += 1;
+        let target = match demux(frame) {
+            Demux::Tcp { key, syn_only } => match self.tcp.get(&key) {
+                Some(id) => Some(*id),
+                None if syn_only => self.passive_open(key, now),
+                None => None,
+            },
+            Demux::Udp { port } => self.udp.get(&port).copied(),
+            Demux::Neighbor => {
+                self.neighbor_changed = true;
+                None
+            }
+            Demux::Other => None,
+        };
+        if !csum_ok && !checksums_valid(frame) {
+            self.stats.rx_bad_checksum += 1;
+            return;
+        }
+        let mut sent = 0u64;
+        let mut dev = OneShot {
+            rx: Some(frame),
+            tx,
+            caps: self.caps.clone(),
+            sent: &mut sent,
+        };
+        match target.and_then(|id| {
+            let idx = id.idx as usize;
+            self.flows[idx].as_mut().filter(|f| f.gen == id.gen).map(|f| (id, f))
+        }) {
+            Some((id, f)) => {
+                self.stats.rx_flow_hits += 1;
+                let r = self.iface.poll_ingress_single(now, &mut dev, &mut f.set);
+                let _ = r == PollIngressSingleResult::None;
+                self.stats.tx_frames += sent;
+                // A listening socket that did not move to SYN-RECEIVED was
+                // not for us after all (e.g. wrong address): drop it.
+                let h = f.handle;
+                if f.kind == FlowKind::Tcp && f.listener.is_some() && f.set.get::<tcp::Socket>(h).state() == tcp::State::Listen {
+                    self.remove_flow(id, now, &mut NullTx(Vec::new()));
+                    return;
+                }
+                self.touch(id);
+            }
+            None => {
+                self.stats.rx_other += 1;
+                self.iface.poll_ingress_single(now, &mut dev, &mut self.empty);
+                self.stats.tx_frames += sent;
+            }
+        }
+    }
+
+    fn passive_open(&mut self, key: TcpKey, _now: Instant) -> Option<FlowId> {
+        let lid = self.find_listener(key.local, key.lport)?;
+        let l = self.listeners[lid.0 as usize].as_mut()?;
+        if l.pending >= l.backlog || self.nflows >= self.cfg.max_flows {
+            self.stats.syn_backlog_drops += 1;
+            return None;
+        }
+        l.pending += 1;
+        let owner = l.owner;
+        let mut sock = self.new_tcp_socket();
+        if sock
+            .listen(IpListenEndpoint {
+                addr: Some(key.local),
+                port: key.lport,
+            })
+            .is_err()
+        {
+            return None;
+        }
+        let mut set = SocketSet::new(Vec::with_capacity(1));
+        let h = set.add(sock);
+        let id = self.alloc_flow(FlowKind::Tcp, set, h);
+        if let Some(f) = self.flow_mut(id) {
+            f.key = Some(key);
+            f.listener = Some(lid);
+            f.owner = owner;
+        }
+        self.tcp.insert(key, id);
+        self.stats.passive_opens += 1;
+        Some(id)
+    }
+
+    /// Transmit whatever `id` has to send and re-arm its timer.
+    pub fn egress(&mut self, id: FlowId, now: Instant, tx: &mut dyn FrameTx) {
+        let idx = id.idx as usize;
+        let Some(f) = self.flows.get_mut(idx).and_then(|f| f.as_mut()).filter(|f| f.gen == id.gen) else {
+            return;
+        };
+        let mut sent = 0u64;
+        {
+            let mut dev = OneShot {
+                rx: None,
+                tx,
+                caps: self.caps.clone(),
+                sent: &mut sent,
+            };
+            // Bounded: each call sends what the window allows; stop when idle.
+            for _ in 0..1024 {
+                if self.iface.poll_egress(now, &mut dev, &mut f.set) == smoltcp::iface::PollResult::None {
+                    break;
+                }
+            }
+        }
+        self.stats.tx_frames += sent;
+        let next = self.iface.poll_at(now, &f.set);
+        if let Some(t) = next {
+            if f.timer.is_none_or(|old| t < old || old <= now) {
+                f.timer = Some(t);
+                self.timers.push(Reverse((t, id)));
+            }
+        }
+    }
+
+    fn schedule(&mut self, id: FlowId, at: Instant) {
+        if let Some(f) = self.flow_mut(id) {
+            f.timer = Some(at);
+            self.timers.push(Reverse((at, id)));
+        }
+    }
+
+    /// Run expired timers (retransmits, delayed ACKs, keepalives, TIME-WAIT)
+    /// and the neighbour-resolution retry pass. Flows get touched.
+    pub fn poll_timers(&mut self, now: Instant, tx: &mut dyn FrameTx) {
+        if std::mem::take(&mut self.neighbor_changed) {
+            // Rare (ARP/NDP): give every flow an egress chance.
+            let ids: Vec<FlowId> = self
+                .flows
+                .iter()
+                .enumerate()
+                .filter_map(|(i, f)| f.as_ref().map(|f| FlowId { idx: i as u32, gen: f.gen }))
+                .collect();
+            for id in ids {
+                self.egress(id, now, tx);
+                self.touch(id);
+            }
+        }
+        let mut guard = 0usize;
+        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+            if t > now || guard > 100_000 {
+                break;
+            }
+            guard += 1;
+            self.timers.pop();
+            let Some(f) = self.flow_mut(id) else { continue };
+            if f.timer != Some(t) {
+                continue; // superseded
+            }
+            f.timer = None;
+            self.egress(id, now, tx);
+            self.touch(id);
+        }
+    }
+
+    /// When `poll_timers` next has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.neighbor_changed {
+            return Some(Instant::from_micros(0));
+        }
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Snapshot of the flows for the control socket.
+    pub fn flow_info(&self, id: FlowId) -> Option<FlowInfo> {
+        let f = self.flow(id)?;
+        Some(match f.kind {
+            FlowKind::Tcp => {
+                let s = f.set.get::<tcp::Socket>(f.handle);
+                FlowInfo {
+                    proto: "tcp",
+                    state: format!("{}", s.state()),
+                    local: s.local_endpoint().map(|e| e.to_string()).unwrap_or_default(),
+                    remote: s.remote_endpoint().map(|e| e.to_string()).unwrap_or_default(),
+                    rx_queue: s.recv_queue(),
+                    tx_queue: s.send_queue(),
+                }
+            }
+            FlowKind::Udp => {
+                let s = f.set.get::<udp::Socket>(f.handle);
+                FlowInfo {
+                    proto: "udp",
+                    state: "bound".into(),
+                    local: s.endpoint().to_string(),
+                    remote: String::new(),
+                    rx_queue: s.recv_queue(),
+                    tx_queue: s.send_queue(),
+                }
+            }
+        })
+    }
+}
+
+/// A sink that drops frames (used while building the interface and for
+/// flows being discarded).
+pub struct NullTx(pub Vec<u8>);
+
+impl FrameTx for NullTx {
+    fn tx_frame(&mut self, len: usize) -> &mut [u8] {
+        self.0.resize(len, 0);
+        &mut self.0[..len]
+    }
+}
+
+/// A sink that keeps frames (tests, and wiring two stacks together).
+#[derive(Default)]
+pub struct VecTx(pub Vec<Vec<u8>>);
+
+impl FrameTx for VecTx {
+    fn tx_frame(&mut self, len: usize) -> &mut [u8] {
+        self.0.push(vec![0; len]);
+        self.0.last_mut().expect("just pushed")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::wire::{IpAddress, Ipv4Address};
+
+    fn cfg(last: u8) -> StackConfig {
+        StackConfig {
+            mac: [2, 0, 0, 0, 0, last],
+            mtu: 1500,
+            addrs: vec![IpCidr::new(IpAddress::v4(198, 18, 0, last), 24)],
+            gateway4: None,
+            gateway6: None,
+            tcp_rx_buf: 65536,
+            tcp_tx_buf: 65536,
+            udp_packets: 16,
+            udp_bytes: 65536,
+            max_flows: 100_000,
+            seed: last as u64,
+        }
+    }
+
+    /// Two stacks on one wire; frames are exchanged until quiet.
+    struct Wire {
+        a: Stack,
+        b: Stack,
+        now: Instant,
+    }
+
+    impl Wire {
+        fn new() -> Self {
+            let now = Instant::from_millis(1);
+            Wire {
+                a: Stack::new(cfg(1), now),
+                b: Stack::new(cfg(2), now),
+                now,
+            }
+        }
+
+        fn pump(&mut self, mut to_b: Vec<Vec<u8>>, mut to_a: Vec<Vec<u8>>) {
+            for _ in 0..10_000 {
+                if to_a.is_empty() && to_b.is_empty() {
+                    break;
+                }
+                let mut ta = VecTx::default();
+                let mut tb = VecTx::default();
+                for f in to_b.drain(..) {
+                    self.b.ingress(self.now, &f, false, &mut tb);
+                }
+                for f in to_a.drain(..) {
+                    self.a.ingress(self.now, &f, false, &mut ta);
+                }
+                let mut t = Vec::new();
+                self.a.take_touched(&mut t);
+                for id in t.drain(..) {
+                    self.a.egress(id, self.now, &mut ta);
+                }
+                self.b.take_touched(&mut t);
+                for id in t.drain(..) {
+                    self.b.egress(id, self.now, &mut tb);
+                }
+                self.now += Duration::from_micros(10);
+                self.a.poll_timers(self.now, &mut ta);
+                self.b.poll_timers(self.now, &mut tb);
+                to_b = ta.0;
+                to_a = tb.0;
+            }
+        }
+
+        fn settle(&mut self) {
+            // Let timers (delayed ACK, retransmits) run.
+            for _ in 0..50 {
+                self.now += Duration::from_millis(2);
+                let mut ta = VecTx::default();
+                let mut tb = VecTx::default();
+                self.a.poll_timers(self.now, &mut ta);
+                self.b.poll_timers(self.now, &mut tb);
+                self.pump(ta.0, tb.0);
+            }
+        }
+    }
+
+    fn ep(last: u8, port: u16) -> IpEndpoint {
+        IpEndpoint::new(IpAddress::v4(198, 18, 0, last), port)
+    }
+
+    #[test]
+    fn many_concurrent_syns_get_accepted() {
+        let mut w = Wire::new();
+        w.b.listen(IpListenEndpoint { addr: None, port: 80 }, 4096, 7).unwrap();
+        let mut flows = Vec::new();
+        let mut out = VecTx::default();
+        for _ in 0..300 {
+            flows.push(w.a.connect(ep(2, 80), None, 1, w.now).unwrap());
+        }
+        for f in &flows {
+            w.a.egress(*f, w.now, &mut out);
+        }
+        w.pump(out.0, Vec::new());
+        w.settle();
+        let established = flows
+            .iter()
+            .filter(|f| w.a.tcp(**f).unwrap().state() == tcp::State::Established)
+            .count();
+        assert_eq!(established, 300, "every SYN must get its own socket");
+        assert_eq!(w.b.stats().passive_opens, 300);
+    }
+
+    #[test]
+    fn backlog_bounds_half_open_connections() {
+        let mut w = Wire::new();
+        w.b.listen(IpListenEndpoint { addr: None, port: 80 }, 4, 7).unwrap();
+        let mut out = VecTx::default();
+        for _ in 0..10 {
+            let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
+            w.a.egress(f, w.now, &mut out);
+        }
+        w.pump(out.0, Vec::new());
+        // Nobody accepted: only `backlog` connections were created.
+        assert_eq!(w.b.stats().passive_opens, 4);
+        assert!(w.b.stats().syn_backlog_drops >= 6);
+    }
+
+    #[test]
+    fn closed_port_gets_rst_and_connect_fails() {
+        let mut w = Wire::new();
+        let mut out = VecTx::default();
+        let f = w.a.connect(ep(2, 81), None, 1, w.now).unwrap();
+        w.a.egress(f, w.now, &mut out);
+        w.pump(out.0, Vec::new());
+        assert_eq!(w.a.tcp(f).unwrap().state(), tcp::State::Closed);
+    }
+
+    #[test]
+    fn data_flows_both_ways_and_per_flow_sets_stay_small() {
+        let mut w = Wire::new();
+        w.b.listen(IpListenEndpoint { addr: None, port: 80 }, 16, 7).unwrap();
+        let mut out = VecTx::default();
+        let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
+        w.a.egress(f, w.now, &mut out);
+        w.pump(out.0, Vec::new());
+        let mut data = vec![0u8; 50_000];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        let n = w.a.tcp(f).unwrap().send_slice(&data).unwrap();
+        let mut out = VecTx::default();
+        w.a.egress(f, w.now, &mut out);
+        w.pump(out.0, Vec::new());
+        w.settle();
+        // Find B's flow: the only TCP flow on B.
+        let bf = *w.b.tcp.values().next().unwrap();
+        let mut got = vec![0u8; n];
+        let k = w.b.tcp(bf).unwrap().recv_slice(&mut got).unwrap();
+        assert_eq!(k, n);
+        assert_eq!(&got[..], &data[..n]);
+        assert_eq!(w.b.flow(bf).unwrap().set.iter().count(), 1);
+    }
+
+    #[test]
+    fn answers_arp_and_ping() {
+        // An ARP request from a peer (198.18.0.9) for our address.
+        let mut s = Stack::new(cfg(1), Instant::from_millis(1));
+        let mut f = vec![0u8; 42];
+        f[0..6].copy_from_slice(&[0xff; 6]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+        f[12..14].copy_from_slice(&[0x08, 0x06]);
+        f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        f[22..28].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+        f[28..32].copy_from_slice(&[198, 18, 0, 9]);
+        f[38..42].copy_from_slice(&[198, 18, 0, 1]);
+        let mut out = VecTx::default();
+        s.ingress(Instant::from_millis(2), &f, false, &mut out);
+        assert_eq!(out.0.len(), 1, "ARP reply expected");
+        assert_eq!(&out.0[0][12..14], &[0x08, 0x06]);
+        assert_eq!(&out.0[0][20..22], &[0, 2]);
+        let _ = Ipv4Address::new(0, 0, 0, 0);
+    }
+}

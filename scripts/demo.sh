@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# hoststack demo: a private testbed, the daemon, native apps served through
+# shared memory, kernel clients in a peer namespace, hoststackctl tables, and
+# a short comparison with the kernel. Run as root: scripts/demo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ $EUID -ne 0 ]]; then
+    echo "demo.sh: please run as root (it creates a network namespace and opens AF_PACKET)" >&2
+    exit 1
+fi
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+step "1/7 installing what is missing and building (release)"
+scripts/setup.sh
+cargo build --release --workspace --bins --examples 2>&1 | tail -n 2
+BIN=target/release
+EX=target/release/examples
+
+ID=$$
+NS=hsdemo$ID
+DIF=hsd${ID}a
+PIF=hsd${ID}b
+DIR=$(mktemp -d /tmp/hoststack-demo.XXXXXX)
+SECRET=demo-$RANDOM$RANDOM
+PIDS=()
+cleanup() {
+    set +e
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    sleep 0.3
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+    ip link del "$DIF" 2>/dev/null
+    ip netns del "$NS" 2>/dev/null
+    rm -rf "$DIR"
+    echo "testbed removed"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step "2/7 testbed: veth $DIF (daemon, no kernel IP) <-> $PIF in netns $NS (198.18.0.2)"
+ip netns add "$NS"
+ip link add "$DIF" type veth peer name "$PIF"
+ip link set "$PIF" netns "$NS"
+sysctl -qw "net.ipv6.conf.$DIF.disable_ipv6=1"
+ip link set "$DIF" up
+ip -n "$NS" addr add 198.18.0.2/24 dev "$PIF"
+ip -n "$NS" addr add 2001:2::2/64 dev "$PIF" nodad
+ip -n "$NS" link set "$PIF" up
+ip -n "$NS" link set lo up
+
+step "3/7 starting hoststackd on $DIF as 198.18.0.1 / 2001:2::1"
+$BIN/hoststackd --interface "$DIF" --ipv4 198.18.0.1/24 --ipv6 2001:2::1/64 \
+    --socket-dir "$DIR" --namespace "default=$SECRET" --log warn &
+PIDS+=($!)
+for _ in $(seq 100); do [[ -S $DIR/ctl.sock ]] && break; sleep 0.05; done
+export HOSTSTACK_SOCKET_DIR=$DIR HOSTSTACK_SECRET=$SECRET
+ip netns exec "$NS" ping -c 1 -W 1 198.18.0.1 >/dev/null 2>&1 && echo "ping 198.18.0.1 from the peer: answered by hoststackd" || true
+
+step "4/7 native echo server (TCP+UDP :7000) <- kernel clients in the peer namespace"
+$EX/echo_server --listen 0.0.0.0:7000 --udp > "$DIR/echo.log" &
+PIDS+=($!)
+sleep 0.3
+ip netns exec "$NS" python3 tests/py/peer.py echo-client 198.18.0.1 7000 --count 2000 --size 64
+ip netns exec "$NS" python3 tests/py/peer.py udp-echo-client 198.18.0.1 7000 --count 200 --size 512
+
+step "5/7 bulk: kernel sender in the peer namespace -> native receiver (1 GiB), hoststackctl while it runs"
+$EX/throughput recv --listen 0.0.0.0:9000 > "$DIR/recv.log" &
+PIDS+=($!)
+sleep 0.3
+head -c $((1 << 30)) /dev/zero > "$DIR/blob"
+ip netns exec "$NS" python3 tests/py/peer.py send-file 198.18.0.1 9000 --file "$DIR/blob" > "$DIR/send.log" &
+SENDER=$!
+sleep 1
+$BIN/hoststackctl --socket-dir "$DIR" sessions || true
+wait $SENDER || true
+sleep 0.5
+cat "$DIR/recv.log" | grep received || true
+
+step "6/7 cut-through (two native apps, shared FIFO pair) vs kernel loopback TCP, 1 GiB each"
+$EX/throughput recv --listen 127.0.0.1:9100 > "$DIR/ct.log" &
+PIDS+=($!)
+sleep 0.3
+CT=$($EX/throughput send --connect 127.0.0.1:9100 --bytes $((1 << 30)) | sed -n 's/.*gbps=\([0-9.]*\).*/\1/p')
+python3 - "$DIR/blob" <<'PY' > "$DIR/kernel.log"
+import socket, sys, threading, time
+N = 1 << 30
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
+def rx():
+    c, _ = l.accept(); n = 0
+    while True:
+        d = c.recv(1 << 20)
+        if not d: break
+        n += len(d)
+    c.close()
+t = threading.Thread(target=rx); t.start()
+s = socket.create_connection(l.getsockname()); buf = b"\0" * (1 << 20)
+t0 = time.time()
+for _ in range(N >> 20): s.sendall(buf)
+s.close(); t.join()
+print(f"{N * 8 / (time.time() - t0) / 1e9:.3f}")
+PY
+KT=$(cat "$DIR/kernel.log")
+printf '%-34s %10s Gbit/s\n' "hoststack cut-through" "$CT" "kernel loopback TCP (python)" "$KT"
+
+step "7/7 final hoststackctl view"
+$BIN/hoststackctl --socket-dir "$DIR" all | head -40
+echo
+echo "demo finished"

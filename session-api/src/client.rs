@@ -1,0 +1,1126 @@
+//! The native client API.
+//!
+//! ```no_run
+//! use session_api::client::{App, AttachConfig};
+//! # fn main() -> Result<(), session_api::client::Error> {
+//! let app = App::attach(&AttachConfig::from_env("echo"))?;
+//! let mut w = app.worker()?;
+//! let l = w.listen("0.0.0.0:7000".parse().unwrap())?;
+//! let s = w.accept(l, None)?;
+//! let mut buf = [0u8; 4096];
+//! loop {
+//!     let n = w.read(s, &mut buf, None)?;
+//!     if n == 0 { break; }
+//!     w.write_all(s, &buf[..n], None)?;
+//! }
+//! w.close(s)?;
+//! # Ok(()) }
+//! ```
+//!
+//! An [`App`] is one attachment (one process, usually); each thread that
+//! does I/O takes its own [`Worker`] with its own queue pair. Every call has
+//! a blocking form (with an optional timeout) and a non-blocking one
+//! (`timeout = Some(Duration::ZERO)` or the `try_` variants), which returns
+//! [`Error::WouldBlock`]. Blocking calls sleep in the kernel on the worker's
+//! eventfd and the attach socket, so they return [`Error::DaemonGone`]
+//! promptly if the daemon dies.
+//!
+//! To drive a worker from an external epoll loop, add [`Worker::wait_fds`]
+//! to it and call [`Worker::prepare_external_wait`] before each blocking
+//! `epoll_wait` (the daemon only writes the eventfd after the worker said it
+//! is going to sleep).
+
+use crate::fifo::{FifoConsumer, FifoProducer};
+use crate::mq::{MqConsumer, MqError, MqProducer};
+use crate::msg::{
+    dgram_header, parse_dgram_header, Event, Proto, Request, SessOpt, SessionDesc, Shut, DGRAM_HDR,
+    SESSION_DESC_SIZE,
+};
+use crate::proto::{AppCtrl, DaemonCtrl, CTRL_MAX};
+use crate::segment::{SegmentHeader, SEGMENT_HEADER_SIZE};
+use crate::shm::{recv_with_fds, send_with_fds, EventFd, ShmRegion};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Errors of the client API. [`Error::errno`] maps each to the errno a
+/// kernel socket would report.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An OS call failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon refused the attach or a worker.
+    #[error("refused by hoststackd: {message} (errno {errno})")]
+    Refused {
+        /// errno.
+        errno: i32,
+        /// The daemon's reason.
+        message: String,
+    },
+    /// The daemon sent something we do not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The daemon is gone (crashed, killed, or shut down).
+    #[error("hoststackd is gone")]
+    DaemonGone,
+    /// The call would block.
+    #[error("operation would block")]
+    WouldBlock,
+    /// The timeout expired.
+    #[error("timed out")]
+    TimedOut,
+    /// The daemon (or the connection) reported an errno.
+    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
+    Errno(i32),
+    /// The handle is not (or no longer) a session/listener of this worker.
+    #[error("bad handle")]
+    BadHandle,
+    /// Shared memory from the daemon or a cut-through peer is inconsistent.
+    #[error("shared memory corrupt")]
+    Corrupt,
+}
+
+impl Error {
+    /// The errno a kernel socket would report.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Error::Refused { errno, .. } => *errno,
+            Error::Protocol(_) => libc::EPROTO,
+            Error::DaemonGone => libc::ENETDOWN,
+            Error::WouldBlock => libc::EAGAIN,
+            Error::TimedOut => libc::ETIMEDOUT,
+            Error::Errno(e) => *e,
+            Error::BadHandle => libc::EBADF,
+            Error::Corrupt => libc::EIO,
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where and how to attach.
+#[derive(Debug, Clone)]
+pub struct AttachConfig {
+    /// Daemon socket directory.
+    pub socket_dir: PathBuf,
+    /// App namespace.
+    pub namespace: String,
+    /// Namespace secret.
+    pub secret: String,
+    /// App name shown by hoststackctl.
+    pub name: String,
+}
+
+impl AttachConfig {
+    /// From `HOSTSTACK_SOCKET_DIR` (default /run/hoststack),
+    /// `HOSTSTACK_NAMESPACE` (default "default") and `HOSTSTACK_SECRET`.
+    pub fn from_env(name: &str) -> Self {
+        AttachConfig {
+            socket_dir: std::env::var_os("HOSTSTACK_SOCKET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/run/hoststack")),
+            namespace: std::env::var("HOSTSTACK_NAMESPACE").unwrap_or_else(|_| "default".into()),
+            secret: std::env::var("HOSTSTACK_SECRET").unwrap_or_default(),
+            name: name.into(),
+        }
+    }
+}
+
+struct AppShared {
+    ctrl: OwnedFd,
+    ctrl_lock: Mutex<()>,
+    segments: Mutex<HashMap<u32, Arc<ShmRegion>>>,
+    /// Control replies not yet claimed (WorkerOk / Error) with their fds.
+    replies: Mutex<VecDeque<(DaemonCtrl, Vec<OwnedFd>)>>,
+    dead: AtomicBool,
+    id: u32,
+}
+
+impl AppShared {
+    /// Read one control datagram (blocking up to `timeout`), filing segment
+    /// announcements; other messages go to `replies`.
+    fn pump(&self, timeout: Duration) -> Result<()> {
+        let _g = self.ctrl_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pfd = libc::pollfd {
+            fd: self.ctrl.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(60_000) as i32) };
+        if r <= 0 {
+            return Ok(());
+        }
+        self.read_one()
+    }
+
+    fn read_one(&self) -> Result<()> {
+        let mut buf = vec![0u8; CTRL_MAX];
+        let (n, fds) = match recv_with_fds(self.ctrl.as_fd(), &mut buf, 4) {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(_) => {
+                self.dead.store(true, Ordering::Release);
+                return Err(Error::DaemonGone);
+            }
+        };
+        if n == 0 {
+            self.dead.store(true, Ordering::Release);
+            return Err(Error::DaemonGone);
+        }
+        let m = DaemonCtrl::decode(&buf[..n]).map_err(|e| Error::Protocol(e.to_string()))?;
+        match m {
+            DaemonCtrl::Segment { segment, size } => {
+                let fd = fds.into_iter().next().ok_or_else(|| Error::Protocol("segment without fd".into()))?;
+                let region = map_segment(fd, size, segment)?;
+                self.segments
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(segment, Arc::new(region));
+            }
+            other => self
+                .replies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back((other, fds)),
+        }
+        Ok(())
+    }
+
+    fn segment(&self, id: u32) -> Result<Arc<ShmRegion>> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(s) = self.segments.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+                return Ok(s.clone());
+            }
+            if self.dead.load(Ordering::Acquire) {
+                return Err(Error::DaemonGone);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Protocol(format!("segment {id} never announced")));
+            }
+            self.pump(Duration::from_millis(100))?;
+        }
+    }
+
+    fn take_reply(&self, timeout: Duration) -> Result<(DaemonCtrl, Vec<OwnedFd>)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.replies.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+                return Ok(r);
+            }
+            if self.dead.load(Ordering::Acquire) {
+                return Err(Error::DaemonGone);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::TimedOut);
+            }
+            self.pump(left.min(Duration::from_millis(200)))?;
+        }
+    }
+}
+
+fn map_segment(fd: OwnedFd, size: u64, id: u32) -> Result<ShmRegion> {
+    let size = usize::try_from(size).map_err(|_| Error::Protocol("segment too large".into()))?;
+    if size < SEGMENT_HEADER_SIZE {
+        return Err(Error::Protocol("segment too small".into()));
+    }
+    let region = ShmRegion::map_fd(fd, size).map_err(|e| Error::Protocol(format!("mapping segment: {e}")))?;
+    // SAFETY: the region is `size` ≥ header bytes.
+    unsafe { SegmentHeader::check(region.as_ptr(), size, id) }.map_err(|e| Error::Protocol(e.to_string()))?;
+    Ok(region)
+}
+
+/// An attachment to hoststackd. Cheap to clone; the attachment ends when
+/// the last clone (and every worker) is dropped, or the process exits.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<AppShared>,
+}
+
+impl App {
+    /// Connect to the namespace socket and authenticate.
+    pub fn attach(cfg: &AttachConfig) -> Result<App> {
+        let path = cfg.socket_dir.join(format!("{}.sock", cfg.namespace));
+        let ctrl = crate::sys::seqpacket_connect(&path)?;
+        let msg = AppCtrl::Attach {
+            namespace: cfg.namespace.clone(),
+            secret: cfg.secret.clone(),
+            name: cfg.name.clone(),
+            pid: std::process::id(),
+        }
+        .encode();
+        send_with_fds(ctrl.as_fd(), &msg, &[])?;
+        let mut buf = vec![0u8; CTRL_MAX];
+        let mut pfd = libc::pollfd {
+            fd: ctrl.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 5000) } <= 0 {
+            return Err(Error::TimedOut);
+        }
+        let (n, fds) = recv_with_fds(ctrl.as_fd(), &mut buf, 4)?;
+        if n == 0 {
+            return Err(Error::DaemonGone);
+        }
+        match DaemonCtrl::decode(&buf[..n]).map_err(|e| Error::Protocol(e.to_string()))? {
+            DaemonCtrl::AttachOk { app_id, segment, size } => {
+                let fd = fds
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Error::Protocol("attach reply without segment".into()))?;
+                let region = map_segment(fd, size, segment)?;
+                let mut segs = HashMap::new();
+                segs.insert(segment, Arc::new(region));
+                Ok(App {
+                    inner: Arc::new(AppShared {
+                        ctrl,
+                        ctrl_lock: Mutex::new(()),
+                        segments: Mutex::new(segs),
+                        replies: Mutex::new(VecDeque::new()),
+                        dead: AtomicBool::new(false),
+                        id: app_id,
+                    }),
+                })
+            }
+            DaemonCtrl::Error { errno, message } => Err(Error::Refused { errno, message }),
+            other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The daemon's id for this app.
+    pub fn id(&self) -> u32 {
+        self.inner.id
+    }
+
+    /// Register a new worker (one per thread doing I/O).
+    pub fn worker(&self) -> Result<Worker> {
+        {
+            let _g = self.inner.ctrl_lock.lock().unwrap_or_else(|e| e.into_inner());
+            send_with_fds(self.inner.ctrl.as_fd(), &AppCtrl::AddWorker.encode(), &[]).map_err(|_| Error::DaemonGone)?;
+        }
+        let (m, fds) = self.inner.take_reply(Duration::from_secs(5))?;
+        match m {
+            DaemonCtrl::WorkerOk {
+                worker,
+                segment,
+                req_off,
+                req_slots,
+                evt_off,
+                evt_slots,
+            } => {
+                let mut fds = fds.into_iter();
+                let (Some(dw), Some(aw)) = (fds.next(), fds.next()) else {
+                    return Err(Error::Protocol("worker reply without eventfds".into()));
+                };
+                let seg = self.inner.segment(segment)?;
+                let rq = crate::mq::mq_footprint(req_slots);
+                let eq = crate::mq::mq_footprint(evt_slots);
+                let len = seg.len();
+                let ok = |off: u32, l: usize| (off as usize) >= SEGMENT_HEADER_SIZE && (off as usize).checked_add(l).is_some_and(|e| e <= len);
+                if !ok(req_off, rq) || !ok(evt_off, eq) {
+                    return Err(Error::Protocol("queue outside segment".into()));
+                }
+                // SAFETY: both queues were checked to lie inside the segment,
+                // which the worker keeps mapped (it holds an Arc).
+                let (req, evt) = unsafe {
+                    (
+                        MqProducer::new(seg.as_ptr().add(req_off as usize), req_slots),
+                        MqConsumer::new(seg.as_ptr().add(evt_off as usize), evt_slots),
+                    )
+                };
+                Ok(Worker {
+                    app: self.clone(),
+                    index: worker,
+                    req,
+                    evt,
+                    daemon_wake: EventFd::from_fd(dw),
+                    app_wake: EventFd::from_fd(aw),
+                    _seg: seg,
+                    next_req: 1,
+                    replies: HashMap::new(),
+                    sessions: HashMap::new(),
+                    listeners: HashMap::new(),
+                    notes: VecDeque::new(),
+                    dead: false,
+                    scratch: Vec::new(),
+                })
+            }
+            DaemonCtrl::Error { errno, message } => Err(Error::Refused { errno, message }),
+            other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+}
+
+/// A session (TCP connection or UDP socket) handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+/// A listener handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerId(pub u64);
+
+/// A pending non-blocking connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectToken(u32);
+
+struct Sess {
+    proto: Proto,
+    rx: FifoConsumer,
+    tx: FifoProducer,
+    _seg: Arc<ShmRegion>,
+    local: Option<SocketAddr>,
+    remote: Option<SocketAddr>,
+    peer_closed: bool,
+    reset: Option<i32>,
+    shut_wr: bool,
+    cut_through: bool,
+}
+
+struct Listen {
+    queue: VecDeque<(u64, u32, u32)>,
+    local: SocketAddr,
+}
+
+/// What happened to a handle (edge notifications from the daemon).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notify {
+    /// A listener has a connection to accept.
+    Accept(ListenerId),
+    /// A session has data (or EOF/error) to read.
+    Readable(SessionId),
+    /// A session has room to write again.
+    Writable(SessionId),
+    /// A pending connect finished (success or failure).
+    Connected(ConnectToken),
+}
+
+/// Level readiness of a session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ready {
+    /// A read would not block (data, EOF or error).
+    pub readable: bool,
+    /// A write would not block.
+    pub writable: bool,
+    /// The peer closed its side (EOF after the data).
+    pub hup: bool,
+    /// The connection failed (reset/timeout).
+    pub error: Option<i32>,
+}
+
+/// A worker: one queue pair, used by one thread at a time.
+pub struct Worker {
+    app: App,
+    index: u32,
+    req: MqProducer,
+    evt: MqConsumer,
+    daemon_wake: EventFd,
+    app_wake: EventFd,
+    _seg: Arc<ShmRegion>,
+    next_req: u32,
+    replies: HashMap<u32, Event>,
+    sessions: HashMap<u64, Sess>,
+    listeners: HashMap<u64, Listen>,
+    notes: VecDeque<Notify>,
+    dead: bool,
+    scratch: Vec<u8>,
+}
+
+fn deadline_of(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.map(|t| Instant::now() + t)
+}
+
+impl Worker {
+    /// Worker index in the daemon.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The app this worker belongs to.
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+
+    /// Descriptors to watch from an external epoll: the wake eventfd and
+    /// the attach socket (readable on segment announcements or daemon death).
+    pub fn wait_fds(&self) -> [RawFd; 2] {
+        [self.app_wake.as_raw_fd(), self.app.inner.ctrl.as_raw_fd()]
+    }
+
+    /// Before blocking in an external epoll: returns false if events are
+    /// already pending (process them with [`Worker::poll_events`] with a zero
+    /// timeout instead of sleeping).
+    pub fn prepare_external_wait(&mut self) -> bool {
+        if self.evt.prepare_sleep() {
+            true
+        } else {
+            self.evt.cancel_sleep();
+            false
+        }
+    }
+
+    fn send_req(&mut self, r: Request) -> Result<()> {
+        if self.dead || self.app.inner.dead.load(Ordering::Acquire) {
+            self.dead = true;
+            return Err(Error::DaemonGone);
+        }
+        let m = r.encode();
+        let start = Instant::now();
+        loop {
+            match self.req.try_send(&m) {
+                Ok(()) => break,
+                Err(MqError::Full) => {
+                    // The daemon drains continuously; a full queue for long
+                    // means it is gone or wedged.
+                    self.daemon_wake.notify();
+                    if start.elapsed() > Duration::from_secs(5) {
+                        return Err(Error::TimedOut);
+                    }
+                    self.process_events()?;
+                    self.check_ctrl()?;
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(_) => return Err(Error::Corrupt),
+            }
+        }
+        if self.req.wake_needed() {
+            self.daemon_wake.notify();
+        }
+        Ok(())
+    }
+
+    fn check_ctrl(&mut self) -> Result<()> {
+        let mut pfd = libc::pollfd {
+            fd: self.app.inner.ctrl.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
+            if let Err(e) = self.app.inner.pump(Duration::ZERO) {
+                self.dead = true;
+                return Err(e);
+            }
+        }
+        if self.app.inner.dead.load(Ordering::Acquire) {
+            self.dead = true;
+            return Err(Error::DaemonGone);
+        }
+        Ok(())
+    }
+
+    /// Drain the event queue into local state. Returns how many events.
+    fn process_events(&mut self) -> Result<usize> {
+        let mut n = 0;
+        loop {
+            let m = match self.evt.try_recv() {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(_) => return Err(Error::Corrupt),
+            };
+            n += 1;
+            let ev = Event::decode(&m).map_err(|e| Error::Protocol(e.to_string()))?;
+            match ev {
+                Event::Reply { req_id, .. } => {
+                    self.replies.insert(req_id, ev);
+                    self.notes.push_back(Notify::Connected(ConnectToken(req_id)));
+                }
+                Event::Accepted {
+                    listener,
+                    handle,
+                    segment,
+                    desc,
+                } => match self.listeners.get_mut(&listener) {
+                    Some(l) => {
+                        l.queue.push_back((handle, segment, desc));
+                        self.notes.push_back(Notify::Accept(ListenerId(listener)));
+                    }
+                    None => {
+                        // Listener closed meanwhile: refuse the connection.
+                        let _ = self.send_req(Request::Abort { handle });
+                    }
+                },
+                Event::Rx { handle } => self.notes.push_back(Notify::Readable(SessionId(handle))),
+                Event::TxSpace { handle } => self.notes.push_back(Notify::Writable(SessionId(handle))),
+                Event::PeerClosed { handle } => {
+                    if let Some(s) = self.sessions.get_mut(&handle) {
+                        s.peer_closed = true;
+                    }
+                    self.notes.push_back(Notify::Readable(SessionId(handle)));
+                }
+                Event::Reset { handle, errno } => {
+                    if let Some(s) = self.sessions.get_mut(&handle) {
+                        s.reset = Some(errno);
+                    }
+                    self.notes.push_back(Notify::Readable(SessionId(handle)));
+                    self.notes.push_back(Notify::Writable(SessionId(handle)));
+                }
+                Event::Shutdown => {
+                    self.dead = true;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Sleep until an event arrives or `deadline`; Err(TimedOut) on timeout.
+    fn wait_until(&mut self, deadline: Option<Instant>) -> Result<()> {
+        if self.process_events()? > 0 {
+            return Ok(());
+        }
+        if self.dead {
+            return Err(Error::DaemonGone);
+        }
+        let timeout = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Error::TimedOut);
+                }
+                Some(left)
+            }
+            None => None,
+        };
+        if !self.evt.prepare_sleep() {
+            self.evt.cancel_sleep();
+            self.process_events()?;
+            return Ok(());
+        }
+        let r = crate::sys::wait2(self.app_wake.fd(), self.app.inner.ctrl.as_fd(), timeout);
+        self.evt.cancel_sleep();
+        let r = r?;
+        if r.woken {
+            self.app_wake.drain();
+        }
+        if r.ctrl {
+            self.check_ctrl()?;
+        }
+        self.process_events()?;
+        Ok(())
+    }
+
+    fn await_reply(&mut self, req_id: u32, deadline: Option<Instant>) -> Result<Event> {
+        loop {
+            if let Some(ev) = self.replies.remove(&req_id) {
+                return Ok(ev);
+            }
+            self.wait_until(deadline)?;
+        }
+    }
+
+    fn req_id(&mut self) -> u32 {
+        let r = self.next_req;
+        self.next_req = self.next_req.wrapping_add(1).max(1);
+        r
+    }
+
+    fn open_session(&mut self, handle: u64, segment: u32, desc_off: u32) -> Result<()> {
+        let seg = self.app.inner.segment(segment)?;
+        let len = seg.len();
+        if (desc_off as usize) < SEGMENT_HEADER_SIZE || desc_off as usize + SESSION_DESC_SIZE > len {
+            return Err(Error::Corrupt);
+        }
+        let mut b = [0u8; SESSION_DESC_SIZE];
+        // SAFETY: the descriptor lies inside the mapped segment (checked).
+        unsafe { std::ptr::copy_nonoverlapping(seg.as_ptr().add(desc_off as usize), b.as_mut_ptr(), SESSION_DESC_SIZE) };
+        let d = SessionDesc::from_bytes(&b).map_err(|_| Error::Corrupt)?;
+        let fits = |off: u32, cap: u32| {
+            cap.is_power_of_two()
+                && (off as usize) >= SEGMENT_HEADER_SIZE
+                && (off as usize)
+                    .checked_add(crate::fifo::fifo_footprint(cap))
+                    .is_some_and(|e| e <= len)
+        };
+        if !fits(d.rx_off, d.rx_cap) || !fits(d.tx_off, d.tx_cap) {
+            return Err(Error::Corrupt);
+        }
+        // SAFETY: both FIFOs lie inside the segment; `_seg` keeps it mapped
+        // for the life of the session.
+        let (rx, tx) = unsafe {
+            (
+                FifoConsumer::new(seg.as_ptr().add(d.rx_off as usize), d.rx_cap),
+                FifoProducer::new(seg.as_ptr().add(d.tx_off as usize), d.tx_cap),
+            )
+        };
+        self.sessions.insert(
+            handle,
+            Sess {
+                proto: d.proto,
+                rx,
+                tx,
+                _seg: seg,
+                local: d.local,
+                remote: d.remote,
+                peer_closed: false,
+                reset: None,
+                shut_wr: false,
+                cut_through: d.cut_through,
+            },
+        );
+        Ok(())
+    }
+
+    /// Listen for TCP connections on `addr` (an unspecified IP = all of the
+    /// daemon's addresses). Several workers/apps may listen on the same
+    /// address: connections are spread across them.
+    pub fn listen(&mut self, addr: SocketAddr) -> Result<ListenerId> {
+        self.listen_backlog(addr, 1024)
+    }
+
+    /// [`Worker::listen`] with an explicit backlog.
+    pub fn listen_backlog(&mut self, addr: SocketAddr, backlog: u32) -> Result<ListenerId> {
+        let req_id = self.req_id();
+        self.send_req(Request::Listen {
+            req_id,
+            proto: Proto::Tcp,
+            local: addr,
+            backlog,
+        })?;
+        match self.await_reply(req_id, deadline_of(Some(Duration::from_secs(10))))? {
+            Event::Reply { errno: 0, handle, .. } => {
+                self.listeners.insert(
+                    handle,
+                    Listen {
+                        queue: VecDeque::new(),
+                        local: addr,
+                    },
+                );
+                Ok(ListenerId(handle))
+            }
+            Event::Reply { errno, .. } => Err(Error::Errno(errno)),
+            _ => Err(Error::Protocol("bad reply".into())),
+        }
+    }
+
+    /// Stop listening.
+    pub fn unlisten(&mut self, l: ListenerId) -> Result<()> {
+        let lst = self.listeners.remove(&l.0).ok_or(Error::BadHandle)?;
+        for (h, _, _) in lst.queue {
+            let _ = self.send_req(Request::Abort { handle: h });
+        }
+        self.send_req(Request::Unlisten { handle: l.0 })
+    }
+
+    /// The address a listener was bound to.
+    pub fn listener_addr(&self, l: ListenerId) -> Result<SocketAddr> {
+        self.listeners.get(&l.0).map(|l| l.local).ok_or(Error::BadHandle)
+    }
+
+    /// Accept a connection; `timeout` None blocks, `Some(ZERO)` never blocks.
+    pub fn accept(&mut self, l: ListenerId, timeout: Option<Duration>) -> Result<SessionId> {
+        let deadline = deadline_of(timeout);
+        loop {
+            self.process_events()?;
+            let lst = self.listeners.get_mut(&l.0).ok_or(Error::BadHandle)?;
+            if let Some((h, seg, desc)) = lst.queue.pop_front() {
+                self.open_session(h, seg, desc)?;
+                return Ok(SessionId(h));
+            }
+            if timeout == Some(Duration::ZERO) {
+                return Err(Error::WouldBlock);
+            }
+            match self.wait_until(deadline) {
+                Err(Error::TimedOut) => return Err(Error::TimedOut),
+                r => r?,
+            }
+        }
+    }
+
+    /// Start a TCP connection without waiting; finish with
+    /// [`Worker::connect_finish`] after a [`Notify::Connected`].
+    pub fn connect_start(&mut self, remote: SocketAddr, local: Option<SocketAddr>) -> Result<ConnectToken> {
+        let req_id = self.req_id();
+        self.send_req(Request::Connect {
+            req_id,
+            proto: Proto::Tcp,
+            remote,
+            local,
+        })?;
+        Ok(ConnectToken(req_id))
+    }
+
+    /// Ok(Some) when connected, Ok(None) while pending, Err when it failed.
+    pub fn connect_finish(&mut self, t: ConnectToken) -> Result<Option<SessionId>> {
+        self.process_events()?;
+        match self.replies.remove(&t.0) {
+            None => Ok(None),
+            Some(Event::Reply {
+                errno: 0,
+                handle,
+                segment,
+                desc,
+                ..
+            }) => {
+                self.open_session(handle, segment, desc)?;
+                Ok(Some(SessionId(handle)))
+            }
+            Some(Event::Reply { errno, .. }) => Err(Error::Errno(errno)),
+            Some(_) => Err(Error::Protocol("bad reply".into())),
+        }
+    }
+
+    /// Connect (blocking up to `timeout`).
+    pub fn connect(&mut self, remote: SocketAddr, timeout: Option<Duration>) -> Result<SessionId> {
+        let t = self.connect_start(remote, None)?;
+        let deadline = deadline_of(timeout);
+        loop {
+            if let Some(s) = self.connect_finish(t)? {
+                return Ok(s);
+            }
+            self.wait_until(deadline)?;
+        }
+    }
+
+    fn sess(&mut self, s: SessionId) -> Result<&mut Sess> {
+        self.sessions.get_mut(&s.0).ok_or(Error::BadHandle)
+    }
+
+    /// Read up to `buf.len()` bytes. Ok(0) is end of stream. `timeout` None
+    /// blocks until data, EOF or error; `Some(ZERO)` is non-blocking.
+    pub fn read(&mut self, s: SessionId, buf: &mut [u8], timeout: Option<Duration>) -> Result<usize> {
+        let deadline = deadline_of(timeout);
+        loop {
+            self.process_events()?;
+            let sess = self.sess(s)?;
+            if sess.proto != Proto::Tcp {
+                return Err(Error::Errno(libc::EOPNOTSUPP));
+            }
+            sess.rx.clear_event();
+            let n = sess.rx.dequeue(buf).map_err(|_| Error::Corrupt)?;
+            if n > 0 || buf.is_empty() {
+                if sess.rx.take_dequeue_notification() {
+                    self.send_req(Request::RxDrained { handle: s.0 })?;
+                }
+                return Ok(n);
+            }
+            if let Some(e) = sess.reset {
+                return Err(Error::Errno(e));
+            }
+            if sess.peer_closed {
+                return Ok(0);
+            }
+            if self.dead {
+                return Err(Error::DaemonGone);
+            }
+            if timeout == Some(Duration::ZERO) {
+                return Err(Error::WouldBlock);
+            }
+            self.wait_until(deadline)?;
+        }
+    }
+
+    /// Write what fits now (at least one byte, or block per `timeout`).
+    pub fn write(&mut self, s: SessionId, buf: &[u8], timeout: Option<Duration>) -> Result<usize> {
+        let deadline = deadline_of(timeout);
+        loop {
+            self.process_events()?;
+            let dead = self.dead;
+            let sess = self.sess(s)?;
+            if let Some(e) = sess.reset {
+                return Err(Error::Errno(if e == libc::ECONNRESET { libc::ECONNRESET } else { e }));
+            }
+            if sess.shut_wr {
+                return Err(Error::Errno(libc::EPIPE));
+            }
+            if dead {
+                return Err(Error::DaemonGone);
+            }
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            let n = sess.tx.enqueue(buf).map_err(|_| Error::Corrupt)?;
+            if n > 0 {
+                if sess.tx.set_event() {
+                    self.send_req(Request::Tx { handle: s.0 })?;
+                }
+                return Ok(n);
+            }
+            sess.tx.request_dequeue_notification();
+            if sess.tx.free_space().map_err(|_| Error::Corrupt)? > 0 {
+                continue;
+            }
+            if timeout == Some(Duration::ZERO) {
+                return Err(Error::WouldBlock);
+            }
+            self.wait_until(deadline)?;
+        }
+    }
+
+    /// Write all of `buf` (blocking up to `timeout` overall).
+    pub fn write_all(&mut self, s: SessionId, mut buf: &[u8], timeout: Option<Duration>) -> Result<()> {
+        let deadline = deadline_of(timeout);
+        while !buf.is_empty() {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
+                return Err(Error::TimedOut);
+            }
+            let n = self.write(s, buf, left)?;
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+
+    /// Shut down the write side (FIN after queued data) or both.
+    pub fn shutdown(&mut self, s: SessionId, how: Shut) -> Result<()> {
+        let sess = self.sess(s)?;
+        if matches!(how, Shut::Write | Shut::Both) {
+            if sess.shut_wr {
+                return Ok(());
+            }
+            sess.shut_wr = true;
+        }
+        self.send_req(Request::Shutdown { handle: s.0, how })
+    }
+
+    /// Close: queued data is still delivered, then FIN. The handle is dead.
+    pub fn close(&mut self, s: SessionId) -> Result<()> {
+        self.sessions.remove(&s.0).ok_or(Error::BadHandle)?;
+        self.send_req(Request::Close { handle: s.0 })
+    }
+
+    /// Abort with RST; queued data is discarded. The handle is dead.
+    pub fn abort(&mut self, s: SessionId) -> Result<()> {
+        self.sessions.remove(&s.0).ok_or(Error::BadHandle)?;
+        self.send_req(Request::Abort { handle: s.0 })
+    }
+
+    /// Disable/enable Nagle.
+    pub fn set_nodelay(&mut self, s: SessionId, on: bool) -> Result<()> {
+        self.sess(s)?;
+        self.send_req(Request::SetOpt {
+            handle: s.0,
+            opt: SessOpt::NoDelay(on),
+        })
+    }
+
+    /// TCP keepalive interval (None disables).
+    pub fn set_keepalive(&mut self, s: SessionId, every: Option<Duration>) -> Result<()> {
+        self.sess(s)?;
+        let ms = every.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32);
+        self.send_req(Request::SetOpt {
+            handle: s.0,
+            opt: SessOpt::KeepAliveMs(ms),
+        })
+    }
+
+    /// Local address of a session.
+    pub fn local_addr(&mut self, s: SessionId) -> Result<Option<SocketAddr>> {
+        Ok(self.sess(s)?.local)
+    }
+
+    /// Peer address of a session.
+    pub fn peer_addr(&mut self, s: SessionId) -> Result<Option<SocketAddr>> {
+        Ok(self.sess(s)?.remote)
+    }
+
+    /// True for a same-node (cut-through) session.
+    pub fn is_cut_through(&mut self, s: SessionId) -> Result<bool> {
+        Ok(self.sess(s)?.cut_through)
+    }
+
+    /// Bytes readable right now.
+    pub fn nread(&mut self, s: SessionId) -> Result<usize> {
+        Ok(self.sess(s)?.rx.len().map_err(|_| Error::Corrupt)? as usize)
+    }
+
+    /// Level readiness of a session.
+    pub fn ready(&mut self, s: SessionId) -> Result<Ready> {
+        let sess = self.sess(s)?;
+        let rx = sess.rx.len().map_err(|_| Error::Corrupt)?;
+        let tx = sess.tx.free_space().map_err(|_| Error::Corrupt)?;
+        let min_tx = if sess.proto == Proto::Udp { DGRAM_HDR as u32 + 1 } else { 1 };
+        Ok(Ready {
+            readable: rx > 0 || sess.peer_closed || sess.reset.is_some(),
+            writable: tx >= min_tx || sess.reset.is_some(),
+            hup: sess.peer_closed,
+            error: sess.reset,
+        })
+    }
+
+    /// Does listener `l` have connections waiting?
+    pub fn accept_ready(&mut self, l: ListenerId) -> Result<bool> {
+        Ok(!self.listeners.get(&l.0).ok_or(Error::BadHandle)?.queue.is_empty())
+    }
+
+    /// Wait for notifications (edge-style) up to `timeout`; returns how many
+    /// were appended to `out`. Zero timeout never blocks.
+    pub fn poll_events(&mut self, out: &mut Vec<Notify>, timeout: Option<Duration>) -> Result<usize> {
+        let deadline = deadline_of(timeout);
+        loop {
+            self.process_events()?;
+            if !self.notes.is_empty() {
+                let n = self.notes.len();
+                out.extend(self.notes.drain(..));
+                return Ok(n);
+            }
+            if timeout == Some(Duration::ZERO) {
+                return Ok(0);
+            }
+            match self.wait_until(deadline) {
+                Err(Error::TimedOut) => return Ok(0),
+                r => r?,
+            }
+        }
+    }
+
+    /// Open a UDP socket bound to `local` (port 0 = ephemeral).
+    pub fn udp_bind(&mut self, local: SocketAddr) -> Result<SessionId> {
+        let req_id = self.req_id();
+        self.send_req(Request::Listen {
+            req_id,
+            proto: Proto::Udp,
+            local,
+            backlog: 0,
+        })?;
+        self.finish_open(req_id)
+    }
+
+    /// Open a UDP socket whose default destination is `remote`.
+    pub fn udp_connect(&mut self, remote: SocketAddr) -> Result<SessionId> {
+        let req_id = self.req_id();
+        self.send_req(Request::Connect {
+            req_id,
+            proto: Proto::Udp,
+            remote,
+            local: None,
+        })?;
+        self.finish_open(req_id)
+    }
+
+    fn finish_open(&mut self, req_id: u32) -> Result<SessionId> {
+        match self.await_reply(req_id, deadline_of(Some(Duration::from_secs(10))))? {
+            Event::Reply {
+                errno: 0,
+                handle,
+                segment,
+                desc,
+                ..
+            } => {
+                self.open_session(handle, segment, desc)?;
+                Ok(SessionId(handle))
+            }
+            Event::Reply { errno, .. } => Err(Error::Errno(errno)),
+            _ => Err(Error::Protocol("bad reply".into())),
+        }
+    }
+
+    /// Send one datagram (to `to`, or the connected peer).
+    pub fn send_to(&mut self, s: SessionId, data: &[u8], to: Option<SocketAddr>, timeout: Option<Duration>) -> Result<usize> {
+        let deadline = deadline_of(timeout);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.extend_from_slice(&dgram_header(data.len(), to));
+        scratch.extend_from_slice(data);
+        let r = loop {
+            if let Err(e) = self.process_events() {
+                break Err(e);
+            }
+            let sess = match self.sess(s) {
+                Ok(x) => x,
+                Err(e) => break Err(e),
+            };
+            if sess.proto != Proto::Udp {
+                break Err(Error::Errno(libc::EOPNOTSUPP));
+            }
+            if to.is_none() && sess.remote.is_none() {
+                break Err(Error::Errno(libc::EDESTADDRREQ));
+            }
+            if data.len() > 65507 || scratch.len() > sess.tx.cap() as usize {
+                break Err(Error::Errno(libc::EMSGSIZE));
+            }
+            let free = match sess.tx.free_space() {
+                Ok(f) => f as usize,
+                Err(_) => break Err(Error::Corrupt),
+            };
+            if free >= scratch.len() {
+                if sess.tx.enqueue(&scratch).is_err() {
+                    break Err(Error::Corrupt);
+                }
+                let flip = sess.tx.set_event();
+                if flip {
+                    if let Err(e) = self.send_req(Request::Tx { handle: s.0 }) {
+                        break Err(e);
+                    }
+                }
+                break Ok(data.len());
+            }
+            sess.tx.request_dequeue_notification();
+            if sess.tx.free_space().unwrap_or(0) as usize >= scratch.len() {
+                continue;
+            }
+            if timeout == Some(Duration::ZERO) {
+                break Err(Error::WouldBlock);
+            }
+            if let Err(e) = self.wait_until(deadline) {
+                break Err(e);
+            }
+        };
+        self.scratch = scratch;
+        r
+    }
+
+    /// Receive one datagram: (bytes copied, source). A datagram longer than
+    /// `buf` is truncated (the rest is discarded), like a kernel socket.
+    pub fn recv_from(&mut self, s: SessionId, buf: &mut [u8], timeout: Option<Duration>) -> Result<(usize, Option<SocketAddr>)> {
+        let deadline = deadline_of(timeout);
+        loop {
+            self.process_events()?;
+            let sess = self.sess(s)?;
+            if sess.proto != Proto::Udp {
+                return Err(Error::Errno(libc::EOPNOTSUPP));
+            }
+            sess.rx.clear_event();
+            let have = sess.rx.len().map_err(|_| Error::Corrupt)? as usize;
+            if have >= DGRAM_HDR {
+                let mut h = [0u8; DGRAM_HDR];
+                sess.rx.peek(&mut h).map_err(|_| Error::Corrupt)?;
+                let (len, from) = parse_dgram_header(&h).map_err(|_| Error::Corrupt)?;
+                if DGRAM_HDR + len > sess.rx.cap() as usize {
+                    return Err(Error::Corrupt);
+                }
+                if have >= DGRAM_HDR + len {
+                    let mut tmp = vec![0u8; DGRAM_HDR + len];
+                    sess.rx.peek(&mut tmp).map_err(|_| Error::Corrupt)?;
+                    sess.rx.consume((DGRAM_HDR + len) as u32).map_err(|_| Error::Corrupt)?;
+                    let n = len.min(buf.len());
+                    buf[..n].copy_from_slice(&tmp[DGRAM_HDR..DGRAM_HDR + n]);
+                    if sess.rx.take_dequeue_notification() {
+                        self.send_req(Request::RxDrained { handle: s.0 })?;
+                    }
+                    return Ok((n, from));
+                }
+            }
+            if let Some(e) = sess.reset {
+                return Err(Error::Errno(e));
+            }
+            if timeout == Some(Duration::ZERO) {
+                return Err(Error::WouldBlock);
+            }
+            self.wait_until(deadline)?;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.dead {
+            return;
+        }
+        let _g = self.app.inner.ctrl_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = send_with_fds(
+            self.app.inner.ctrl.as_fd(),
+            &AppCtrl::DelWorker { worker: self.index }.encode(),
+            &[],
+        );
+    }
+}

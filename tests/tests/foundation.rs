@@ -1,0 +1,206 @@
+//! End-to-end tests of the foundation: a real hoststackd on one end of a
+//! veth, kernel peers in a network namespace on the other, native apps
+//! (the session-api examples) attached to the daemon.
+
+use anyhow::{ensure, Result};
+use hoststack_tests::daemon::{peer_py, Daemon, Proc};
+use hoststack_tests::Testbed;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(60);
+
+fn peer(tb: &Testbed, args: &[&str], name: &str) -> Result<Proc> {
+    let py = peer_py().display().to_string();
+    let mut all = vec![py.as_str()];
+    all.extend_from_slice(args);
+    Proc::spawn(tb.peer_cmd("python3", &all), name)
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[test]
+fn kernel_client_talks_to_native_echo_server_v4_v6_and_udp() -> Result<()> {
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let mut srv = {
+        let mut c = d.app_cmd("examples/echo_server")?;
+        c.args(["--listen", "0.0.0.0:7000", "--udp"]);
+        Proc::spawn(c, "echo_server")?
+    };
+    srv.expect("listening", T)?;
+    let ip4 = tb.daemon_ip4.to_string();
+    let mut c = peer(&tb, &["echo-client", &ip4, "7000", "--count", "200", "--size", "1000"], "peer echo v4")?;
+    c.expect("ok echoed 200", T)?;
+    c.success(T)?;
+    let mut u = peer(&tb, &["udp-echo-client", &ip4, "7000", "--count", "50", "--size", "512"], "peer udp")?;
+    u.expect("ok udp echoed 50", T)?;
+    // IPv6 listener: the v4-any listener does not cover v6, listen separately.
+    let mut srv6 = {
+        let mut c = d.app_cmd("examples/echo_server")?;
+        c.args(["--listen", "[::]:7006"]);
+        Proc::spawn(c, "echo_server v6")?
+    };
+    srv6.expect("listening", T)?;
+    let ip6 = tb.daemon_ip6.to_string();
+    let mut c6 = peer(&tb, &["echo-client", &ip6, "7006", "--count", "20", "--size", "64"], "peer echo v6")?;
+    c6.expect("ok echoed 20", T)?;
+    // hoststackctl shows the sessions' endpoints while they exist.
+    let v = d.ctl("all")?;
+    ensure!(v["apps"].as_array().is_some_and(|a| a.len() == 2), "two apps attached: {v}");
+    Ok(())
+}
+
+#[test]
+fn native_client_talks_to_kernel_server() -> Result<()> {
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let ip4 = tb.peer_ip4.to_string();
+    let mut s = peer(&tb, &["echo-server", &ip4, "7001", "--count", "1"], "peer echo server")?;
+    s.expect("listening", T)?;
+    let mut c = d.app_cmd("examples/echo_client")?;
+    c.args(["--connect", &format!("{ip4}:7001"), "--count", "500", "--size", "64"]);
+    let mut c = Proc::spawn(c, "echo_client")?;
+    c.expect("ok 500 messages", T)?;
+    c.success(T)?;
+    s.success(T)?;
+    // A closed port answers RST: connect is refused promptly.
+    let mut c = d.app_cmd("examples/echo_client")?;
+    c.args(["--connect", &format!("{ip4}:7999"), "--count", "1"]);
+    let t0 = Instant::now();
+    let st = c.output()?;
+    ensure!(!st.status.success(), "connect to a closed port must fail");
+    ensure!(t0.elapsed() < Duration::from_secs(5), "refusal must be prompt");
+    ensure!(
+        String::from_utf8_lossy(&st.stderr).contains("refused"),
+        "expected ECONNREFUSED, got {:?}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    Ok(())
+}
+
+const BIG: u64 = 256 << 20;
+
+#[test]
+fn bulk_256mib_each_way_over_the_uplink() -> Result<()> {
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    // Kernel → native.
+    let file = std::env::temp_dir().join(format!("hs-bulk-{}", std::process::id()));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&file)?;
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..(BIG >> 20) {
+            for b in buf.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            f.write_all(&buf)?;
+        }
+    }
+    let _cleanup = scopeguard(file.clone());
+    let mut r = {
+        let mut c = d.app_cmd("examples/throughput")?;
+        c.args(["recv", "--listen", "0.0.0.0:9000", "--reply"]);
+        Proc::spawn(c, "throughput recv")?
+    };
+    r.expect("listening", T)?;
+    let ip4 = tb.daemon_ip4.to_string();
+    let f = file.display().to_string();
+    let mut s = peer(&tb, &["send-file", &ip4, "9000", "--file", &f], "peer send")?;
+    let sent = s.expect("sent sha256=", T)?;
+    let got = r.expect("received bytes=", T)?;
+    ensure!(field(&got, "bytes") == Some(BIG.to_string().as_str()), "byte count: {got}");
+    ensure!(field(&sent, "sha256") == field(&got, "sha256"), "sha mismatch: {sent} vs {got}");
+    r.success(T)?;
+    eprintln!("kernel->native: {got}");
+    // Native → kernel.
+    let pip = tb.peer_ip4.to_string();
+    let mut k = peer(&tb, &["recv-hash", &pip, "9001"], "peer recv")?;
+    k.expect("listening", T)?;
+    let mut c = d.app_cmd("examples/throughput")?;
+    c.args(["send", "--connect", &format!("{pip}:9001"), "--bytes", &BIG.to_string()]);
+    let mut snd = Proc::spawn(c, "throughput send")?;
+    let sent = snd.expect("sent bytes=", T)?;
+    let got = k.expect("received bytes=", T)?;
+    ensure!(field(&got, "bytes") == Some(BIG.to_string().as_str()), "byte count: {got}");
+    ensure!(field(&sent, "sha256") == field(&got, "sha256"), "sha mismatch: {sent} vs {got}");
+    eprintln!("native->kernel: {sent}");
+    Ok(())
+}
+
+struct Rm(std::path::PathBuf);
+impl Drop for Rm {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+fn scopeguard(p: std::path::PathBuf) -> Rm {
+    Rm(p)
+}
+
+#[test]
+fn bulk_256mib_each_way_through_cut_through() -> Result<()> {
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    for (dir, port) in [("a->b", 9100), ("b->a", 9101)] {
+        let mut r = {
+            let mut c = d.app_cmd("examples/throughput")?;
+            c.args(["recv", "--listen", &format!("127.0.0.1:{port}")]);
+            Proc::spawn(c, "ct recv")?
+        };
+        r.expect("listening", T)?;
+        let mut c = d.app_cmd("examples/throughput")?;
+        c.args(["send", "--connect", &format!("127.0.0.1:{port}"), "--bytes", &BIG.to_string()]);
+        let mut s = Proc::spawn(c, "ct send")?;
+        let sent = s.expect("sent bytes=", T)?;
+        let got = r.expect("received bytes=", T)?;
+        ensure!(field(&sent, "sha256") == field(&got, "sha256"), "{dir}: {sent} vs {got}");
+        ensure!(field(&got, "bytes") == Some(BIG.to_string().as_str()), "{dir}: {got}");
+        eprintln!("cut-through {dir}: {sent}");
+    }
+    // The daemon never touched the data: no flows were created.
+    ensure!(d.counter(&["stack", "active_opens"])? == 0);
+    ensure!(d.counter(&["session", "cut_through_opened"])? == 2);
+    Ok(())
+}
+
+#[test]
+fn a_thousand_concurrent_connections_and_a_slow_reader() -> Result<()> {
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let mut srv = {
+        let mut c = d.app_cmd("examples/echo_server")?;
+        c.args(["--listen", "0.0.0.0:7100"]);
+        Proc::spawn(c, "echo_server")?
+    };
+    srv.expect("listening", T)?;
+    let ip4 = tb.daemon_ip4.to_string();
+    let mut m = peer(&tb, &["many", &ip4, "7100", "--count", "1000"], "peer many")?;
+    m.expect("ok 1000 concurrent", T)?;
+    ensure!(d.counter(&["stack", "passive_opens"])? >= 1000);
+
+    // Slow reader: 16 MiB into a reader that takes 16 KiB per ms. The
+    // window closes, nothing is lost, the daemon's memory stays bounded.
+    let file = std::env::temp_dir().join(format!("hs-slow-{}", std::process::id()));
+    std::fs::write(&file, (0..16u32 << 20).map(|i| (i * 31 / 7) as u8).collect::<Vec<u8>>())?;
+    let _g = scopeguard(file.clone());
+    let mut r = {
+        let mut c = d.app_cmd("examples/throughput")?;
+        c.args(["recv", "--listen", "0.0.0.0:7101", "--read-delay-us", "1000", "--read-size", "16384"]);
+        Proc::spawn(c, "slow recv")?
+    };
+    r.expect("listening", T)?;
+    let f = file.display().to_string();
+    let mut s = peer(&tb, &["send-file", &ip4, "7101", "--file", &f], "peer send")?;
+    let sent = s.expect("sent sha256=", Duration::from_secs(120))?;
+    let got = r.expect("received bytes=", Duration::from_secs(120))?;
+    ensure!(field(&sent, "sha256") == field(&got, "sha256"), "{sent} vs {got}");
+    ensure!(field(&got, "bytes") == Some((16u64 << 20).to_string().as_str()));
+    Ok(())
+}
