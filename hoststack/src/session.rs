@@ -25,6 +25,9 @@ use std::net::{IpAddr, SocketAddr};
 
 /// Owner tokens with this bit name a listen group, not a session.
 const LISTEN_BIT: u64 = 1 << 63;
+/// Listen groups with ids from here up exist only for cut-through
+/// (loopback addresses); the stack has no listener for them.
+const CT_ONLY_BASE: u32 = 1 << 31;
 
 /// Session layer tunables.
 #[derive(Debug, Clone)]
@@ -155,6 +158,7 @@ pub struct Engine {
     listeners: HashMap<u64, AppListener>,
     next_listener: u64,
     groups: HashMap<ListenerId, Group>,
+    next_ct_group: u32,
     ct_segments: HashMap<u32, CtSegment>,
     ct_by_pair: HashMap<(AppId, AppId), u32>,
     cfg: SessionConfig,
@@ -199,6 +203,7 @@ impl Engine {
             listeners: HashMap::new(),
             next_listener: 1,
             groups: HashMap::new(),
+            next_ct_group: 0,
             ct_segments: HashMap::new(),
             ct_by_pair: HashMap::new(),
             cfg,
@@ -588,6 +593,21 @@ impl Engine {
         let existing = self.groups.iter().find(|(_, g)| g.local == local).map(|(id, _)| *id);
         let gid = match existing {
             Some(g) => g,
+            None if local.ip().is_loopback() => {
+                // Loopback is reachable only through cut-through: no
+                // transport listener, a group id outside the stack's range.
+                let gid = ListenerId(CT_ONLY_BASE + self.next_ct_group);
+                self.next_ct_group = (self.next_ct_group + 1) % CT_ONLY_BASE;
+                self.groups.insert(
+                    gid,
+                    Group {
+                        local,
+                        members: Vec::new(),
+                        rr: 0,
+                    },
+                );
+                gid
+            }
             None => {
                 let gid = self
                     .stack
@@ -635,7 +655,9 @@ impl Engine {
         };
         if empty {
             self.groups.remove(&l.group);
-            self.stack.unlisten(l.group);
+            if l.group.0 < CT_ONLY_BASE {
+                self.stack.unlisten(l.group);
+            }
         }
     }
 

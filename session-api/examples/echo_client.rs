@@ -24,7 +24,14 @@ struct Args {
     udp: bool,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let a = Args::parse();
     let app = App::attach(&AttachConfig::from_env("echo_client"))?;
     let mut w = app.worker()?;

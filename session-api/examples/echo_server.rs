@@ -46,7 +46,14 @@ fn service(w: &mut session_api::client::Worker, s: SessionId, c: &mut Conn, buf:
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let a = Args::parse();
     let app = App::attach(&AttachConfig::from_env("echo_server"))?;
     let mut w = app.worker()?;

@@ -49,7 +49,14 @@ pub fn pattern(off: u64, buf: &mut [u8]) {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let a = Args::parse();
     let app = App::attach(&AttachConfig::from_env("throughput"))?;
     let mut w = app.worker()?;

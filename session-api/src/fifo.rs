@@ -152,8 +152,11 @@ impl Ring {
     /// # Safety
     /// See [`FifoProducer::new`].
     unsafe fn new(base: *mut u8, cap: u32) -> Self {
-        debug_assert!(cap.is_power_of_two(), "FIFO capacity {cap} not a power of two");
-        debug_assert_eq!(base as usize % 4, 0, "FIFO base misaligned");
+        debug_assert!(
+            cap.is_power_of_two(),
+            "FIFO capacity {cap} not a power of two"
+        );
+        debug_assert_eq!(base as usize & 3, 0, "FIFO base misaligned");
         debug_assert!(!base.is_null());
         Ring {
             // SAFETY: the caller guarantees `base` points to a mapped FIFO,
@@ -563,7 +566,11 @@ mod tests {
         for round in 0..100u32 {
             let data: Vec<u8> = (0..40).map(|i| (i + round) as u8).collect();
             assert_eq!(p.enqueue(&data).unwrap(), 40);
-            assert_eq!(p.enqueue(&data).unwrap(), 24, "partial write when nearly full");
+            assert_eq!(
+                p.enqueue(&data).unwrap(),
+                24,
+                "partial write when nearly full"
+            );
             assert_eq!(p.free_space().unwrap(), 0);
             assert_eq!(p.enqueue(&data).unwrap(), 0, "full");
             assert_eq!(c.len().unwrap(), 64);
@@ -706,7 +713,6 @@ mod tests {
         p.enqueue(b"abcdef").unwrap();
         let mut b = [0u8; 2];
         c.dequeue(&mut b).unwrap();
-        drop((p, c));
         let base = m.ptr();
         // SAFETY: buffer holds the FIFO and outlives the handles.
         let (mut p, mut c) = unsafe { (FifoProducer::new(base, 64), FifoConsumer::new(base, 64)) };
@@ -744,7 +750,11 @@ mod tests {
             let h = m.hdr();
             // Sometimes near-valid values, sometimes pure garbage.
             let head = rng.next() as u32;
-            let tail = if i % 2 == 0 { head.wrapping_add(rng.below(2 * CAP as u64) as u32) } else { rng.next() as u32 };
+            let tail = if i % 2 == 0 {
+                head.wrapping_add(rng.below(2 * CAP as u64) as u32)
+            } else {
+                rng.next() as u32
+            };
             h.head.store(head, Ordering::Relaxed);
             h.tail.store(tail, Ordering::Relaxed);
             h.size.store(rng.next() as u32, Ordering::Relaxed);
@@ -850,7 +860,10 @@ mod tests {
                 let k = (a.len() + b.len()).min(want);
                 let ka = k.min(a.len());
                 assert!(matches(&pat, got, &a[..ka]), "mismatch near byte {got}");
-                assert!(matches(&pat, got + ka as u64, &b[..k - ka]), "mismatch near byte {got}");
+                assert!(
+                    matches(&pat, got + ka as u64, &b[..k - ka]),
+                    "mismatch near byte {got}"
+                );
                 c.consume(k as u32).unwrap();
                 k
             } else {

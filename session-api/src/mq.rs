@@ -124,15 +124,25 @@ impl Queue {
     /// # Safety
     /// See [`MqProducer::new`].
     unsafe fn new(base: *mut u8, slots: u32) -> Self {
-        debug_assert!(slots.is_power_of_two(), "slot count {slots} not a power of two");
-        debug_assert!(!base.is_null() && base as usize % 8 == 0, "queue base misaligned");
+        debug_assert!(
+            slots.is_power_of_two(),
+            "slot count {slots} not a power of two"
+        );
+        debug_assert!(
+            !base.is_null() && (base as usize) & 7 == 0,
+            "queue base misaligned"
+        );
         Queue {
             // SAFETY: the caller guarantees `base` points to a mapped queue,
             // so it is not null.
             hdr: unsafe { NonNull::new_unchecked(base.cast()) },
             // Largest power of two <= slots, so masking stays in bounds even
             // if the caller broke the contract.
-            slots: if slots == 0 { 0 } else { 1 << (31 - slots.leading_zeros()) },
+            slots: if slots == 0 {
+                0
+            } else {
+                1 << (31 - slots.leading_zeros())
+            },
         }
     }
 
@@ -316,6 +326,7 @@ impl MqConsumer {
 mod tests {
     use super::*;
     use crate::shm::EventFd;
+    use std::sync::atomic::AtomicU32;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -412,11 +423,16 @@ mod tests {
         for i in 0..100_000 {
             let h = m.hdr();
             let head = rng.next() as u32;
-            let tail = if i % 2 == 0 { head.wrapping_add((rng.next() % 16) as u32) } else { rng.next() as u32 };
+            let tail = if i % 2 == 0 {
+                head.wrapping_add((rng.next() % 16) as u32)
+            } else {
+                rng.next() as u32
+            };
             h.head.store(head, Ordering::Relaxed);
             h.tail.store(tail, Ordering::Relaxed);
             h.slots.store(rng.next() as u32, Ordering::Relaxed);
-            h.consumer_sleeping.store(rng.next() as u32, Ordering::Relaxed);
+            h.consumer_sleeping
+                .store(rng.next() as u32, Ordering::Relaxed);
             match p.try_send(&msg(1)) {
                 Ok(()) | Err(MqError::Full) => {}
                 Err(MqError::Corrupt) => corrupt += 1,
@@ -439,32 +455,45 @@ mod tests {
     }
 
     /// The consumer really blocks on an eventfd whenever `prepare_sleep`
-    /// allows it; the producer pauses at random and writes the eventfd only
-    /// when `wake_needed` says so. A lost wake-up shows up as a wait that
+    /// allows it; the producer writes the eventfd only when `wake_needed`
+    /// says so. The producer sends random-sized bursts with random pauses and
+    /// then goes quiet until the consumer has received everything, so a lost
+    /// wake-up cannot be healed by a later send: it shows up as a wait that
     /// times out while a message is pending.
     #[test]
     fn no_lost_wakeups_across_threads() {
         const N: u32 = 20_000;
         let (m, mut p, mut c) = queue(16);
         let ev = Arc::new(EventFd::new().unwrap());
-        let ev2 = ev.clone();
+        let received = Arc::new(AtomicU32::new(0));
+        let (ev2, received2) = (ev.clone(), received.clone());
         let deadline = Instant::now() + Duration::from_secs(60);
         let prod = std::thread::spawn(move || {
             let mut wakes = 0u32;
             let mut rng = Rng(12_345);
-            for i in 0..N {
-                while p.try_send(&msg(i)).is_err() {
-                    assert!(Instant::now() < deadline, "producer stuck at {i}");
+            let mut i = 0;
+            while i < N {
+                let burst = (rng.next() % 50 + 1).min(u64::from(N - i));
+                for _ in 0..burst {
+                    while p.try_send(&msg(i)).is_err() {
+                        assert!(Instant::now() < deadline, "producer stuck at {i}");
+                        std::thread::yield_now();
+                    }
+                    i += 1;
+                    if p.wake_needed() {
+                        ev2.notify();
+                        wakes += 1;
+                    }
+                    match rng.next() % 64 {
+                        0 => std::thread::sleep(Duration::from_micros(rng.next() % 200)),
+                        1..=8 => std::thread::yield_now(),
+                        _ => {}
+                    }
+                }
+                // Quiet until everything sent so far has been received.
+                while received2.load(Ordering::Acquire) < i {
+                    assert!(Instant::now() < deadline, "consumer never drained {i}");
                     std::thread::yield_now();
-                }
-                if p.wake_needed() {
-                    ev2.notify();
-                    wakes += 1;
-                }
-                match rng.next() % 64 {
-                    0 => std::thread::sleep(Duration::from_micros(rng.next() % 500)),
-                    1..=3 => std::thread::yield_now(),
-                    _ => {}
                 }
             }
             wakes
@@ -477,23 +506,28 @@ mod tests {
                 Some(got) => {
                     assert_eq!(got, msg(next), "out of order");
                     next += 1;
+                    received.store(next, Ordering::Release);
                 }
                 None => {
                     announced += 1;
                     if c.prepare_sleep() {
                         sleeps += 1;
-                        let woke = ev.wait(Some(Duration::from_secs(2))).unwrap();
-                        // A timeout with a message pending is a lost wake-up
-                        // (the producer never pauses anywhere near 2 s).
-                        assert!(woke || c.is_empty(), "lost wake-up at message {next}");
+                        let woke = ev.wait(Some(Duration::from_secs(1))).unwrap();
+                        assert!(woke || c.is_empty(), "lost wake-up: message {next} pending");
                     }
                     c.cancel_sleep();
                 }
             }
         }
         let wakes = prod.join().unwrap();
-        assert!(sleeps > 0, "the consumer never slept: test did not exercise the protocol");
-        assert!(wakes <= announced, "one wake-up per announced sleep at most ({wakes} > {announced})");
+        assert!(
+            sleeps > 100,
+            "the consumer rarely slept ({sleeps}): protocol not exercised"
+        );
+        assert!(
+            wakes <= announced,
+            "one wake-up per announced sleep at most ({wakes} > {announced})"
+        );
         assert!(wakes < N, "wake-ups must be rarer than messages ({wakes})");
         drop(m);
     }

@@ -76,13 +76,17 @@ impl AfPacket {
         if !setopt(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 8 << 20) {
             setopt(libc::SOL_SOCKET, libc::SO_SNDBUF, 8 << 20);
         }
+        // Receive buffers take a whole 64 KiB IP packet: a local veth peer
+        // with TSO/GSO hands us coalesced segments far above the MTU (a free
+        // receive offload); smaller buffers would truncate and drop them.
+        let rsize = 65536 + 256;
         let fsize = mtu + 14 + 64;
         Ok(AfPacket {
             fd,
             name: ifname.into(),
             mac,
             mtu,
-            rx: Batch::new(BATCH, fsize),
+            rx: Batch::new(BATCH, rsize),
             tx: Batch::new(BATCH, fsize),
             ignore_outgoing,
             stats: UplinkStats::default(),
