@@ -245,7 +245,10 @@ impl App {
         let (req, evt) = unsafe {
             mq_init(base, REQ_SLOTS);
             mq_init(base.add(rq), EVT_SLOTS);
-            (MqConsumer::new(base, REQ_SLOTS), MqProducer::new(base.add(rq), EVT_SLOTS))
+            (
+                MqConsumer::new(base, REQ_SLOTS),
+                MqProducer::new(base.add(rq), EVT_SLOTS),
+            )
         };
         let index = match self.workers.iter().position(|w| w.is_none()) {
             Some(i) => i,

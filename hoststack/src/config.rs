@@ -39,7 +39,7 @@ use serde::Deserialize;
 use std::path::PathBuf;
 
 /// Whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The network side.
@@ -123,18 +123,6 @@ pub struct NamespaceConfig {
     pub name: String,
     /// Secret apps must present.
     pub secret: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            uplink: UplinkConfig::default(),
-            daemon: DaemonConfig::default(),
-            tcp: TcpConfig::default(),
-            session: SessionCfg::default(),
-            namespaces: Vec::new(),
-        }
-    }
 }
 
 impl Default for UplinkConfig {
@@ -241,7 +229,10 @@ impl Config {
         }
         let f = self.session.fifo_size;
         if !f.is_power_of_two() || !(4096..=(1 << 28)).contains(&f) {
-            return v("session.fifo_size", "must be a power of two between 4096 and 2^28");
+            return v(
+                "session.fifo_size",
+                "must be a power of two between 4096 and 2^28",
+            );
         }
         if self.session.segment_size < 4 << 20 {
             return v("session.segment_size", "must be at least 4 MiB");
@@ -256,7 +247,12 @@ impl Config {
             return v("daemon.rx_batch", "must be 1..=1024");
         }
         for n in &self.namespaces {
-            if n.name.is_empty() || !n.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            if n.name.is_empty()
+                || !n
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
                 return v("namespace.name", "must be non-empty [A-Za-z0-9_-]");
             }
         }

@@ -95,8 +95,12 @@ impl Daemon {
     /// Open the uplink, the sockets, and build the stack.
     pub fn new(cfg: Config) -> Result<Self> {
         cfg.validate()?;
-        let up = uplink::open(cfg.uplink.kind, &cfg.uplink.interface, cfg.uplink.mac.as_deref().map(parse_mac).transpose()?)
-            .with_context(|| format!("opening uplink {}", cfg.uplink.interface))?;
+        let up = uplink::open(
+            cfg.uplink.kind,
+            &cfg.uplink.interface,
+            cfg.uplink.mac.as_deref().map(parse_mac).transpose()?,
+        )
+        .with_context(|| format!("opening uplink {}", cfg.uplink.interface))?;
         let mac = match &cfg.uplink.mac {
             Some(m) => parse_mac(m)?,
             None => up.mac(),
@@ -125,17 +129,25 @@ impl Daemon {
             .uplink
             .gateway4
             .as_deref()
-            .map(|g| g.parse().map_err(|_| anyhow::anyhow!("uplink.gateway4: {g:?} is not an IPv4 address")))
+            .map(|g| {
+                g.parse()
+                    .map_err(|_| anyhow::anyhow!("uplink.gateway4: {g:?} is not an IPv4 address"))
+            })
             .transpose()?;
         let gateway6 = cfg
             .uplink
             .gateway6
             .as_deref()
-            .map(|g| g.parse().map_err(|_| anyhow::anyhow!("uplink.gateway6: {g:?} is not an IPv6 address")))
+            .map(|g| {
+                g.parse()
+                    .map_err(|_| anyhow::anyhow!("uplink.gateway6: {g:?} is not an IPv6 address"))
+            })
             .transpose()?;
         let seed = {
             let mut b = [0u8; 8];
-            std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).ok();
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut b))
+                .ok();
             u64::from_le_bytes(b) ^ std::process::id() as u64
         };
         let stack = Stack::new(
@@ -178,7 +190,8 @@ impl Daemon {
         let mut namespaces = Vec::new();
         for (i, n) in nss.iter().enumerate() {
             let path = cfg.daemon.socket_dir.join(format!("{}.sock", n.name));
-            let l = sys::unix_listen(&path, libc::SOCK_SEQPACKET).with_context(|| format!("listening on {}", path.display()))?;
+            let l = sys::unix_listen(&path, libc::SOCK_SEQPACKET)
+                .with_context(|| format!("listening on {}", path.display()))?;
             epoll.add(l.as_raw_fd(), T_ATTACH + i as u64)?;
             namespaces.push(Namespace {
                 name: n.name.clone(),
@@ -188,7 +201,8 @@ impl Daemon {
             });
         }
         let ctl_path = cfg.daemon.socket_dir.join("ctl.sock");
-        let ctl = sys::unix_listen(&ctl_path, libc::SOCK_STREAM).with_context(|| format!("listening on {}", ctl_path.display()))?;
+        let ctl = sys::unix_listen(&ctl_path, libc::SOCK_STREAM)
+            .with_context(|| format!("listening on {}", ctl_path.display()))?;
         epoll.add(ctl.as_raw_fd(), T_CTL)?;
         let sig = sys::signalfd()?;
         epoll.add(sig.as_raw_fd(), T_SIGNAL)?;
@@ -270,9 +284,13 @@ impl Daemon {
                         return Ok(());
                     }
                     T_CTL => self.serve_ctl(),
-                    t if (T_ATTACH..T_ATTACH + 0x100).contains(&t) => self.accept_attach((t - T_ATTACH) as usize),
+                    t if (T_ATTACH..T_ATTACH + 0x100).contains(&t) => {
+                        self.accept_attach((t - T_ATTACH) as usize)
+                    }
                     t if t & !0xff_ffff_ffff == T_PENDING => self.pending_attach(t),
-                    t if t & !0xff_ffff_ffff == T_APP => self.app_ctrl(AppId((t & 0xffff_ffff) as u32), now),
+                    t if t & !0xff_ffff_ffff == T_APP => {
+                        self.app_ctrl(AppId((t & 0xffff_ffff) as u32), now)
+                    }
                     t if t & !0xff_ffff_ffff == T_WAKE => {
                         let app = AppId(((t >> 16) & 0xff_ffff) as u32);
                         let w = (t & 0xffff) as u32;
@@ -288,7 +306,9 @@ impl Daemon {
                 for _ in 0..4 {
                     let engine = &mut self.engine;
                     let tx = &mut self.tx;
-                    let n = match self.uplink.recv_batch(batch, &mut |f: &[u8], ok: bool| engine.ingress(now, f, ok, tx)) {
+                    let n = match self.uplink.recv_batch(batch, &mut |f: &[u8], ok: bool| {
+                        engine.ingress(now, f, ok, tx)
+                    }) {
                         Ok(n) => n,
                         Err(e) => {
                             tracing::warn!(error = %e, "uplink receive");
@@ -341,7 +361,9 @@ impl Daemon {
     }
 
     fn accept_attach(&mut self, ns: usize) {
-        let Some(n) = self.namespaces.get(ns) else { return };
+        let Some(n) = self.namespaces.get(ns) else {
+            return;
+        };
         for _ in 0..64 {
             match sys::unix_accept(n.listener.as_raw_fd()) {
                 Ok(Some(fd)) => {
@@ -360,7 +382,12 @@ impl Daemon {
         }
         // Bound half-open attach connections.
         if self.pending.len() > 1024 {
-            let victims: Vec<u64> = self.pending.keys().take(self.pending.len() - 1024).copied().collect();
+            let victims: Vec<u64> = self
+                .pending
+                .keys()
+                .take(self.pending.len() - 1024)
+                .copied()
+                .collect();
             for v in victims {
                 if let Some((_, fd)) = self.pending.remove(&v) {
                     self.epoll.del(fd.as_raw_fd());
@@ -381,7 +408,9 @@ impl Daemon {
 
     fn pending_attach(&mut self, tok: u64) {
         let id = tok - T_PENDING;
-        let Some((ns, fd)) = self.pending.remove(&id) else { return };
+        let Some((ns, fd)) = self.pending.remove(&id) else {
+            return;
+        };
         self.epoll.del(fd.as_raw_fd());
         let mut buf = vec![0u8; CTRL_MAX];
         let (n, fds) = match recv_with_fds(fd.as_fd(), &mut buf, 4) {
@@ -418,7 +447,14 @@ impl Daemon {
         };
         let nsd = &self.namespaces[ns];
         if namespace != nsd.name {
-            Self::refuse(&fd, libc::EACCES, &format!("namespace {namespace:?} does not match socket {:?}", nsd.name));
+            Self::refuse(
+                &fd,
+                libc::EACCES,
+                &format!(
+                    "namespace {namespace:?} does not match socket {:?}",
+                    nsd.name
+                ),
+            );
             return;
         }
         if !constant_time_eq(secret.as_bytes(), nsd.secret.as_bytes()) {
@@ -441,7 +477,9 @@ impl Daemon {
             size: seg.region.len() as u64,
         }
         .encode();
-        if send_with_fds(a.ctrl.as_fd(), &m, &[seg.region.fd()]).is_err() || self.epoll.add(raw, T_APP + app.0 as u64).is_err() {
+        if send_with_fds(a.ctrl.as_fd(), &m, &[seg.region.fd()]).is_err()
+            || self.epoll.add(raw, T_APP + app.0 as u64).is_err()
+        {
             let now = self.now();
             self.engine.remove_app(app, now, &mut self.tx);
             return;
@@ -452,7 +490,9 @@ impl Daemon {
     fn app_ctrl(&mut self, app: AppId, now: SInstant) {
         let mut buf = vec![0u8; CTRL_MAX];
         for _ in 0..16 {
-            let Some(a) = self.engine.apps.get_mut(&app) else { return };
+            let Some(a) = self.engine.apps.get_mut(&app) else {
+                return;
+            };
             let r = recv_with_fds(a.ctrl.as_fd(), &mut buf, 4);
             let n = match r {
                 Ok((0, _)) => {
@@ -474,11 +514,11 @@ impl Daemon {
                     let seg = a.main_segment;
                     match a.add_worker() {
                         Ok(idx) => {
-                            let Some(w) = a.workers[idx as usize].as_ref() else { return };
-                            let (rq, _eq) = (
-                                session_api::mq::mq_footprint(crate::app::REQ_SLOTS),
-                                0,
-                            );
+                            let Some(w) = a.workers[idx as usize].as_ref() else {
+                                return;
+                            };
+                            let (rq, _eq) =
+                                (session_api::mq::mq_footprint(crate::app::REQ_SLOTS), 0);
                             let m = DaemonCtrl::WorkerOk {
                                 worker: w.index,
                                 segment: seg,
@@ -490,7 +530,11 @@ impl Daemon {
                             .encode();
                             let tok = T_WAKE | (app.0 as u64) << 16 | w.index as u64;
                             let wfd = w.daemon_wake.as_raw_fd();
-                            let sent = send_with_fds(a.ctrl.as_fd(), &m, &[w.daemon_wake.fd(), w.app_wake.fd()]);
+                            let sent = send_with_fds(
+                                a.ctrl.as_fd(),
+                                &m,
+                                &[w.daemon_wake.fd(), w.app_wake.fd()],
+                            );
                             if sent.is_err() || self.epoll.add(wfd, tok).is_err() {
                                 self.drop_app(app, now);
                                 return;
@@ -586,7 +630,9 @@ impl Daemon {
         });
         match cmd {
             "apps" | "workers" => json!({ "apps": apps }),
-            "sessions" => json!({ "sessions": self.engine.session_info(), "listeners": self.engine.listener_info() }),
+            "sessions" => {
+                json!({ "sessions": self.engine.session_info(), "listeners": self.engine.listener_info() })
+            }
             "interfaces" => json!({ "interfaces": [iface] }),
             "counters" => json!({ "counters": counters }),
             _ => json!({

@@ -11,7 +11,9 @@
 //! Sans-IO apart from shared memory: frames go out through a
 //! [`FrameTx`](crate::stack::FrameTx), time is passed in.
 
-use crate::app::{alloc_block, consumer, producer, write_desc, App, AppId, PostError, Segment, SessionBlock};
+use crate::app::{
+    alloc_block, consumer, producer, write_desc, App, AppId, PostError, Segment, SessionBlock,
+};
 use crate::stack::{FlowId, FlowKind, FrameTx, ListenerId, Stack, StackError};
 use session_api::fifo::{FifoConsumer, FifoProducer};
 use session_api::msg::{
@@ -220,11 +222,21 @@ impl Engine {
     }
 
     /// Register an app: creates its private segment. Returns the id.
-    pub fn add_app(&mut self, name: String, namespace: String, pid: u32, ctrl: std::os::fd::OwnedFd) -> std::io::Result<AppId> {
+    pub fn add_app(
+        &mut self,
+        name: String,
+        namespace: String,
+        pid: u32,
+        ctrl: std::os::fd::OwnedFd,
+    ) -> std::io::Result<AppId> {
         let id = AppId(self.next_app);
         self.next_app += 1;
         let segid = self.alloc_segment_id();
-        let seg = Segment::create(segid, self.cfg.segment_size, &format!("hoststack-app{}", id.0))?;
+        let seg = Segment::create(
+            segid,
+            self.cfg.segment_size,
+            &format!("hoststack-app{}", id.0),
+        )?;
         let mut segments = HashMap::new();
         segments.insert(segid, seg);
         self.apps.insert(
@@ -258,7 +270,10 @@ impl Engine {
 
     fn mark_broken(&mut self, app: AppId) {
         if !self.broken.contains(&app) {
-            tracing::warn!(app = app.0, "app misbehaved (corrupt queue or stalled); disconnecting");
+            tracing::warn!(
+                app = app.0,
+                "app misbehaved (corrupt queue or stalled); disconnecting"
+            );
             self.broken.push(app);
         }
     }
@@ -316,7 +331,11 @@ impl Engine {
     /// caller's business).
     fn free_session(&mut self, h: u64) {
         let idx = (h & 0xffff_ffff) as usize;
-        let Some(s) = self.sess(h).map(|_| ()).and_then(|_| self.sessions[idx].take()) else {
+        let Some(s) = self
+            .sess(h)
+            .map(|_| ())
+            .and_then(|_| self.sessions[idx].take())
+        else {
             return;
         };
         self.sgen[idx] = self.sgen[idx].wrapping_add(1).max(1);
@@ -327,7 +346,11 @@ impl Engine {
         self.stats.sessions_closed += 1;
         match s.kind {
             Kind::Net { .. } => {
-                if let Some(seg) = self.apps.get_mut(&s.app).and_then(|a| a.segments.get_mut(&s.blk.segment)) {
+                if let Some(seg) = self
+                    .apps
+                    .get_mut(&s.app)
+                    .and_then(|a| a.segments.get_mut(&s.blk.segment))
+                {
                     let _ = seg.alloc.free(s.blk.off);
                 }
             }
@@ -464,7 +487,14 @@ impl Engine {
     }
 
     /// Serve one request from `app`'s worker `worker`.
-    pub fn handle_request(&mut self, app: AppId, worker: u32, req: Request, now: Instant, tx: &mut dyn FrameTx) {
+    pub fn handle_request(
+        &mut self,
+        app: AppId,
+        worker: u32,
+        req: Request,
+        now: Instant,
+        tx: &mut dyn FrameTx,
+    ) {
         match req {
             Request::Listen {
                 req_id,
@@ -504,7 +534,12 @@ impl Engine {
                 local,
             } => {
                 let r = match proto {
-                    Proto::Udp => self.udp_open(app, worker, local.unwrap_or_else(|| unspecified_like(remote)), Some(remote)),
+                    Proto::Udp => self.udp_open(
+                        app,
+                        worker,
+                        local.unwrap_or_else(|| unspecified_like(remote)),
+                        Some(remote),
+                    ),
                     Proto::Tcp => self.connect(app, worker, req_id, remote, local, now, tx),
                 };
                 match r {
@@ -572,9 +607,13 @@ impl Engine {
                         match opt {
                             SessOpt::NoDelay(b) => sock.set_nagle_enabled(!b),
                             SessOpt::KeepAliveMs(0) => sock.set_keep_alive(None),
-                            SessOpt::KeepAliveMs(ms) => sock.set_keep_alive(Some(Duration::from_millis(ms as u64))),
+                            SessOpt::KeepAliveMs(ms) => {
+                                sock.set_keep_alive(Some(Duration::from_millis(ms as u64)))
+                            }
                             SessOpt::TimeoutMs(0) => sock.set_timeout(None),
-                            SessOpt::TimeoutMs(ms) => sock.set_timeout(Some(Duration::from_millis(ms as u64))),
+                            SessOpt::TimeoutMs(ms) => {
+                                sock.set_timeout(Some(Duration::from_millis(ms as u64)))
+                            }
                         }
                         self.stack.egress(flow, now, tx);
                     }
@@ -583,14 +622,24 @@ impl Engine {
         }
     }
 
-    fn listen(&mut self, app: AppId, worker: u32, local: SocketAddr, backlog: u32) -> Result<(u64, u32, u32, SocketAddr), i32> {
+    fn listen(
+        &mut self,
+        app: AppId,
+        worker: u32,
+        local: SocketAddr,
+        backlog: u32,
+    ) -> Result<(u64, u32, u32, SocketAddr), i32> {
         if local.port() == 0 {
             // Kernel semantics would pick a port; we need a stable one for sharing.
             return Err(libc::EINVAL);
         }
         // Join an existing group on the same address (SO_REUSEPORT-like).
         let ep = listen_ep(local);
-        let existing = self.groups.iter().find(|(_, g)| g.local == local).map(|(id, _)| *id);
+        let existing = self
+            .groups
+            .iter()
+            .find(|(_, g)| g.local == local)
+            .map(|(id, _)| *id);
         let gid = match existing {
             Some(g) => g,
             None if local.ip().is_loopback() => {
@@ -626,7 +675,14 @@ impl Engine {
         };
         let h = LISTEN_BIT | self.next_listener;
         self.next_listener += 1;
-        self.listeners.insert(h, AppListener { app, worker, group: gid });
+        self.listeners.insert(
+            h,
+            AppListener {
+                app,
+                worker,
+                group: gid,
+            },
+        );
         if let Some(g) = self.groups.get_mut(&gid) {
             g.members.push(h);
         }
@@ -645,7 +701,9 @@ impl Engine {
     }
 
     fn remove_listener(&mut self, h: u64, _now: Instant, _tx: &mut dyn FrameTx) {
-        let Some(l) = self.listeners.remove(&h) else { return };
+        let Some(l) = self.listeners.remove(&h) else {
+            return;
+        };
         let empty = match self.groups.get_mut(&l.group) {
             Some(g) => {
                 g.members.retain(|m| *m != h);
@@ -661,8 +719,17 @@ impl Engine {
         }
     }
 
-    fn udp_open(&mut self, app: AppId, worker: u32, local: SocketAddr, remote: Option<SocketAddr>) -> Result<(u64, u32, u32, SocketAddr), i32> {
-        let flow = self.stack.udp_bind(listen_ep(local), 0).map_err(StackError::errno)?;
+    fn udp_open(
+        &mut self,
+        app: AppId,
+        worker: u32,
+        local: SocketAddr,
+        remote: Option<SocketAddr>,
+    ) -> Result<(u64, u32, u32, SocketAddr), i32> {
+        let flow = self
+            .stack
+            .udp_bind(listen_ep(local), 0)
+            .map_err(StackError::errno)?;
         let port = self
             .stack
             .udp(flow)
@@ -672,7 +739,11 @@ impl Engine {
         match self.make_net_session(app, worker, Proto::Udp, flow, Some(bound), remote) {
             Ok((h, blk, doff)) => Ok((h, blk.segment, doff, bound)),
             Err(e) => {
-                self.stack.remove_flow(flow, Instant::from_micros(0), &mut crate::stack::NullTx(Vec::new()));
+                self.stack.remove_flow(
+                    flow,
+                    Instant::from_micros(0),
+                    &mut crate::stack::NullTx(Vec::new()),
+                );
                 Err(e)
             }
         }
@@ -697,7 +768,11 @@ impl Engine {
             .stack
             .connect(sa_to_ep(remote), local.map(sa_to_ep), 0, now)
             .map_err(StackError::errno)?;
-        let lep = self.stack.tcp(flow).and_then(|s| s.local_endpoint()).map(ep_to_sa);
+        let lep = self
+            .stack
+            .tcp(flow)
+            .and_then(|s| s.local_endpoint())
+            .map(ep_to_sa);
         if let Some(sock) = self.stack.tcp(flow) {
             sock.set_timeout(Some(self.cfg.connect_timeout));
         }
@@ -721,14 +796,22 @@ impl Engine {
 
     /// Connect to a listener of this daemon: a FIFO pair in a segment shared
     /// by both apps; the daemon only relays notifications.
-    fn connect_cut_through(&mut self, app: AppId, worker: u32, req_id: u32, remote: SocketAddr) -> Result<(u64, u32, u32, SocketAddr), i32> {
+    fn connect_cut_through(
+        &mut self,
+        app: AppId,
+        worker: u32,
+        req_id: u32,
+        remote: SocketAddr,
+    ) -> Result<(u64, u32, u32, SocketAddr), i32> {
         let rip = remote.ip();
         let gid = self
             .groups
             .iter()
             .find(|(_, g)| {
                 g.local.port() == remote.port()
-                    && (g.local.ip().is_unspecified() || g.local.ip() == rip || (rip.is_loopback() && g.local.ip().is_loopback()))
+                    && (g.local.ip().is_unspecified()
+                        || g.local.ip() == rip
+                        || (rip.is_loopback() && g.local.ip().is_loopback()))
                     && !g.members.is_empty()
             })
             .map(|(id, _)| *id)
@@ -833,7 +916,8 @@ impl Engine {
             return Ok(*id);
         }
         let id = self.alloc_segment_id();
-        let seg = Segment::create(id, self.cfg.ct_segment_size, "hoststack-ct").map_err(|_| libc::ENOMEM)?;
+        let seg = Segment::create(id, self.cfg.ct_segment_size, "hoststack-ct")
+            .map_err(|_| libc::ENOMEM)?;
         let msg = session_api::proto::DaemonCtrl::Segment {
             segment: id,
             size: self.cfg.ct_segment_size as u64,
@@ -842,7 +926,9 @@ impl Engine {
         for app in [key.0, key.1] {
             if let Some(ap) = self.apps.get_mut(&app) {
                 use std::os::fd::AsFd;
-                if session_api::shm::send_with_fds(ap.ctrl.as_fd(), &msg, &[seg.region.fd()]).is_err() {
+                if session_api::shm::send_with_fds(ap.ctrl.as_fd(), &msg, &[seg.region.fd()])
+                    .is_err()
+                {
                     return Err(libc::ENOMEM);
                 }
                 ap.ct_segments.push(id);
@@ -990,18 +1076,26 @@ impl Engine {
     }
 
     fn service_flow(&mut self, flow: FlowId, now: Instant, tx: &mut dyn FrameTx) {
-        let Some(owner) = self.stack.owner(flow) else { return };
+        let Some(owner) = self.stack.owner(flow) else {
+            return;
+        };
         if self.stack.flow_listener(flow).is_some() {
             // Not yet handed to an app: owner is still the listen token.
             self.service_unaccepted(flow, now, tx);
-            if self.stack.owner(flow).is_none_or(|o| o & LISTEN_BIT != 0 || o == 0) {
+            if self
+                .stack
+                .owner(flow)
+                .is_none_or(|o| o & LISTEN_BIT != 0 || o == 0)
+            {
                 return;
             }
         } else if owner == 0 || owner & LISTEN_BIT != 0 {
             self.service_orphan(flow, now, tx);
             return;
         }
-        let Some(h) = self.stack.owner(flow) else { return };
+        let Some(h) = self.stack.owner(flow) else {
+            return;
+        };
         match self.stack.kind(flow) {
             Some(FlowKind::Tcp) => self.service_tcp(h, flow, now, tx),
             Some(FlowKind::Udp) => self.service_udp(h, flow),
@@ -1010,7 +1104,9 @@ impl Engine {
     }
 
     fn service_unaccepted(&mut self, flow: FlowId, now: Instant, tx: &mut dyn FrameTx) {
-        let Some(lid) = self.stack.flow_listener(flow) else { return };
+        let Some(lid) = self.stack.flow_listener(flow) else {
+            return;
+        };
         let state = match self.stack.tcp(flow) {
             Some(s) => s.state(),
             None => return,
@@ -1031,9 +1127,14 @@ impl Engine {
             self.stack.remove_flow(flow, now, tx);
             return;
         };
-        let Some((app, worker)) = self.listeners.get(&lh).map(|l| (l.app, l.worker)) else { return };
+        let Some((app, worker)) = self.listeners.get(&lh).map(|l| (l.app, l.worker)) else {
+            return;
+        };
         let (local, remote) = match self.stack.tcp(flow) {
-            Some(s) => (s.local_endpoint().map(ep_to_sa), s.remote_endpoint().map(ep_to_sa)),
+            Some(s) => (
+                s.local_endpoint().map(ep_to_sa),
+                s.remote_endpoint().map(ep_to_sa),
+            ),
             None => return,
         };
         match self.make_net_session(app, worker, Proto::Tcp, flow, local, remote) {
@@ -1090,8 +1191,12 @@ impl Engine {
             return;
         }
         let connect_timeout = self.cfg.connect_timeout;
-        let Some(sock) = self.stack.tcp(flow) else { return };
-        let Some(s) = self.sessions[idx].as_mut() else { return };
+        let Some(sock) = self.stack.tcp(flow) else {
+            return;
+        };
+        let Some(s) = self.sessions[idx].as_mut() else {
+            return;
+        };
         let state = sock.state();
         let mut events: Vec<Event> = Vec::new();
         let mut reset: Option<i32> = None;
@@ -1137,7 +1242,9 @@ impl Engine {
                 }
             }
         }
-        let Kind::Net { rx, tx: txf, .. } = &mut s.kind else { return };
+        let Kind::Net { rx, tx: txf, .. } = &mut s.kind else {
+            return;
+        };
         // Receive path: smoltcp buffer → app rx FIFO, while there is room.
         let mut moved = 0usize;
         if s.app_closed {
@@ -1226,7 +1333,10 @@ impl Engine {
             && !s.app_closed
             && matches!(
                 state,
-                tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait
+                tcp::State::CloseWait
+                    | tcp::State::LastAck
+                    | tcp::State::Closing
+                    | tcp::State::TimeWait
             )
             && sock.recv_queue() == 0
         {
@@ -1276,9 +1386,15 @@ impl Engine {
         if self.sess(h).is_none() {
             return;
         }
-        let Some(sock) = self.stack.udp(flow) else { return };
-        let Some(s) = self.sessions[idx].as_mut() else { return };
-        let Kind::Net { rx, tx: txf, .. } = &mut s.kind else { return };
+        let Some(sock) = self.stack.udp(flow) else {
+            return;
+        };
+        let Some(s) = self.sessions[idx].as_mut() else {
+            return;
+        };
+        let Kind::Net { rx, tx: txf, .. } = &mut s.kind else {
+            return;
+        };
         let mut delivered = false;
         let mut corrupt = false;
         let mut drained = false;
@@ -1379,7 +1495,11 @@ impl Engine {
     /// Disconnect an app: reset its connections towards their peers, reset
     /// cut-through peers, drop listeners, unmap its segments.
     pub fn remove_app(&mut self, app: AppId, now: Instant, tx: &mut dyn FrameTx) {
-        let handles: Vec<u64> = self.app_sessions.get(&app).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let handles: Vec<u64> = self
+            .app_sessions
+            .get(&app)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
         for h in handles {
             let net = match self.sess(h).map(|s| &s.kind) {
                 Some(Kind::Net { flow, .. }) => Some(*flow),
@@ -1388,13 +1508,10 @@ impl Engine {
             };
             match net {
                 Some(flow) => {
-                    match self.stack.kind(flow) {
-                        Some(FlowKind::Tcp) => {
-                            if let Some(s) = self.stack.tcp(flow) {
-                                s.abort();
-                            }
+                    if self.stack.kind(flow) == Some(FlowKind::Tcp) {
+                        if let Some(s) = self.stack.tcp(flow) {
+                            s.abort();
                         }
-                        _ => {}
                     }
                     self.stack.remove_flow(flow, now, tx);
                     self.free_session(h);
@@ -1402,11 +1519,21 @@ impl Engine {
                 None => self.abort(h, now, tx),
             }
         }
-        let ls: Vec<u64> = self.listeners.iter().filter(|(_, l)| l.app == app).map(|(h, _)| *h).collect();
+        let ls: Vec<u64> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.app == app)
+            .map(|(h, _)| *h)
+            .collect();
         for h in ls {
             self.remove_listener(h, now, tx);
         }
-        let cts: Vec<u32> = self.ct_segments.iter().filter(|(_, c)| c.apps.0 == app || c.apps.1 == app).map(|(id, _)| *id).collect();
+        let cts: Vec<u32> = self
+            .ct_segments
+            .iter()
+            .filter(|(_, c)| c.apps.0 == app || c.apps.1 == app)
+            .map(|(id, _)| *id)
+            .collect();
         for id in cts {
             if let Some(c) = self.ct_segments.remove(&id) {
                 self.ct_by_pair.remove(&c.apps);
@@ -1420,13 +1547,22 @@ impl Engine {
 
     /// Remove one worker of an app, closing its sessions and listeners.
     pub fn remove_worker(&mut self, app: AppId, worker: u32, now: Instant, tx: &mut dyn FrameTx) {
-        let hs: Vec<u64> = self.app_sessions.get(&app).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let hs: Vec<u64> = self
+            .app_sessions
+            .get(&app)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
         for h in hs {
             if self.sess(h).is_some_and(|s| s.worker == worker) {
                 self.abort(h, now, tx);
             }
         }
-        let ls: Vec<u64> = self.listeners.iter().filter(|(_, l)| l.app == app && l.worker == worker).map(|(h, _)| *h).collect();
+        let ls: Vec<u64> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.app == app && l.worker == worker)
+            .map(|(h, _)| *h)
+            .collect();
         for h in ls {
             self.remove_listener(h, now, tx);
         }
@@ -1444,11 +1580,23 @@ impl Engine {
             let (path, state, rxf, txf) = match &s.kind {
                 Kind::Net { flow, rx, tx } => (
                     "net",
-                    self.stack.flow_info(*flow).map(|f| f.state).unwrap_or_else(|| "closed".into()),
+                    self.stack
+                        .flow_info(*flow)
+                        .map(|f| f.state)
+                        .unwrap_or_else(|| "closed".into()),
                     rx.len().unwrap_or(0),
                     tx.len().unwrap_or(0),
                 ),
-                Kind::Ct { peer } => ("cut-through", if peer.is_some() { "connected".into() } else { "peer-closed".into() }, 0, 0),
+                Kind::Ct { peer } => (
+                    "cut-through",
+                    if peer.is_some() {
+                        "connected".into()
+                    } else {
+                        "peer-closed".into()
+                    },
+                    0,
+                    0,
+                ),
             };
             out.push(SessionInfo {
                 handle: h,
@@ -1479,7 +1627,11 @@ impl Engine {
         self.listeners
             .iter()
             .map(|(h, l)| {
-                let addr = self.groups.get(&l.group).map(|g| g.local.to_string()).unwrap_or_default();
+                let addr = self
+                    .groups
+                    .get(&l.group)
+                    .map(|g| g.local.to_string())
+                    .unwrap_or_default();
                 (*h, l.app.0, l.worker, addr)
             })
             .collect()

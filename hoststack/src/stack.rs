@@ -338,32 +338,46 @@ fn checksums_valid(frame: &[u8]) -> bool {
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return true; // malformed: smoltcp drops it
     };
-    let (src, dst, proto, payload): (IpAddress, IpAddress, IpProtocol, &[u8]) = match eth.ethertype() {
-        EthernetProtocol::Ipv4 => {
-            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
-                return true;
-            };
-            if !ip.verify_checksum() {
-                return false;
+    let (src, dst, proto, payload): (IpAddress, IpAddress, IpProtocol, &[u8]) =
+        match eth.ethertype() {
+            EthernetProtocol::Ipv4 => {
+                let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+                    return true;
+                };
+                if !ip.verify_checksum() {
+                    return false;
+                }
+                if ip.more_frags() || ip.frag_offset() != 0 {
+                    return true;
+                }
+                (
+                    ip.src_addr().into(),
+                    ip.dst_addr().into(),
+                    ip.next_header(),
+                    ip.payload(),
+                )
             }
-            if ip.more_frags() || ip.frag_offset() != 0 {
-                return true;
+            EthernetProtocol::Ipv6 => {
+                let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) else {
+                    return true;
+                };
+                (
+                    ip.src_addr().into(),
+                    ip.dst_addr().into(),
+                    ip.next_header(),
+                    ip.payload(),
+                )
             }
-            (ip.src_addr().into(), ip.dst_addr().into(), ip.next_header(), ip.payload())
-        }
-        EthernetProtocol::Ipv6 => {
-            let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) else {
-                return true;
-            };
-            (ip.src_addr().into(), ip.dst_addr().into(), ip.next_header(), ip.payload())
-        }
-        _ => return true,
-    };
+            _ => return true,
+        };
     match proto {
-        IpProtocol::Tcp => TcpPacket::new_checked(payload).is_ok_and(|t| t.verify_checksum(&src, &dst)),
+        IpProtocol::Tcp => {
+            TcpPacket::new_checked(payload).is_ok_and(|t| t.verify_checksum(&src, &dst))
+        }
         IpProtocol::Udp => UdpPacket::new_checked(payload).is_ok_and(|u| {
             // A zero UDP checksum over IPv4 means "none".
-            (u.checksum() == 0 && matches!(src, IpAddress::Ipv4(_))) || u.verify_checksum(&src, &dst)
+            (u.checksum() == 0 && matches!(src, IpAddress::Ipv4(_)))
+                || u.verify_checksum(&src, &dst)
         }),
         _ => true,
     }
@@ -481,7 +495,12 @@ impl Stack {
             })
     }
 
-    fn alloc_flow(&mut self, kind: FlowKind, set: SocketSet<'static>, handle: SocketHandle) -> FlowId {
+    fn alloc_flow(
+        &mut self,
+        kind: FlowKind,
+        set: SocketSet<'static>,
+        handle: SocketHandle,
+    ) -> FlowId {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -530,7 +549,12 @@ impl Stack {
     }
 
     /// Start listening on `local` (unspecified address = all of ours).
-    pub fn listen(&mut self, local: IpListenEndpoint, backlog: u32, owner: u64) -> Result<ListenerId, StackError> {
+    pub fn listen(
+        &mut self,
+        local: IpListenEndpoint,
+        backlog: u32,
+        owner: u64,
+    ) -> Result<ListenerId, StackError> {
         if local.port == 0 {
             return Err(StackError::Invalid);
         }
@@ -613,8 +637,15 @@ impl Stack {
     fn alloc_port(&mut self) -> Result<u16, StackError> {
         for _ in 0..16384 {
             let p = self.next_port;
-            self.next_port = if self.next_port >= 65535 { 49152 } else { self.next_port + 1 };
-            if !self.used_ports.contains(&p) && !self.listen_ports.contains_key(&p) && !self.udp.contains_key(&p) {
+            self.next_port = if self.next_port == 65535 {
+                49152
+            } else {
+                self.next_port + 1
+            };
+            if !self.used_ports.contains(&p)
+                && !self.listen_ports.contains_key(&p)
+                && !self.udp.contains_key(&p)
+            {
                 return Ok(p);
             }
         }
@@ -622,7 +653,13 @@ impl Stack {
     }
 
     /// Open an active TCP connection.
-    pub fn connect(&mut self, remote: IpEndpoint, local: Option<IpEndpoint>, owner: u64, now: Instant) -> Result<FlowId, StackError> {
+    pub fn connect(
+        &mut self,
+        remote: IpEndpoint,
+        local: Option<IpEndpoint>,
+        owner: u64,
+        now: Instant,
+    ) -> Result<FlowId, StackError> {
         if remote.port == 0 || remote.addr.is_unspecified() {
             return Err(StackError::Invalid);
         }
@@ -636,7 +673,9 @@ impl Stack {
                 }
                 a
             }
-            _ => self.local_addr_for(remote.addr).ok_or(StackError::Unreachable)?,
+            _ => self
+                .local_addr_for(remote.addr)
+                .ok_or(StackError::Unreachable)?,
         };
         let lport = match local.map(|l| l.port) {
             Some(p) if p != 0 => p,
@@ -678,7 +717,11 @@ impl Stack {
         if self.nflows >= self.cfg.max_flows {
             return Err(StackError::TooMany);
         }
-        let port = if local.port == 0 { self.alloc_port()? } else { local.port };
+        let port = if local.port == 0 {
+            self.alloc_port()?
+        } else {
+            local.port
+        };
         if self.udp.contains_key(&port) {
             return Err(StackError::AddrInUse);
         }
@@ -686,8 +729,11 @@ impl Stack {
         let rx = udp::PacketBuffer::new(meta(), vec![0; self.cfg.udp_bytes]);
         let tx = udp::PacketBuffer::new(meta(), vec![0; self.cfg.udp_bytes]);
         let mut sock = udp::Socket::new(rx, tx);
-        sock.bind(IpListenEndpoint { addr: local.addr, port })
-            .map_err(|_| StackError::Invalid)?;
+        sock.bind(IpListenEndpoint {
+            addr: local.addr,
+            port,
+        })
+        .map_err(|_| StackError::Invalid)?;
         let mut set = SocketSet::new(Vec::with_capacity(1));
         let h = set.add(sock);
         let id = self.alloc_flow(FlowKind::Udp, set, h);
@@ -818,7 +864,10 @@ impl Stack {
         };
         match target.and_then(|id| {
             let idx = id.idx as usize;
-            self.flows[idx].as_mut().filter(|f| f.gen == id.gen).map(|f| (id, f))
+            self.flows[idx]
+                .as_mut()
+                .filter(|f| f.gen == id.gen)
+                .map(|f| (id, f))
         }) {
             Some((id, f)) => {
                 self.stats.rx_flow_hits += 1;
@@ -828,7 +877,10 @@ impl Stack {
                 // A listening socket that did not move to SYN-RECEIVED was
                 // not for us after all (e.g. wrong address): drop it.
                 let h = f.handle;
-                if f.kind == FlowKind::Tcp && f.listener.is_some() && f.set.get::<tcp::Socket>(h).state() == tcp::State::Listen {
+                if f.kind == FlowKind::Tcp
+                    && f.listener.is_some()
+                    && f.set.get::<tcp::Socket>(h).state() == tcp::State::Listen
+                {
                     self.remove_flow(id, now, &mut NullTx(Vec::new()));
                     return;
                 }
@@ -836,7 +888,8 @@ impl Stack {
             }
             None => {
                 self.stats.rx_other += 1;
-                self.iface.poll_ingress_single(now, &mut dev, &mut self.empty);
+                self.iface
+                    .poll_ingress_single(now, &mut dev, &mut self.empty);
                 self.stats.tx_frames += sent;
             }
         }
@@ -877,7 +930,12 @@ impl Stack {
     /// Transmit whatever `id` has to send and re-arm its timer.
     pub fn egress(&mut self, id: FlowId, now: Instant, tx: &mut dyn FrameTx) {
         let idx = id.idx as usize;
-        let Some(f) = self.flows.get_mut(idx).and_then(|f| f.as_mut()).filter(|f| f.gen == id.gen) else {
+        let Some(f) = self
+            .flows
+            .get_mut(idx)
+            .and_then(|f| f.as_mut())
+            .filter(|f| f.gen == id.gen)
+        else {
             return;
         };
         let mut sent = 0u64;
@@ -890,7 +948,9 @@ impl Stack {
             };
             // Bounded: each call sends what the window allows; stop when idle.
             for _ in 0..1024 {
-                if self.iface.poll_egress(now, &mut dev, &mut f.set) == smoltcp::iface::PollResult::None {
+                if self.iface.poll_egress(now, &mut dev, &mut f.set)
+                    == smoltcp::iface::PollResult::None
+                {
                     break;
                 }
             }
@@ -921,7 +981,12 @@ impl Stack {
                 .flows
                 .iter()
                 .enumerate()
-                .filter_map(|(i, f)| f.as_ref().map(|f| FlowId { idx: i as u32, gen: f.gen }))
+                .filter_map(|(i, f)| {
+                    f.as_ref().map(|f| FlowId {
+                        idx: i as u32,
+                        gen: f.gen,
+                    })
+                })
                 .collect();
             for id in ids {
                 self.egress(id, now, tx);
@@ -962,8 +1027,14 @@ impl Stack {
                 FlowInfo {
                     proto: "tcp",
                     state: format!("{}", s.state()),
-                    local: s.local_endpoint().map(|e| e.to_string()).unwrap_or_default(),
-                    remote: s.remote_endpoint().map(|e| e.to_string()).unwrap_or_default(),
+                    local: s
+                        .local_endpoint()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default(),
+                    remote: s
+                        .remote_endpoint()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default(),
                     rx_queue: s.recv_queue(),
                     tx_queue: s.send_queue(),
                 }
@@ -1093,7 +1164,15 @@ mod tests {
     #[test]
     fn many_concurrent_syns_get_accepted() {
         let mut w = Wire::new();
-        w.b.listen(IpListenEndpoint { addr: None, port: 80 }, 4096, 7).unwrap();
+        w.b.listen(
+            IpListenEndpoint {
+                addr: None,
+                port: 80,
+            },
+            4096,
+            7,
+        )
+        .unwrap();
         let mut flows = Vec::new();
         let mut out = VecTx::default();
         for _ in 0..300 {
@@ -1115,7 +1194,15 @@ mod tests {
     #[test]
     fn backlog_bounds_half_open_connections() {
         let mut w = Wire::new();
-        w.b.listen(IpListenEndpoint { addr: None, port: 80 }, 4, 7).unwrap();
+        w.b.listen(
+            IpListenEndpoint {
+                addr: None,
+                port: 80,
+            },
+            4,
+            7,
+        )
+        .unwrap();
         let mut out = VecTx::default();
         for _ in 0..10 {
             let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
@@ -1140,7 +1227,15 @@ mod tests {
     #[test]
     fn data_flows_both_ways_and_per_flow_sets_stay_small() {
         let mut w = Wire::new();
-        w.b.listen(IpListenEndpoint { addr: None, port: 80 }, 16, 7).unwrap();
+        w.b.listen(
+            IpListenEndpoint {
+                addr: None,
+                port: 80,
+            },
+            16,
+            7,
+        )
+        .unwrap();
         let mut out = VecTx::default();
         let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
         w.a.egress(f, w.now, &mut out);

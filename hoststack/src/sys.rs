@@ -40,13 +40,21 @@ impl Epoll {
             u64: token,
         };
         // SAFETY: `ev` is a valid epoll_event for the duration of the call.
-        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(|_| ())
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })
+            .map(|_| ())
     }
 
     /// Stop watching `fd` (errors ignored: closing an fd removes it anyway).
     pub fn del(&self, fd: RawFd) {
         // SAFETY: a null event pointer is allowed for EPOLL_CTL_DEL.
-        unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
     }
 
     /// Wait up to `timeout_ms` (-1 = forever); returns the ready tokens.
@@ -82,9 +90,17 @@ pub fn signalfd() -> io::Result<OwnedFd> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
-        cvt(libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()))?;
+        cvt(libc::pthread_sigmask(
+            libc::SIG_BLOCK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        let fd = cvt(libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK))?;
+        let fd = cvt(libc::signalfd(
+            -1,
+            &set,
+            libc::SFD_CLOEXEC | libc::SFD_NONBLOCK,
+        ))?;
         Ok(OwnedFd::from_raw_fd(fd))
     }
 }
@@ -95,7 +111,10 @@ fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> 
     a.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let b = path.as_os_str().as_bytes();
     if b.len() >= a.sun_path.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
     }
     for (d, s) in a.sun_path.iter_mut().zip(b) {
         *d = *s as libc::c_char;
@@ -116,7 +135,11 @@ pub fn unix_listen(path: &Path, ty: libc::c_int) -> io::Result<OwnedFd> {
             ty | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
             0,
         ))?);
-        cvt(libc::bind(fd.as_raw_fd(), &a as *const _ as *const libc::sockaddr, len))?;
+        cvt(libc::bind(
+            fd.as_raw_fd(),
+            &a as *const _ as *const libc::sockaddr,
+            len,
+        ))?;
         cvt(libc::listen(fd.as_raw_fd(), 512))?;
         Ok(fd)
     }
@@ -149,8 +172,16 @@ pub fn unix_connect(path: &Path, ty: libc::c_int) -> io::Result<OwnedFd> {
     let (a, len) = sockaddr_un(path)?;
     // SAFETY: as in `unix_listen`.
     unsafe {
-        let fd = OwnedFd::from_raw_fd(cvt(libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0))?);
-        cvt(libc::connect(fd.as_raw_fd(), &a as *const _ as *const libc::sockaddr, len))?;
+        let fd = OwnedFd::from_raw_fd(cvt(libc::socket(
+            libc::AF_UNIX,
+            ty | libc::SOCK_CLOEXEC,
+            0,
+        ))?);
+        cvt(libc::connect(
+            fd.as_raw_fd(),
+            &a as *const _ as *const libc::sockaddr,
+            len,
+        ))?;
         Ok(fd)
     }
 }
@@ -158,7 +189,11 @@ pub fn unix_connect(path: &Path, ty: libc::c_int) -> io::Result<OwnedFd> {
 /// Resident set size of this process in bytes.
 pub fn rss_bytes() -> u64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = s.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
     // SAFETY: sysconf has no memory-safety preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     pages * page

@@ -26,7 +26,12 @@ struct Conn {
     done: usize,
 }
 
-fn service(w: &mut session_api::client::Worker, s: SessionId, c: &mut Conn, buf: &mut [u8]) -> Result<bool, Error> {
+fn service(
+    w: &mut session_api::client::Worker,
+    s: SessionId,
+    c: &mut Conn,
+    buf: &mut [u8],
+) -> Result<bool, Error> {
     loop {
         while c.done < c.pending.len() {
             match w.write(s, &c.pending[c.done..], Some(Duration::ZERO)) {
@@ -58,7 +63,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let app = App::attach(&AttachConfig::from_env("echo_server"))?;
     let mut w = app.worker()?;
     let l = w.listen(a.listen)?;
-    let udp = if a.udp { Some(w.udp_bind(a.listen)?) } else { None };
+    let udp = if a.udp {
+        Some(w.udp_bind(a.listen)?)
+    } else {
+        None
+    };
     println!("listening on {}", a.listen);
     let mut conns: HashMap<SessionId, Conn> = HashMap::new();
     let mut notes = Vec::new();
@@ -72,7 +81,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Notify::Accept(_) => loop {
                     match w.accept(l, Some(Duration::ZERO)) {
                         Ok(s) => {
-                            conns.insert(s, Conn { pending: Vec::new(), done: 0 });
+                            conns.insert(
+                                s,
+                                Conn {
+                                    pending: Vec::new(),
+                                    done: 0,
+                                },
+                            );
                             // Data may have arrived before we looked.
                             let c = conns.get_mut(&s).expect("inserted");
                             if !matches!(service(&mut w, s, c, &mut buf), Ok(true)) {

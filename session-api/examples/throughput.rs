@@ -118,7 +118,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             );
             println!("{line}");
             if reply {
-                w.write_all(s, format!("{line}\n").as_bytes(), Some(Duration::from_secs(10)))?;
+                w.write_all(
+                    s,
+                    format!("{line}\n").as_bytes(),
+                    Some(Duration::from_secs(10)),
+                )?;
             }
             w.close(s)?;
         }

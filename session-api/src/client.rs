@@ -178,7 +178,10 @@ impl AppShared {
         let m = DaemonCtrl::decode(&buf[..n]).map_err(|e| Error::Protocol(e.to_string()))?;
         match m {
             DaemonCtrl::Segment { segment, size } => {
-                let fd = fds.into_iter().next().ok_or_else(|| Error::Protocol("segment without fd".into()))?;
+                let fd = fds
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Error::Protocol("segment without fd".into()))?;
                 let region = map_segment(fd, size, segment)?;
                 self.segments
                     .lock()
@@ -197,7 +200,12 @@ impl AppShared {
     fn segment(&self, id: u32) -> Result<Arc<ShmRegion>> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if let Some(s) = self.segments.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            if let Some(s) = self
+                .segments
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+            {
                 return Ok(s.clone());
             }
             if self.dead.load(Ordering::Acquire) {
@@ -213,7 +221,12 @@ impl AppShared {
     fn take_reply(&self, timeout: Duration) -> Result<(DaemonCtrl, Vec<OwnedFd>)> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(r) = self.replies.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+            if let Some(r) = self
+                .replies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            {
                 return Ok(r);
             }
             if self.dead.load(Ordering::Acquire) {
@@ -233,9 +246,11 @@ fn map_segment(fd: OwnedFd, size: u64, id: u32) -> Result<ShmRegion> {
     if size < SEGMENT_HEADER_SIZE {
         return Err(Error::Protocol("segment too small".into()));
     }
-    let region = ShmRegion::map_fd(fd, size).map_err(|e| Error::Protocol(format!("mapping segment: {e}")))?;
+    let region = ShmRegion::map_fd(fd, size)
+        .map_err(|e| Error::Protocol(format!("mapping segment: {e}")))?;
     // SAFETY: the region is `size` ≥ header bytes.
-    unsafe { SegmentHeader::check(region.as_ptr(), size, id) }.map_err(|e| Error::Protocol(e.to_string()))?;
+    unsafe { SegmentHeader::check(region.as_ptr(), size, id) }
+        .map_err(|e| Error::Protocol(e.to_string()))?;
     Ok(region)
 }
 
@@ -274,7 +289,11 @@ impl App {
             return Err(Error::DaemonGone);
         }
         match DaemonCtrl::decode(&buf[..n]).map_err(|e| Error::Protocol(e.to_string()))? {
-            DaemonCtrl::AttachOk { app_id, segment, size } => {
+            DaemonCtrl::AttachOk {
+                app_id,
+                segment,
+                size,
+            } => {
                 let fd = fds
                     .into_iter()
                     .next()
@@ -306,8 +325,13 @@ impl App {
     /// Register a new worker (one per thread doing I/O).
     pub fn worker(&self) -> Result<Worker> {
         {
-            let _g = self.inner.ctrl_lock.lock().unwrap_or_else(|e| e.into_inner());
-            send_with_fds(self.inner.ctrl.as_fd(), &AppCtrl::AddWorker.encode(), &[]).map_err(|_| Error::DaemonGone)?;
+            let _g = self
+                .inner
+                .ctrl_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            send_with_fds(self.inner.ctrl.as_fd(), &AppCtrl::AddWorker.encode(), &[])
+                .map_err(|_| Error::DaemonGone)?;
         }
         let (m, fds) = self.inner.take_reply(Duration::from_secs(5))?;
         match m {
@@ -327,7 +351,10 @@ impl App {
                 let rq = crate::mq::mq_footprint(req_slots);
                 let eq = crate::mq::mq_footprint(evt_slots);
                 let len = seg.len();
-                let ok = |off: u32, l: usize| (off as usize) >= SEGMENT_HEADER_SIZE && (off as usize).checked_add(l).is_some_and(|e| e <= len);
+                let ok = |off: u32, l: usize| {
+                    (off as usize) >= SEGMENT_HEADER_SIZE
+                        && (off as usize).checked_add(l).is_some_and(|e| e <= len)
+                };
                 if !ok(req_off, rq) || !ok(evt_off, eq) {
                     return Err(Error::Protocol("queue outside segment".into()));
                 }
@@ -354,6 +381,9 @@ impl App {
                     notes: VecDeque::new(),
                     dead: false,
                     scratch: Vec::new(),
+                    busy: false,
+                    spins: 0,
+                    stats: WorkerStats::default(),
                 })
             }
             DaemonCtrl::Error { errno, message } => Err(Error::Refused { errno, message }),
@@ -434,6 +464,21 @@ pub struct Worker {
     notes: VecDeque<Notify>,
     dead: bool,
     scratch: Vec<u8>,
+    busy: bool,
+    spins: u32,
+    stats: WorkerStats,
+}
+
+/// Per-worker counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// System calls made by the worker on the data path (eventfd writes
+    /// and reads, polls).
+    pub syscalls: u64,
+    /// Events received from the daemon.
+    pub events: u64,
+    /// Requests sent to the daemon.
+    pub requests: u64,
 }
 
 fn deadline_of(timeout: Option<Duration>) -> Option<Instant> {
@@ -444,6 +489,19 @@ impl Worker {
     /// Worker index in the daemon.
     pub fn index(&self) -> u32 {
         self.index
+    }
+
+    /// Busy-poll mode: blocking calls spin instead of sleeping in the
+    /// kernel, and reads leave the rx FIFOs' event flags set so producers
+    /// (the daemon or a cut-through peer) stop sending per-burst
+    /// notifications. For latency benchmarks on dedicated cores.
+    pub fn set_busy_poll(&mut self, on: bool) {
+        self.busy = on;
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> WorkerStats {
+        self.stats
     }
 
     /// The app this worker belongs to.
@@ -493,13 +551,16 @@ impl Worker {
                 Err(_) => return Err(Error::Corrupt),
             }
         }
+        self.stats.requests += 1;
         if self.req.wake_needed() {
+            self.stats.syscalls += 1;
             self.daemon_wake.notify();
         }
         Ok(())
     }
 
     fn check_ctrl(&mut self) -> Result<()> {
+        self.stats.syscalls += 1;
         let mut pfd = libc::pollfd {
             fd: self.app.inner.ctrl.as_raw_fd(),
             events: libc::POLLIN,
@@ -529,11 +590,13 @@ impl Worker {
                 Err(_) => return Err(Error::Corrupt),
             };
             n += 1;
+            self.stats.events += 1;
             let ev = Event::decode(&m).map_err(|e| Error::Protocol(e.to_string()))?;
             match ev {
                 Event::Reply { req_id, .. } => {
                     self.replies.insert(req_id, ev);
-                    self.notes.push_back(Notify::Connected(ConnectToken(req_id)));
+                    self.notes
+                        .push_back(Notify::Connected(ConnectToken(req_id)));
                 }
                 Event::Accepted {
                     listener,
@@ -551,7 +614,9 @@ impl Worker {
                     }
                 },
                 Event::Rx { handle } => self.notes.push_back(Notify::Readable(SessionId(handle))),
-                Event::TxSpace { handle } => self.notes.push_back(Notify::Writable(SessionId(handle))),
+                Event::TxSpace { handle } => {
+                    self.notes.push_back(Notify::Writable(SessionId(handle)))
+                }
                 Event::PeerClosed { handle } => {
                     if let Some(s) = self.sessions.get_mut(&handle) {
                         s.peer_closed = true;
@@ -591,15 +656,27 @@ impl Worker {
             }
             None => None,
         };
+        if self.busy {
+            // Spin; look at the attach socket now and then so a dead
+            // daemon is still noticed.
+            self.spins = self.spins.wrapping_add(1);
+            if self.spins & 0xffff == 0 {
+                self.check_ctrl()?;
+            }
+            std::hint::spin_loop();
+            return Ok(());
+        }
         if !self.evt.prepare_sleep() {
             self.evt.cancel_sleep();
             self.process_events()?;
             return Ok(());
         }
+        self.stats.syscalls += 1;
         let r = crate::sys::wait2(self.app_wake.fd(), self.app.inner.ctrl.as_fd(), timeout);
         self.evt.cancel_sleep();
         let r = r?;
         if r.woken {
+            self.stats.syscalls += 1;
             self.app_wake.drain();
         }
         if r.ctrl {
@@ -627,12 +704,19 @@ impl Worker {
     fn open_session(&mut self, handle: u64, segment: u32, desc_off: u32) -> Result<()> {
         let seg = self.app.inner.segment(segment)?;
         let len = seg.len();
-        if (desc_off as usize) < SEGMENT_HEADER_SIZE || desc_off as usize + SESSION_DESC_SIZE > len {
+        if (desc_off as usize) < SEGMENT_HEADER_SIZE || desc_off as usize + SESSION_DESC_SIZE > len
+        {
             return Err(Error::Corrupt);
         }
         let mut b = [0u8; SESSION_DESC_SIZE];
         // SAFETY: the descriptor lies inside the mapped segment (checked).
-        unsafe { std::ptr::copy_nonoverlapping(seg.as_ptr().add(desc_off as usize), b.as_mut_ptr(), SESSION_DESC_SIZE) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                seg.as_ptr().add(desc_off as usize),
+                b.as_mut_ptr(),
+                SESSION_DESC_SIZE,
+            )
+        };
         let d = SessionDesc::from_bytes(&b).map_err(|_| Error::Corrupt)?;
         let fits = |off: u32, cap: u32| {
             cap.is_power_of_two()
@@ -687,7 +771,9 @@ impl Worker {
             backlog,
         })?;
         match self.await_reply(req_id, deadline_of(Some(Duration::from_secs(10))))? {
-            Event::Reply { errno: 0, handle, .. } => {
+            Event::Reply {
+                errno: 0, handle, ..
+            } => {
                 self.listeners.insert(
                     handle,
                     Listen {
@@ -713,7 +799,10 @@ impl Worker {
 
     /// The address a listener was bound to.
     pub fn listener_addr(&self, l: ListenerId) -> Result<SocketAddr> {
-        self.listeners.get(&l.0).map(|l| l.local).ok_or(Error::BadHandle)
+        self.listeners
+            .get(&l.0)
+            .map(|l| l.local)
+            .ok_or(Error::BadHandle)
     }
 
     /// Accept a connection; `timeout` None blocks, `Some(ZERO)` never blocks.
@@ -738,7 +827,11 @@ impl Worker {
 
     /// Start a TCP connection without waiting; finish with
     /// [`Worker::connect_finish`] after a [`Notify::Connected`].
-    pub fn connect_start(&mut self, remote: SocketAddr, local: Option<SocketAddr>) -> Result<ConnectToken> {
+    pub fn connect_start(
+        &mut self,
+        remote: SocketAddr,
+        local: Option<SocketAddr>,
+    ) -> Result<ConnectToken> {
         let req_id = self.req_id();
         self.send_req(Request::Connect {
             req_id,
@@ -787,15 +880,23 @@ impl Worker {
 
     /// Read up to `buf.len()` bytes. Ok(0) is end of stream. `timeout` None
     /// blocks until data, EOF or error; `Some(ZERO)` is non-blocking.
-    pub fn read(&mut self, s: SessionId, buf: &mut [u8], timeout: Option<Duration>) -> Result<usize> {
+    pub fn read(
+        &mut self,
+        s: SessionId,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
         let deadline = deadline_of(timeout);
+        let busy = self.busy;
         loop {
             self.process_events()?;
             let sess = self.sess(s)?;
             if sess.proto != Proto::Tcp {
                 return Err(Error::Errno(libc::EOPNOTSUPP));
             }
-            sess.rx.clear_event();
+            if !busy {
+                sess.rx.clear_event();
+            }
             let n = sess.rx.dequeue(buf).map_err(|_| Error::Corrupt)?;
             if n > 0 || buf.is_empty() {
                 if sess.rx.take_dequeue_notification() {
@@ -827,7 +928,11 @@ impl Worker {
             let dead = self.dead;
             let sess = self.sess(s)?;
             if let Some(e) = sess.reset {
-                return Err(Error::Errno(if e == libc::ECONNRESET { libc::ECONNRESET } else { e }));
+                return Err(Error::Errno(if e == libc::ECONNRESET {
+                    libc::ECONNRESET
+                } else {
+                    e
+                }));
             }
             if sess.shut_wr {
                 return Err(Error::Errno(libc::EPIPE));
@@ -857,7 +962,12 @@ impl Worker {
     }
 
     /// Write all of `buf` (blocking up to `timeout` overall).
-    pub fn write_all(&mut self, s: SessionId, mut buf: &[u8], timeout: Option<Duration>) -> Result<()> {
+    pub fn write_all(
+        &mut self,
+        s: SessionId,
+        mut buf: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<()> {
         let deadline = deadline_of(timeout);
         while !buf.is_empty() {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -938,7 +1048,11 @@ impl Worker {
         let sess = self.sess(s)?;
         let rx = sess.rx.len().map_err(|_| Error::Corrupt)?;
         let tx = sess.tx.free_space().map_err(|_| Error::Corrupt)?;
-        let min_tx = if sess.proto == Proto::Udp { DGRAM_HDR as u32 + 1 } else { 1 };
+        let min_tx = if sess.proto == Proto::Udp {
+            DGRAM_HDR as u32 + 1
+        } else {
+            1
+        };
         Ok(Ready {
             readable: rx > 0 || sess.peer_closed || sess.reset.is_some(),
             writable: tx >= min_tx || sess.reset.is_some(),
@@ -949,12 +1063,21 @@ impl Worker {
 
     /// Does listener `l` have connections waiting?
     pub fn accept_ready(&mut self, l: ListenerId) -> Result<bool> {
-        Ok(!self.listeners.get(&l.0).ok_or(Error::BadHandle)?.queue.is_empty())
+        Ok(!self
+            .listeners
+            .get(&l.0)
+            .ok_or(Error::BadHandle)?
+            .queue
+            .is_empty())
     }
 
     /// Wait for notifications (edge-style) up to `timeout`; returns how many
     /// were appended to `out`. Zero timeout never blocks.
-    pub fn poll_events(&mut self, out: &mut Vec<Notify>, timeout: Option<Duration>) -> Result<usize> {
+    pub fn poll_events(
+        &mut self,
+        out: &mut Vec<Notify>,
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
         let deadline = deadline_of(timeout);
         loop {
             self.process_events()?;
@@ -1015,7 +1138,13 @@ impl Worker {
     }
 
     /// Send one datagram (to `to`, or the connected peer).
-    pub fn send_to(&mut self, s: SessionId, data: &[u8], to: Option<SocketAddr>, timeout: Option<Duration>) -> Result<usize> {
+    pub fn send_to(
+        &mut self,
+        s: SessionId,
+        data: &[u8],
+        to: Option<SocketAddr>,
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
         let deadline = deadline_of(timeout);
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
@@ -1071,7 +1200,12 @@ impl Worker {
 
     /// Receive one datagram: (bytes copied, source). A datagram longer than
     /// `buf` is truncated (the rest is discarded), like a kernel socket.
-    pub fn recv_from(&mut self, s: SessionId, buf: &mut [u8], timeout: Option<Duration>) -> Result<(usize, Option<SocketAddr>)> {
+    pub fn recv_from(
+        &mut self,
+        s: SessionId,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<(usize, Option<SocketAddr>)> {
         let deadline = deadline_of(timeout);
         loop {
             self.process_events()?;
@@ -1091,7 +1225,9 @@ impl Worker {
                 if have >= DGRAM_HDR + len {
                     let mut tmp = vec![0u8; DGRAM_HDR + len];
                     sess.rx.peek(&mut tmp).map_err(|_| Error::Corrupt)?;
-                    sess.rx.consume((DGRAM_HDR + len) as u32).map_err(|_| Error::Corrupt)?;
+                    sess.rx
+                        .consume((DGRAM_HDR + len) as u32)
+                        .map_err(|_| Error::Corrupt)?;
                     let n = len.min(buf.len());
                     buf[..n].copy_from_slice(&tmp[DGRAM_HDR..DGRAM_HDR + n]);
                     if sess.rx.take_dequeue_notification() {
@@ -1116,7 +1252,12 @@ impl Drop for Worker {
         if self.dead {
             return;
         }
-        let _g = self.app.inner.ctrl_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self
+            .app
+            .inner
+            .ctrl_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let _ = send_with_fds(
             self.app.inner.ctrl.as_fd(),
             &AppCtrl::DelWorker { worker: self.index }.encode(),

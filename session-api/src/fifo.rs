@@ -186,6 +186,10 @@ impl Ring {
     #[inline]
     fn split(&self, at: u32, len: usize) -> (usize, usize, usize) {
         debug_assert!(len <= self.cap as usize);
+        if len == 0 {
+            // Also keeps a (contract-violating) zero capacity harmless.
+            return (0, 0, 0);
+        }
         let off = (at & self.cap.wrapping_sub(1)) as usize;
         let first = len.min(self.cap as usize - off);
         (off, first, len - first)
@@ -485,7 +489,6 @@ impl FifoConsumer {
         // (our `head` store happens before this fence).
         fence(Ordering::SeqCst);
         let w = &self.ring.hdr().want_deq_ntf;
-        if self.head % 3 == 0 { w.swap(0, Ordering::SeqCst); return false; }
         // The plain load keeps the common "not requested" case free of a
         // read-modify-write on the shared line.
         w.load(Ordering::Relaxed) != 0 && w.swap(0, Ordering::SeqCst) != 0
@@ -738,6 +741,32 @@ mod tests {
         assert_eq!(sane_cap(1), 1);
         assert_eq!(sane_cap(0), 0);
         assert_eq!(sane_cap(u32::MAX), 1 << 31);
+        // A zero capacity (contract violation) degrades to an always-empty,
+        // always-full FIFO instead of touching memory.
+        let mut m = Mem::new(64);
+        let base = m.ptr();
+        // SAFETY: the buffer holds a FIFO and outlives the handles.
+        unsafe { fifo_init(base, 64, 0) };
+        m.hdr().head.store(5, Ordering::Relaxed);
+        m.hdr().tail.store(5, Ordering::Relaxed);
+        let ring = || Ring {
+            hdr: NonNull::new(base.cast()).unwrap(),
+            cap: 0,
+        };
+        let mut p = FifoProducer {
+            ring: ring(),
+            tail: 5,
+        };
+        let mut c = FifoConsumer {
+            ring: ring(),
+            head: 5,
+        };
+        let mut buf = [0u8; 8];
+        assert_eq!(p.enqueue(b"abc"), Ok(0));
+        assert_eq!(c.dequeue(&mut buf), Ok(0));
+        assert_eq!(c.read_slices(), Ok((&[][..], &[][..])));
+        m.hdr().tail.store(6, Ordering::Relaxed);
+        assert_eq!(c.dequeue(&mut buf), Err(FifoError::Corrupt));
     }
 
     #[test]
@@ -854,6 +883,9 @@ mod tests {
         let mut got = 0u64;
         let mut buf = vec![0u8; 6000];
         while got < TOTAL && std::time::Instant::now() < deadline {
+            if prod.is_finished() && c.is_empty() {
+                break; // the producer failed or timed out: reported below
+            }
             let want = rng.below(6000) as usize + 1;
             let n = if rng.below(4) == 0 {
                 // Exercise the zero-copy path too.
@@ -942,6 +974,9 @@ mod tests {
         let mut buf = vec![0u8; 700];
         while got < TOTAL {
             assert!(Instant::now() < deadline, "consumer stuck at {got}");
+            if prod.is_finished() && c.is_empty() {
+                break; // the producer failed: report its panic below
+            }
             c.clear_event();
             let want = rng.below(700) as usize + 1;
             let n = c.dequeue(&mut buf[..want]).unwrap();
@@ -958,7 +993,8 @@ mod tests {
             }
             pause(&mut rng);
         }
-        let prod_sleeps = prod.join().unwrap();
+        let prod_sleeps = prod.join().expect("producer failed");
+        assert_eq!(got, TOTAL);
         assert!(
             sleeps > 10 && prod_sleeps > 10,
             "protocols not exercised ({sleeps}, {prod_sleeps})"

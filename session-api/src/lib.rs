@@ -11,11 +11,11 @@
 //! FIFO and queue handles keep their own copy of the index they own and check
 //! every index they read from the other side.
 
+pub mod client;
 pub mod fifo;
 pub mod mq;
-pub mod segment;
-pub mod shm;
-pub mod client;
 pub mod msg;
 pub mod proto;
+pub mod segment;
+pub mod shm;
 pub mod sys;

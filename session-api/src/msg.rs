@@ -333,7 +333,9 @@ impl Request {
                 .done(),
             Request::Tx { handle } => W::new(K_TX, 0, handle).done(),
             Request::RxDrained { handle } => W::new(K_RX_DRAINED, 0, handle).done(),
-            Request::Shutdown { handle, how } => W::new(K_SHUTDOWN, 0, handle).u8(0, how as u8).done(),
+            Request::Shutdown { handle, how } => {
+                W::new(K_SHUTDOWN, 0, handle).u8(0, how as u8).done()
+            }
             Request::Close { handle } => W::new(K_CLOSE, 0, handle).done(),
             Request::Abort { handle } => W::new(K_ABORT, 0, handle).done(),
             Request::SetOpt { handle, opt } => {
@@ -422,7 +424,9 @@ impl Event {
             Event::Rx { handle } => W::new(E_RX, 0, handle).done(),
             Event::TxSpace { handle } => W::new(E_TXSPACE, 0, handle).done(),
             Event::PeerClosed { handle } => W::new(E_PEER_CLOSED, 0, handle).done(),
-            Event::Reset { handle, errno } => W::new(E_RESET, 0, handle).u32(0, errno as u32).done(),
+            Event::Reset { handle, errno } => {
+                W::new(E_RESET, 0, handle).u32(0, errno as u32).done()
+            }
             Event::Shutdown => W::new(E_SHUTDOWN, 0, 0).done(),
         }
     }

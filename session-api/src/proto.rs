@@ -297,7 +297,10 @@ mod tests {
         assert_eq!(AppCtrl::decode(b"junkjunkjunk"), Err(ProtoError::BadMagic));
         let mut v = AppCtrl::AddWorker.encode();
         v[4] = 99;
-        assert!(matches!(AppCtrl::decode(&v), Err(ProtoError::Version { .. })));
+        assert!(matches!(
+            AppCtrl::decode(&v),
+            Err(ProtoError::Version { .. })
+        ));
         let mut a = AppCtrl::Attach {
             namespace: "n".into(),
             secret: "s".into(),

@@ -15,7 +15,10 @@ pub fn seqpacket_connect(path: &Path) -> io::Result<OwnedFd> {
     a.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let b = path.as_os_str().as_bytes();
     if b.len() >= a.sun_path.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
     }
     for (d, s) in a.sun_path.iter_mut().zip(b) {
         *d = *s as libc::c_char;
@@ -46,7 +49,11 @@ pub struct WaitResult {
 
 /// poll(2) on the wake eventfd and the attach socket. EINTR returns early
 /// with nothing ready.
-pub fn wait2(wake: BorrowedFd, ctrl: BorrowedFd, timeout: Option<Duration>) -> io::Result<WaitResult> {
+pub fn wait2(
+    wake: BorrowedFd,
+    ctrl: BorrowedFd,
+    timeout: Option<Duration>,
+) -> io::Result<WaitResult> {
     let mut fds = [
         libc::pollfd {
             fd: wake.as_raw_fd(),
@@ -61,7 +68,9 @@ pub fn wait2(wake: BorrowedFd, ctrl: BorrowedFd, timeout: Option<Duration>) -> i
     ];
     let ms = match timeout {
         None => -1,
-        Some(d) => d.as_millis().min(i32::MAX as u128) as i32 + i32::from(d.subsec_micros() % 1000 != 0),
+        Some(d) => {
+            d.as_millis().min(i32::MAX as u128) as i32 + i32::from(d.subsec_micros() % 1000 != 0)
+        }
     };
     // SAFETY: `fds` is a valid array of two pollfd for the call.
     let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -12,12 +12,15 @@ static N: AtomicU32 = AtomicU32::new(0);
 
 /// Directory holding the workspace's built binaries (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
-    // The test executable lives in target/<profile>/deps/.
+    // Test executables live in target/<profile>/deps/, binaries (the bench
+    // harness) in target/<profile>/.
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .expect("target dir")
+    let dir = exe.parent().expect("exe dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary (`hoststackd`) or example (`examples/echo_server`).
@@ -56,7 +59,11 @@ impl Daemon {
         let dir = std::env::temp_dir().join(format!("hs-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let secret = format!("s{}-{n}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
+        let secret = format!(
+            "s{}-{n}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        );
         let log = dir.join("daemon.log");
         let mut cmd = Command::new(bin("hoststackd")?);
         cmd.arg("--interface")
@@ -106,7 +113,10 @@ impl Daemon {
     /// Environment for apps attaching to this daemon.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
-            ("HOSTSTACK_SOCKET_DIR".into(), self.dir.display().to_string()),
+            (
+                "HOSTSTACK_SOCKET_DIR".into(),
+                self.dir.display().to_string(),
+            ),
             ("HOSTSTACK_SECRET".into(), self.secret.clone()),
             ("HOSTSTACK_NAMESPACE".into(), "default".into()),
         ]
@@ -145,7 +155,8 @@ impl Daemon {
         for p in path {
             v = v[*p].clone();
         }
-        v.as_u64().with_context(|| format!("counter {path:?} missing"))
+        v.as_u64()
+            .with_context(|| format!("counter {path:?} missing"))
     }
 
     /// Is the process still running?
@@ -228,7 +239,11 @@ impl Proc {
                         return Ok(l);
                     }
                 }
-                Err(_) => bail!("{}: no line with {pat:?} within {timeout:?}; saw {:?}", self.name, self.seen),
+                Err(_) => bail!(
+                    "{}: no line with {pat:?} within {timeout:?}; saw {:?}",
+                    self.name,
+                    self.seen
+                ),
             }
         }
     }
@@ -245,7 +260,11 @@ impl Proc {
                 return Ok(st);
             }
             if Instant::now() > deadline {
-                bail!("{} did not exit within {timeout:?}; saw {:?}", self.name, self.seen);
+                bail!(
+                    "{} did not exit within {timeout:?}; saw {:?}",
+                    self.name,
+                    self.seen
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -40,13 +40,21 @@ fn killed_app_resets_its_connections_over_the_uplink() -> Result<()> {
     let srv = echo_server(&d, 7200)?;
     let py = peer_py().display().to_string();
     let ip = tb.daemon_ip4.to_string();
-    let mut h = Proc::spawn(tb.peer_cmd("python3", &[&py, "hold", &ip, "7200", "--wait", "10"]), "hold")?;
+    let mut h = Proc::spawn(
+        tb.peer_cmd("python3", &[&py, "hold", &ip, "7200", "--wait", "10"]),
+        "hold",
+    )?;
     h.expect("connected", T)?;
     std::thread::sleep(Duration::from_millis(200));
     srv.signal(libc::SIGKILL);
     let l = h.expect("after", T)?;
-    ensure!(l.starts_with("reset after"), "peer must see a RST, got {l:?}");
-    wait_for("sessions freed", T, || Ok(d.counter(&["sessions"])? == 0 && d.counter(&["apps"])? == 0))?;
+    ensure!(
+        l.starts_with("reset after"),
+        "peer must see a RST, got {l:?}"
+    );
+    wait_for("sessions freed", T, || {
+        Ok(d.counter(&["sessions"])? == 0 && d.counter(&["apps"])? == 0)
+    })?;
     Ok(())
 }
 
@@ -116,7 +124,9 @@ fn killed_daemon_unblocks_apps_promptly() -> Result<()> {
     });
     std::thread::sleep(Duration::from_millis(300));
     d.kill(libc::SIGKILL);
-    let st = r.wait(Duration::from_secs(5)).context("app blocked in accept must return")?;
+    let st = r
+        .wait(Duration::from_secs(5))
+        .context("app blocked in accept must return")?;
     ensure!(!st.success(), "accept must fail when the daemon dies");
     let (res, took) = reader.join().expect("reader thread");
     ensure!(res.is_err(), "read must fail when the daemon dies: {res:?}");
@@ -125,11 +135,17 @@ fn killed_daemon_unblocks_apps_promptly() -> Result<()> {
 }
 
 /// `recv_with_fds` on a blocking-or-not socket, waiting up to 5 s.
-fn recv_wait(fd: std::os::fd::BorrowedFd, buf: &mut [u8]) -> Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+fn recv_wait(
+    fd: std::os::fd::BorrowedFd,
+    buf: &mut [u8],
+) -> Result<(usize, Vec<std::os::fd::OwnedFd>)> {
     let t0 = Instant::now();
     loop {
         match recv_with_fds(fd, buf, 4) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && t0.elapsed() < Duration::from_secs(5) => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && t0.elapsed() < Duration::from_secs(5) =>
+            {
                 std::thread::sleep(Duration::from_millis(2));
             }
             r => return Ok(r?),
@@ -162,13 +178,21 @@ fn raw_attach(d: &Daemon) -> Result<Raw> {
     let seg = ShmRegion::map_fd(fds.remove(0), size as usize)?;
     send_with_fds(ctrl.as_fd(), &AppCtrl::AddWorker.encode(), &[])?;
     let (n, mut fds) = recv_wait(ctrl.as_fd(), &mut buf)?;
-    let DaemonCtrl::WorkerOk { req_off, req_slots, .. } = DaemonCtrl::decode(&buf[..n])? else {
+    let DaemonCtrl::WorkerOk {
+        req_off, req_slots, ..
+    } = DaemonCtrl::decode(&buf[..n])?
+    else {
         bail!("no worker")
     };
     let wake = EventFd::from_fd(fds.remove(0));
     // SAFETY: the daemon placed the queue inside the segment we mapped.
     let req = unsafe { MqProducer::new(seg.as_ptr().add(req_off as usize), req_slots) };
-    Ok(Raw { ctrl, seg, req, wake })
+    Ok(Raw {
+        ctrl,
+        seg,
+        req,
+        wake,
+    })
 }
 
 #[test]
@@ -229,7 +253,19 @@ fn hostile_app_scribbling_shared_memory_hurts_only_itself() -> Result<()> {
     }
     // The daemon is alive and still serves a well-behaved app and a peer.
     let mut c = Proc::spawn(
-        tb.peer_cmd("python3", &[&py, "echo-client", &ip, "7500", "--count", "50", "--size", "300"]),
+        tb.peer_cmd(
+            "python3",
+            &[
+                &py,
+                "echo-client",
+                &ip,
+                "7500",
+                "--count",
+                "50",
+                "--size",
+                "300",
+            ],
+        ),
         "peer echo",
     )?;
     c.expect("ok echoed 50", T)?;
@@ -268,7 +304,11 @@ fn bad_attach_input_gets_clear_errors() -> Result<()> {
     }
     .encode();
     v[4] = 99;
-    for (msg, want) in [(v, libc::EPROTONOSUPPORT), (b"garbage!garbage!".to_vec(), libc::EPROTO), (vec![0u8; 3], libc::EPROTO)] {
+    for (msg, want) in [
+        (v, libc::EPROTONOSUPPORT),
+        (b"garbage!garbage!".to_vec(), libc::EPROTO),
+        (vec![0u8; 3], libc::EPROTO),
+    ] {
         let s = session_api::sys::seqpacket_connect(&path)?;
         send_with_fds(s.as_fd(), &msg, &[])?;
         let mut buf = vec![0u8; 4096];

@@ -17,7 +17,8 @@ fn peer(tb: &Testbed, args: &[&str], name: &str) -> Result<Proc> {
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 #[test]
@@ -31,10 +32,34 @@ fn kernel_client_talks_to_native_echo_server_v4_v6_and_udp() -> Result<()> {
     };
     srv.expect("listening", T)?;
     let ip4 = tb.daemon_ip4.to_string();
-    let mut c = peer(&tb, &["echo-client", &ip4, "7000", "--count", "200", "--size", "1000"], "peer echo v4")?;
+    let mut c = peer(
+        &tb,
+        &[
+            "echo-client",
+            &ip4,
+            "7000",
+            "--count",
+            "200",
+            "--size",
+            "1000",
+        ],
+        "peer echo v4",
+    )?;
     c.expect("ok echoed 200", T)?;
     c.success(T)?;
-    let mut u = peer(&tb, &["udp-echo-client", &ip4, "7000", "--count", "50", "--size", "512"], "peer udp")?;
+    let mut u = peer(
+        &tb,
+        &[
+            "udp-echo-client",
+            &ip4,
+            "7000",
+            "--count",
+            "50",
+            "--size",
+            "512",
+        ],
+        "peer udp",
+    )?;
     u.expect("ok udp echoed 50", T)?;
     // IPv6 listener: the v4-any listener does not cover v6, listen separately.
     let mut srv6 = {
@@ -44,11 +69,18 @@ fn kernel_client_talks_to_native_echo_server_v4_v6_and_udp() -> Result<()> {
     };
     srv6.expect("listening", T)?;
     let ip6 = tb.daemon_ip6.to_string();
-    let mut c6 = peer(&tb, &["echo-client", &ip6, "7006", "--count", "20", "--size", "64"], "peer echo v6")?;
+    let mut c6 = peer(
+        &tb,
+        &["echo-client", &ip6, "7006", "--count", "20", "--size", "64"],
+        "peer echo v6",
+    )?;
     c6.expect("ok echoed 20", T)?;
     // hoststackctl shows the sessions' endpoints while they exist.
     let v = d.ctl("all")?;
-    ensure!(v["apps"].as_array().is_some_and(|a| a.len() == 2), "two apps attached: {v}");
+    ensure!(
+        v["apps"].as_array().is_some_and(|a| a.len() == 2),
+        "two apps attached: {v}"
+    );
     Ok(())
 }
 
@@ -57,10 +89,21 @@ fn native_client_talks_to_kernel_server() -> Result<()> {
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
     let ip4 = tb.peer_ip4.to_string();
-    let mut s = peer(&tb, &["echo-server", &ip4, "7001", "--count", "1"], "peer echo server")?;
+    let mut s = peer(
+        &tb,
+        &["echo-server", &ip4, "7001", "--count", "1"],
+        "peer echo server",
+    )?;
     s.expect("listening", T)?;
     let mut c = d.app_cmd("examples/echo_client")?;
-    c.args(["--connect", &format!("{ip4}:7001"), "--count", "500", "--size", "64"]);
+    c.args([
+        "--connect",
+        &format!("{ip4}:7001"),
+        "--count",
+        "500",
+        "--size",
+        "64",
+    ]);
     let mut c = Proc::spawn(c, "echo_client")?;
     c.expect("ok 500 messages", T)?;
     c.success(T)?;
@@ -71,7 +114,10 @@ fn native_client_talks_to_kernel_server() -> Result<()> {
     let t0 = Instant::now();
     let st = c.output()?;
     ensure!(!st.status.success(), "connect to a closed port must fail");
-    ensure!(t0.elapsed() < Duration::from_secs(5), "refusal must be prompt");
+    ensure!(
+        t0.elapsed() < Duration::from_secs(5),
+        "refusal must be prompt"
+    );
     ensure!(
         String::from_utf8_lossy(&st.stderr).contains("refused"),
         "expected ECONNREFUSED, got {:?}",
@@ -115,8 +161,14 @@ fn bulk_256mib_each_way_over_the_uplink() -> Result<()> {
     let mut s = peer(&tb, &["send-file", &ip4, "9000", "--file", &f], "peer send")?;
     let sent = s.expect("sent sha256=", T)?;
     let got = r.expect("received bytes=", T)?;
-    ensure!(field(&got, "bytes") == Some(BIG.to_string().as_str()), "byte count: {got}");
-    ensure!(field(&sent, "sha256") == field(&got, "sha256"), "sha mismatch: {sent} vs {got}");
+    ensure!(
+        field(&got, "bytes") == Some(BIG.to_string().as_str()),
+        "byte count: {got}"
+    );
+    ensure!(
+        field(&sent, "sha256") == field(&got, "sha256"),
+        "sha mismatch: {sent} vs {got}"
+    );
     r.success(T)?;
     eprintln!("kernel->native: {got}");
     // Native → kernel.
@@ -124,12 +176,24 @@ fn bulk_256mib_each_way_over_the_uplink() -> Result<()> {
     let mut k = peer(&tb, &["recv-hash", &pip, "9001"], "peer recv")?;
     k.expect("listening", T)?;
     let mut c = d.app_cmd("examples/throughput")?;
-    c.args(["send", "--connect", &format!("{pip}:9001"), "--bytes", &BIG.to_string()]);
+    c.args([
+        "send",
+        "--connect",
+        &format!("{pip}:9001"),
+        "--bytes",
+        &BIG.to_string(),
+    ]);
     let mut snd = Proc::spawn(c, "throughput send")?;
     let sent = snd.expect("sent bytes=", T)?;
     let got = k.expect("received bytes=", T)?;
-    ensure!(field(&got, "bytes") == Some(BIG.to_string().as_str()), "byte count: {got}");
-    ensure!(field(&sent, "sha256") == field(&got, "sha256"), "sha mismatch: {sent} vs {got}");
+    ensure!(
+        field(&got, "bytes") == Some(BIG.to_string().as_str()),
+        "byte count: {got}"
+    );
+    ensure!(
+        field(&sent, "sha256") == field(&got, "sha256"),
+        "sha mismatch: {sent} vs {got}"
+    );
     eprintln!("native->kernel: {sent}");
     Ok(())
 }
@@ -156,12 +220,24 @@ fn bulk_256mib_each_way_through_cut_through() -> Result<()> {
         };
         r.expect("listening", T)?;
         let mut c = d.app_cmd("examples/throughput")?;
-        c.args(["send", "--connect", &format!("127.0.0.1:{port}"), "--bytes", &BIG.to_string()]);
+        c.args([
+            "send",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--bytes",
+            &BIG.to_string(),
+        ]);
         let mut s = Proc::spawn(c, "ct send")?;
         let sent = s.expect("sent bytes=", T)?;
         let got = r.expect("received bytes=", T)?;
-        ensure!(field(&sent, "sha256") == field(&got, "sha256"), "{dir}: {sent} vs {got}");
-        ensure!(field(&got, "bytes") == Some(BIG.to_string().as_str()), "{dir}: {got}");
+        ensure!(
+            field(&sent, "sha256") == field(&got, "sha256"),
+            "{dir}: {sent} vs {got}"
+        );
+        ensure!(
+            field(&got, "bytes") == Some(BIG.to_string().as_str()),
+            "{dir}: {got}"
+        );
         eprintln!("cut-through {dir}: {sent}");
     }
     // The daemon never touched the data: no flows were created.
@@ -188,11 +264,24 @@ fn a_thousand_concurrent_connections_and_a_slow_reader() -> Result<()> {
     // Slow reader: 16 MiB into a reader that takes 16 KiB per ms. The
     // window closes, nothing is lost, the daemon's memory stays bounded.
     let file = std::env::temp_dir().join(format!("hs-slow-{}", std::process::id()));
-    std::fs::write(&file, (0..16u32 << 20).map(|i| (i * 31 / 7) as u8).collect::<Vec<u8>>())?;
+    std::fs::write(
+        &file,
+        (0..16u32 << 20)
+            .map(|i| (i * 31 / 7) as u8)
+            .collect::<Vec<u8>>(),
+    )?;
     let _g = scopeguard(file.clone());
     let mut r = {
         let mut c = d.app_cmd("examples/throughput")?;
-        c.args(["recv", "--listen", "0.0.0.0:7101", "--read-delay-us", "1000", "--read-size", "16384"]);
+        c.args([
+            "recv",
+            "--listen",
+            "0.0.0.0:7101",
+            "--read-delay-us",
+            "1000",
+            "--read-size",
+            "16384",
+        ]);
         Proc::spawn(c, "slow recv")?
     };
     r.expect("listening", T)?;
@@ -200,7 +289,64 @@ fn a_thousand_concurrent_connections_and_a_slow_reader() -> Result<()> {
     let mut s = peer(&tb, &["send-file", &ip4, "7101", "--file", &f], "peer send")?;
     let sent = s.expect("sent sha256=", Duration::from_secs(120))?;
     let got = r.expect("received bytes=", Duration::from_secs(120))?;
-    ensure!(field(&sent, "sha256") == field(&got, "sha256"), "{sent} vs {got}");
+    ensure!(
+        field(&sent, "sha256") == field(&got, "sha256"),
+        "{sent} vs {got}"
+    );
     ensure!(field(&got, "bytes") == Some((16u64 << 20).to_string().as_str()));
+    Ok(())
+}
+
+#[test]
+fn workers_listening_on_one_address_share_connections() -> Result<()> {
+    use session_api::client::{App, Error};
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let app = App::attach(&d.attach_config("reuseport"))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    for _ in 0..2 {
+        let app = app.clone();
+        let stop = stop.clone();
+        let ready = ready_tx.clone();
+        threads.push(std::thread::spawn(move || -> Result<u32> {
+            let mut w = app.worker()?;
+            let l = w.listen("0.0.0.0:7700".parse()?)?;
+            ready.send(())?;
+            let mut served = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let s = match w.accept(l, Some(Duration::from_millis(100))) {
+                    Ok(s) => s,
+                    Err(Error::TimedOut) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                let mut b = [0u8; 64];
+                loop {
+                    let n = w.read(s, &mut b, Some(T))?;
+                    if n == 0 {
+                        break;
+                    }
+                    w.write_all(s, &b[..n], Some(T))?;
+                }
+                w.close(s)?;
+                served += 1;
+            }
+            Ok(served)
+        }));
+    }
+    ready_rx.recv_timeout(T)?;
+    ready_rx.recv_timeout(T)?;
+    let ip4 = tb.daemon_ip4.to_string();
+    for _ in 0..20 {
+        let mut c = peer(&tb, &["echo-client", &ip4, "7700", "--count", "3", "--size", "10"], "peer")?;
+        c.expect("ok echoed 3", T)?;
+        c.success(T)?;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let counts: Vec<u32> = threads.into_iter().map(|t| t.join().expect("worker thread")).collect::<Result<_>>()?;
+    eprintln!("connections per worker: {counts:?}");
+    ensure!(counts.iter().sum::<u32>() == 20, "all 20 served: {counts:?}");
+    ensure!(counts.iter().all(|c| *c >= 5), "connections must be spread: {counts:?}");
     Ok(())
 }

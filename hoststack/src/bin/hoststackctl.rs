@@ -33,8 +33,12 @@ enum What {
 
 fn query(dir: &std::path::Path, what: &str) -> Result<Value> {
     let path = dir.join("ctl.sock");
-    let mut s = std::os::unix::net::UnixStream::connect(&path)
-        .with_context(|| format!("cannot reach hoststackd at {} (is it running?)", path.display()))?;
+    let mut s = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach hoststackd at {} (is it running?)",
+            path.display()
+        )
+    })?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     s.write_all(format!("{what}\n").as_bytes())?;
     let mut out = String::new();
@@ -60,12 +64,20 @@ fn main() -> Result<()> {
     }
     if let Some(apps) = v.get("apps").and_then(|a| a.as_array()) {
         println!("APPS");
-        println!("{:>4} {:<16} {:<10} {:>7} {:>8} {:>12}", "id", "name", "namespace", "pid", "workers", "shm");
+        println!(
+            "{:>4} {:<16} {:<10} {:>7} {:>8} {:>12}",
+            "id", "name", "namespace", "pid", "workers", "shm"
+        );
         for a in apps {
             let nw = a["workers"].as_array().map_or(0, |w| w.len());
             println!(
                 "{:>4} {:<16} {:<10} {:>7} {:>8} {:>12}",
-                s(&a["id"]), s(&a["name"]), s(&a["namespace"]), s(&a["pid"]), nw, s(&a["shm_bytes"])
+                s(&a["id"]),
+                s(&a["name"]),
+                s(&a["namespace"]),
+                s(&a["pid"]),
+                nw,
+                s(&a["shm_bytes"])
             );
             if matches!(cli.what, What::Workers | What::All) {
                 for w in a["workers"].as_array().into_iter().flatten() {
@@ -89,13 +101,33 @@ fn main() -> Result<()> {
         println!("SESSIONS ({})", ss.len());
         println!(
             "{:>12} {:>4} {:>3} {:<4} {:<11} {:<12} {:<26} {:<26} {:>12} {:>12} {:>15}",
-            "handle", "app", "wk", "prot", "path", "state", "local", "remote", "rx_bytes", "tx_bytes", "fifo rx/tx"
+            "handle",
+            "app",
+            "wk",
+            "prot",
+            "path",
+            "state",
+            "local",
+            "remote",
+            "rx_bytes",
+            "tx_bytes",
+            "fifo rx/tx"
         );
         for x in ss {
             println!(
                 "{:>12} {:>4} {:>3} {:<4} {:<11} {:<12} {:<26} {:<26} {:>12} {:>12} {:>7}/{:<7}",
-                s(&x["handle"]), s(&x["app"]), s(&x["worker"]), s(&x["proto"]), s(&x["path"]), s(&x["state"]),
-                s(&x["local"]), s(&x["remote"]), s(&x["rx_bytes"]), s(&x["tx_bytes"]), s(&x["rx_fifo"]), s(&x["tx_fifo"])
+                s(&x["handle"]),
+                s(&x["app"]),
+                s(&x["worker"]),
+                s(&x["proto"]),
+                s(&x["path"]),
+                s(&x["state"]),
+                s(&x["local"]),
+                s(&x["remote"]),
+                s(&x["rx_bytes"]),
+                s(&x["tx_bytes"]),
+                s(&x["rx_fifo"]),
+                s(&x["tx_fifo"])
             );
         }
         println!();
@@ -105,7 +137,14 @@ fn main() -> Result<()> {
         for i in is {
             println!(
                 "  {} ({}) mac {} mtu {} ipv4 {} ipv6 {} gw4 {} gw6 {}",
-                s(&i["name"]), s(&i["kind"]), s(&i["mac"]), s(&i["mtu"]), s(&i["ipv4"]), s(&i["ipv6"]), s(&i["gateway4"]), s(&i["gateway6"])
+                s(&i["name"]),
+                s(&i["kind"]),
+                s(&i["mac"]),
+                s(&i["mtu"]),
+                s(&i["ipv4"]),
+                s(&i["ipv6"]),
+                s(&i["gateway4"]),
+                s(&i["gateway6"])
             );
             println!("    {}", s(&i["stats"]));
         }

@@ -1,112 +1,225 @@
 //! AF_PACKET uplink with `recvmmsg`/`sendmmsg` batching.
 
-use super::{ifreq, Batch, Uplink, UplinkError, UplinkStats};
+use super::{ifreq, is_queue_full, TxBatch, Uplink, UplinkError, UplinkStats, BATCH};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-const BATCH: usize = 64;
+/// Socket buffer size asked for each way (frames arrive in bursts).
+const SOCK_BUF: libc::c_int = 8 << 20;
+/// Receive buffer per frame: a whole 64 KiB IP packet. A local veth peer
+/// with TSO/GSO hands us coalesced segments far above the MTU (a free
+/// receive offload); smaller buffers would truncate and drop them.
+const RX_BUF: usize = 65536 + 256;
+/// Control buffer per received frame: room for one PACKET_AUXDATA cmsg.
+const CTRL_WORDS: usize = 8;
+
+/// Options of [`AfPacket::open`].
+#[derive(Debug, Clone, Default)]
+pub struct AfPacketOptions {
+    /// Use this MAC instead of the interface's own; a different one turns on
+    /// promiscuous mode (real NICs filter frames to foreign MACs).
+    pub mac: Option<[u8; 6]>,
+    /// Receive every frame on the wire (`PACKET_MR_PROMISC`, dropped by the
+    /// kernel when the socket closes).
+    pub promiscuous: bool,
+}
 
 /// An AF_PACKET socket bound to one interface.
+///
+/// The interface must carry no kernel IP address (see [the module
+/// docs](super)). Transmission bypasses the qdisc (`PACKET_QDISC_BYPASS`)
+/// when the kernel allows it, so `tcpdump` on the interface does not show
+/// the daemon's outgoing frames (the peer end of a veth does).
 pub struct AfPacket {
     fd: OwnedFd,
     name: String,
     mac: [u8; 6],
     mtu: usize,
-    rx: Batch,
-    tx: Batch,
-    ignore_outgoing: bool,
+    rx: Vec<Box<[u8]>>,
+    tx: TxBatch,
+    /// PACKET_IGNORE_OUTGOING is unsupported: filter on `sll_pkttype`.
+    skip_outgoing: bool,
     stats: UplinkStats,
 }
 
-fn sys(name: &str, call: &'static str) -> UplinkError {
-    ifreq::err(name, call)
-}
-
 impl AfPacket {
-    /// Open `ifname` (must exist; it is brought up).
-    pub fn open(ifname: &str) -> Result<Self, UplinkError> {
-        let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
-        // SAFETY: plain syscall; fd owned at once.
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) };
+    /// Open an AF_PACKET socket on `ifname` (which must exist; it is brought
+    /// up if down). Needs CAP_NET_RAW.
+    pub fn open(ifname: &str, opts: &AfPacketOptions) -> Result<Self, UplinkError> {
+        let mut req = ifreq::new(ifname)?;
+        // Protocol 0: no frames are queued until bind() names the interface
+        // (ETH_P_ALL here would queue every interface's frames meanwhile).
+        // SAFETY: plain syscall; the fd is owned at once below.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
         if raw < 0 {
-            return Err(sys(ifname, "socket(AF_PACKET)"));
+            return Err(ifreq::last_err(
+                ifname,
+                "socket(AF_PACKET)",
+                "AF_PACKET",
+                "CAP_NET_RAW",
+            ));
         }
-        // SAFETY: fresh descriptor.
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut r = ifreq::new(ifname)?;
-        // SAFETY: ioctl with a valid ifreq.
-        if unsafe { libc::ioctl(raw, libc::SIOCGIFINDEX, &mut r) } < 0 {
-            return Err(sys(ifname, "SIOCGIFINDEX"));
-        }
-        // SAFETY: set by SIOCGIFINDEX.
-        let ifindex = unsafe { r.ifr_ifru.ifru_ifindex };
-        let mut r = ifreq::new(ifname)?;
-        // SAFETY: as above.
-        if unsafe { libc::ioctl(raw, libc::SIOCGIFHWADDR, &mut r) } < 0 {
-            return Err(sys(ifname, "SIOCGIFHWADDR"));
-        }
-        let mut mac = [0u8; 6];
-        // SAFETY: hwaddr set by SIOCGIFHWADDR.
-        let hw = unsafe { r.ifr_ifru.ifru_hwaddr.sa_data };
-        for (m, h) in mac.iter_mut().zip(hw.iter()) {
+        ifreq::ioctl(raw, libc::SIOCGIFINDEX, &mut req, ifname, "SIOCGIFINDEX")?;
+        // SAFETY: SIOCGIFINDEX wrote the `ifru_ifindex` member.
+        let ifindex = unsafe { req.ifr_ifru.ifru_ifindex };
+
+        let mut req = ifreq::new(ifname)?;
+        ifreq::ioctl(raw, libc::SIOCGIFHWADDR, &mut req, ifname, "SIOCGIFHWADDR")?;
+        // SAFETY: SIOCGIFHWADDR wrote the `ifru_hwaddr` member.
+        let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+        let mut if_mac = [0u8; 6];
+        for (m, h) in if_mac.iter_mut().zip(hw.sa_data.iter()) {
             *m = *h as u8;
         }
+        warn_if_addressed(raw, ifname);
         let mtu = ifreq::mtu_and_up(raw, ifname)?;
-        // SAFETY: sockaddr_ll is POD.
+
+        let setopt = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| -> bool {
+            // SAFETY: the option value is a live c_int of the stated size.
+            unsafe {
+                libc::setsockopt(
+                    raw,
+                    level,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                ) == 0
+            }
+        };
+        // Our own transmissions must not come back as input (Linux ≥ 4.20;
+        // older kernels: filter them in recv_batch).
+        let skip_outgoing = !setopt(libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1);
+        // Best effort: without these it still works, only slower.
+        setopt(libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1);
+        // Per-frame checksum status (veth peers send partial checksums).
+        setopt(libc::SOL_PACKET, libc::PACKET_AUXDATA, 1);
+        // *FORCE passes the rmem_max/wmem_max caps (needs CAP_NET_ADMIN).
+        if !setopt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, SOCK_BUF) {
+            setopt(libc::SOL_SOCKET, libc::SO_RCVBUF, SOCK_BUF);
+        }
+        if !setopt(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, SOCK_BUF) {
+            setopt(libc::SOL_SOCKET, libc::SO_SNDBUF, SOCK_BUF);
+        }
+
+        let mac = opts.mac.unwrap_or(if_mac);
+        if opts.promiscuous || mac != if_mac {
+            // SAFETY: packet_mreq is plain old data; all-zero is valid.
+            let mut mr: libc::packet_mreq = unsafe { std::mem::zeroed() };
+            mr.mr_ifindex = ifindex;
+            mr.mr_type = libc::PACKET_MR_PROMISC as u16;
+            // SAFETY: the option value is a live packet_mreq of that size.
+            let r = unsafe {
+                libc::setsockopt(
+                    raw,
+                    libc::SOL_PACKET,
+                    libc::PACKET_ADD_MEMBERSHIP,
+                    (&mr as *const libc::packet_mreq).cast(),
+                    std::mem::size_of::<libc::packet_mreq>() as libc::socklen_t,
+                )
+            };
+            if r < 0 {
+                return Err(ifreq::last_err(
+                    ifname,
+                    "PACKET_ADD_MEMBERSHIP(PROMISC)",
+                    "AF_PACKET",
+                    "CAP_NET_RAW",
+                ));
+            }
+        }
+
+        // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
         sll.sll_ifindex = ifindex;
-        // SAFETY: binding with a valid sockaddr_ll.
-        if unsafe { libc::bind(raw, &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32) } < 0 {
-            return Err(sys(ifname, "bind(AF_PACKET)"));
-        }
-        let one: libc::c_int = 1;
-        let setopt = |level, opt, v: libc::c_int| {
-            // SAFETY: setsockopt with a local int.
-            unsafe { libc::setsockopt(raw, level, opt, &v as *const _ as *const libc::c_void, 4) == 0 }
+        // SAFETY: `sll` is a valid sockaddr_ll of the stated size.
+        let r = unsafe {
+            libc::bind(
+                raw,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
         };
-        // Our own transmissions must not come back as input.
-        let ignore_outgoing = setopt(libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, one);
-        setopt(libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, one);
-        // Per-frame checksum status (veth peers send partial checksums).
-        setopt(libc::SOL_PACKET, libc::PACKET_AUXDATA, one);
-        if !setopt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20) {
-            setopt(libc::SOL_SOCKET, libc::SO_RCVBUF, 8 << 20);
+        if r < 0 {
+            return Err(ifreq::last_err(
+                ifname,
+                "bind(AF_PACKET)",
+                "AF_PACKET",
+                "CAP_NET_RAW",
+            ));
         }
-        if !setopt(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 8 << 20) {
-            setopt(libc::SOL_SOCKET, libc::SO_SNDBUF, 8 << 20);
-        }
-        // Receive buffers take a whole 64 KiB IP packet: a local veth peer
-        // with TSO/GSO hands us coalesced segments far above the MTU (a free
-        // receive offload); smaller buffers would truncate and drop them.
-        let rsize = 65536 + 256;
-        let fsize = mtu + 14 + 64;
+        tracing::debug!(
+            interface = ifname,
+            mtu,
+            skip_outgoing,
+            "AF_PACKET uplink open"
+        );
         Ok(AfPacket {
             fd,
             name: ifname.into(),
             mac,
             mtu,
-            rx: Batch::new(BATCH, rsize),
-            tx: Batch::new(BATCH, fsize),
-            ignore_outgoing,
+            rx: (0..BATCH)
+                .map(|_| vec![0u8; RX_BUF].into_boxed_slice())
+                .collect(),
+            // Ethernet header + a VLAN tag + slack.
+            tx: TxBatch::new(mtu + 14 + 64),
+            skip_outgoing,
             stats: UplinkStats::default(),
         })
     }
+
+    fn sys_err(&self, call: &'static str, source: io::Error) -> UplinkError {
+        UplinkError::Sys {
+            iface: self.name.clone(),
+            call,
+            source,
+        }
+    }
 }
 
-/// Does the PACKET_AUXDATA of a received frame say the checksum is valid or
-/// not yet computed (a local sender's partial checksum)?
+/// Warn when the interface has a kernel IPv4 address: the kernel would then
+/// answer ARP and reset TCP for the daemon's traffic too.
+fn warn_if_addressed(fd: RawFd, ifname: &str) {
+    let Ok(mut req) = ifreq::new(ifname) else {
+        return;
+    };
+    req.ifr_ifru.ifru_addr.sa_family = libc::AF_INET as libc::sa_family_t;
+    // SAFETY: SIOCGIFADDR reads/writes one valid ifreq (fails with
+    // EADDRNOTAVAIL when there is no address, which is what we want).
+    if unsafe { libc::ioctl(fd, libc::SIOCGIFADDR, &mut req as *mut libc::ifreq) } == 0 {
+        tracing::warn!(
+            interface = ifname,
+            "interface has a kernel IPv4 address; the kernel will also answer for \
+             its traffic. Remove it (`ip addr flush dev {ifname}`): the daemon owns \
+             the addresses"
+        );
+    }
+}
+
+/// Does the PACKET_AUXDATA of a received frame say the L4 checksum is valid
+/// or not yet computed (a local sender's partial checksum)?
 fn aux_csum_ok(h: &libc::msghdr) -> bool {
-    const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
-    const TP_STATUS_CSUM_VALID: u32 = 1 << 7;
-    // SAFETY: walking control messages the kernel wrote into the buffer
-    // `h.msg_control` points at (sized in `msg_controllen`).
+    // SAFETY: walks the control messages the kernel wrote into the buffer
+    // `h.msg_control` points at, bounded by `msg_controllen`; the payload is
+    // read unaligned.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(h);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == libc::PACKET_AUXDATA {
-                let aux = (libc::CMSG_DATA(c) as *const libc::tpacket_auxdata).read_unaligned();
-                return aux.tp_status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID) != 0;
+                let aux = libc::CMSG_DATA(c)
+                    .cast::<libc::tpacket_auxdata>()
+                    .read_unaligned();
+                return aux.tp_status & (libc::TP_STATUS_CSUMNOTREADY | libc::TP_STATUS_CSUM_VALID)
+                    != 0;
             }
             c = libc::CMSG_NXTHDR(h, c);
         }
@@ -127,71 +240,86 @@ impl Uplink for AfPacket {
         self.mtu
     }
 
-    fn recv_batch(&mut self, max: usize, f: &mut dyn FnMut(&[u8], bool)) -> Result<usize, UplinkError> {
-        let n = max.clamp(1, BATCH);
-        let mut iov: [libc::iovec; BATCH] = [libc::iovec {
+    fn recv_batch(
+        &mut self,
+        max: usize,
+        f: &mut dyn FnMut(&[u8], bool),
+    ) -> Result<usize, UplinkError> {
+        let n = max.min(BATCH);
+        if n == 0 {
+            return Ok(0);
+        }
+        // The headers live on the stack, rebuilt per call: they hold raw
+        // pointers (a device holding them would not be Send), and filling
+        // them costs far less than the system call. The frame buffers
+        // themselves are allocated once, in `open`.
+        let mut iov = [libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         }; BATCH];
-        // SAFETY: zeroed sockaddr_ll / mmsghdr are valid initial values.
+        // SAFETY: sockaddr_ll and mmsghdr are plain old data; zero is valid.
         let mut addrs: [libc::sockaddr_ll; BATCH] = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        let mut ctrl = [[0u64; 8]; BATCH];
+        let mut ctrl = [[0u64; CTRL_WORDS]; BATCH];
         for i in 0..n {
-            hdrs[i].msg_hdr.msg_control = ctrl[i].as_mut_ptr().cast();
-            hdrs[i].msg_hdr.msg_controllen = std::mem::size_of::<[u64; 8]>();
-            iov[i].iov_base = self.rx.bufs[i].as_mut_ptr().cast();
-            iov[i].iov_len = self.rx.bufs[i].len();
-            hdrs[i].msg_hdr.msg_iov = &mut iov[i];
-            hdrs[i].msg_hdr.msg_iovlen = 1;
-            hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_ll).cast();
-            hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            iov[i].iov_base = self.rx[i].as_mut_ptr().cast();
+            iov[i].iov_len = self.rx[i].len();
+            let h = &mut hdrs[i].msg_hdr;
+            h.msg_iov = &mut iov[i];
+            h.msg_iovlen = 1;
+            h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_ll).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            h.msg_control = ctrl[i].as_mut_ptr().cast();
+            h.msg_controllen = std::mem::size_of::<[u64; CTRL_WORDS]>() as _;
         }
-        // SAFETY: every header points at live buffers of the stated sizes.
-        let r = unsafe { libc::recvmmsg(self.fd.as_raw_fd(), hdrs.as_mut_ptr(), n as u32, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut()) };
+        // SAFETY: the first `n` headers point at live buffers of the stated
+        // sizes, all outliving the call; MSG_DONTWAIT makes it non-blocking.
+        let r = unsafe {
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                std::ptr::null_mut(),
+            )
+        };
         self.stats.rx_syscalls += 1;
         if r < 0 {
-            let e = std::io::Error::last_os_error();
+            let e = io::Error::last_os_error();
             return match e.raw_os_error() {
                 Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(0),
-                _ => Err(UplinkError::Sys {
-                    iface: self.name.clone(),
-                    call: "recvmmsg",
-                    source: e,
-                }),
+                // A pending error of the device (e.g. ENETDOWN) is reported
+                // once and then cleared by the kernel: no error loop.
+                _ => Err(self.sys_err("recvmmsg", e)),
             };
         }
-        for i in 0..r as usize {
-            let len = hdrs[i].msg_len as usize;
-            if !self.ignore_outgoing && addrs[i].sll_pkttype == libc::PACKET_OUTGOING as u8 {
+        let got = r as usize;
+        for i in 0..got {
+            if self.skip_outgoing && addrs[i].sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
-            if len > self.rx.bufs[i].len() || hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            // With MSG_TRUNC, msg_len is the frame's real length.
+            let len = hdrs[i].msg_len as usize;
+            if len > self.rx[i].len() || hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
                 self.stats.rx_truncated += 1;
                 continue;
             }
             self.stats.rx_frames += 1;
             self.stats.rx_bytes += len as u64;
             let csum_ok = aux_csum_ok(&hdrs[i].msg_hdr);
-            f(&self.rx.bufs[i][..len], csum_ok);
+            f(&self.rx[i][..len], csum_ok);
         }
-        // The raw count, so callers keep reading while batches come back full.
-        Ok(r as usize)
+        Ok(got)
     }
 
     fn tx_frame(&mut self, len: usize) -> &mut [u8] {
         if self.tx.full() {
+            // Errors are logged by the next explicit flush's caller; the
+            // frames are already counted as dropped.
             let _ = self.flush();
         }
-        let i = self.tx.n;
-        if self.tx.bufs[i].len() < len {
-            // Oversized frames (should not happen: smoltcp honours the MTU).
-            self.tx.bufs[i].resize(len, 0);
-        }
-        self.tx.lens[i] = len;
-        self.tx.n += 1;
-        &mut self.tx.bufs[i][..len]
+        self.tx.push(len)
     }
 
     fn flush(&mut self) -> Result<(), UplinkError> {
@@ -199,11 +327,12 @@ impl Uplink for AfPacket {
         if n == 0 {
             return Ok(());
         }
-        let mut iov: [libc::iovec; BATCH] = [libc::iovec {
+        self.tx.n = 0;
+        let mut iov = [libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         }; BATCH];
-        // SAFETY: zeroed mmsghdr is valid.
+        // SAFETY: mmsghdr is plain old data; zero is valid.
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
         for i in 0..n {
             iov[i].iov_base = self.tx.bufs[i].as_mut_ptr().cast();
@@ -212,42 +341,67 @@ impl Uplink for AfPacket {
             hdrs[i].msg_hdr.msg_iovlen = 1;
         }
         let mut sent = 0usize;
-        let mut tries = 0;
-        while sent < n && tries < 4 {
-            tries += 1;
-            // SAFETY: headers point at live buffers.
-            let r = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), hdrs[sent..].as_mut_ptr(), (n - sent) as u32, libc::MSG_DONTWAIT) };
+        let mut first_err = None;
+        let (mut interrupted, mut full) = (0, 0);
+        // Every round sends ≥ 1 frame or drops ≥ 1 (EINTR is retried a
+        // bounded number of times): at most `n` + 4 calls.
+        while sent < n {
+            // SAFETY: headers `sent..n` point at live buffers; no address is
+            // given, so the bound interface is used.
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    hdrs[sent..n].as_mut_ptr(),
+                    (n - sent) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
             self.stats.tx_syscalls += 1;
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) | Some(libc::ENOBUFS) => {
-                        // Drop the frame at the head; TCP retransmits.
-                        self.stats.tx_dropped += 1;
-                        sent += 1;
-                    }
-                    _ => {
-                        self.stats.tx_dropped += (n - sent) as u64;
-                        self.tx.n = 0;
-                        return Err(UplinkError::Sys {
-                            iface: self.name.clone(),
-                            call: "sendmmsg",
-                            source: e,
-                        });
-                    }
+            if r > 0 {
+                for len in &self.tx.lens[sent..sent + r as usize] {
+                    self.stats.tx_frames += 1;
+                    self.stats.tx_bytes += *len as u64;
                 }
+                sent += r as usize;
+                full = 0;
                 continue;
             }
-            for i in sent..sent + r as usize {
-                self.stats.tx_frames += 1;
-                self.stats.tx_bytes += self.tx.lens[i] as u64;
+            if r == 0 {
+                // Nothing taken and no error: drop the head, never spin.
+                self.stats.tx_dropped += 1;
+                sent += 1;
+                continue;
             }
-            sent += r as usize;
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) if interrupted < 4 => interrupted += 1,
+                // Still full after dropping one: drop the rest rather than
+                // spend a system call per frame while overloaded.
+                Some(libc::EAGAIN | libc::ENOBUFS) if full > 0 => {
+                    self.stats.tx_dropped += (n - sent) as u64;
+                    sent = n;
+                }
+                // Queue full, or this one frame is bad: drop it, go on.
+                Some(libc::EAGAIN | libc::ENOBUFS | libc::EMSGSIZE | libc::EINVAL) => {
+                    self.stats.tx_dropped += 1;
+                    sent += 1;
+                    full += usize::from(is_queue_full(&e));
+                    if !is_queue_full(&e) && first_err.is_none() {
+                        first_err = Some(e);
+                    }
+                }
+                // The device itself failed (e.g. ENETDOWN): drop the rest.
+                _ => {
+                    self.stats.tx_dropped += (n - sent) as u64;
+                    sent = n;
+                    first_err.get_or_insert(e);
+                }
+            }
         }
-        self.stats.tx_dropped += (n - sent) as u64;
-        self.tx.n = 0;
-        Ok(())
+        match first_err {
+            Some(e) => Err(self.sys_err("sendmmsg", e)),
+            None => Ok(()),
+        }
     }
 
     fn stats(&self) -> UplinkStats {

@@ -1,57 +1,76 @@
 //! Uplinks: the daemon's L2 devices, with batched I/O.
 //!
 //! * [`af_packet::AfPacket`]: an AF_PACKET socket bound to a named interface
-//!   (e.g. one end of a veth), `recvmmsg`/`sendmmsg` in batches. The
-//!   interface must carry no kernel IP address: the daemon owns the
-//!   addresses, and the kernel would otherwise answer for them too.
-//! * [`tap::Tap`]: a TAP device (`/dev/net/tun`, `IFF_TAP | IFF_NO_PI`).
+//!   (e.g. one end of a veth), `recvmmsg`/`sendmmsg` in batches. The kernel
+//!   still sees that interface, so it must carry **no kernel IP address**
+//!   (and should have IPv6 disabled): the daemon owns the addresses, and the
+//!   kernel would otherwise answer ARP/NDP and reset TCP for them too.
+//! * [`tap::Tap`]: a TAP device (`/dev/net/tun`, `IFF_TAP | IFF_NO_PI`); the
+//!   daemon is the host on the "wire" side, with a MAC of its own.
 //!
-//! Neither allocates per packet nor panics on I/O errors: a frame the
-//! kernel refuses (ENOBUFS/EAGAIN) is dropped and counted (TCP retransmits).
+//! Buffers are allocated once at open; nothing allocates per packet, and no
+//! I/O error panics. A frame the kernel refuses (ENOBUFS/EAGAIN) is dropped
+//! and counted in [`UplinkStats::tx_dropped`]: TCP retransmits it.
+//!
+//! This module (with [`crate::sys`]) is where the daemon's `unsafe` lives.
 
 pub mod af_packet;
 pub mod tap;
 
+use std::io;
 use std::os::fd::RawFd;
 
-/// Device errors.
+pub use af_packet::{AfPacket, AfPacketOptions};
+pub use tap::{Tap, TapOptions};
+
+/// Frames per `recvmmsg`/`sendmmsg` batch (and the TX batch size).
+pub const BATCH: usize = 64;
+
+/// Errors opening or driving an uplink. Every message names the interface.
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
     /// The interface does not exist.
     #[error("interface {0} not found")]
     NotFound(String),
     /// Missing privileges.
-    #[error("permission denied opening {0} (need root / CAP_NET_RAW, CAP_NET_ADMIN)")]
-    Permission(String),
-    /// Bad name.
+    #[error("permission denied opening {what} on {iface} (need {need})")]
+    Permission {
+        /// Interface name.
+        iface: String,
+        /// What was being opened, e.g. "AF_PACKET".
+        what: &'static str,
+        /// The capability that is missing.
+        need: &'static str,
+    },
+    /// The name is empty, too long (≥ 16 bytes) or contains a NUL.
     #[error("invalid interface name {0:?}")]
     BadName(String),
-    /// Another OS error.
-    #[error("{iface}: {call} failed: {source}")]
+    /// Any other failed system call.
+    #[error("interface {iface}: {call} failed: {source}")]
     Sys {
-        /// Interface.
+        /// Interface name.
         iface: String,
-        /// Call.
+        /// The call that failed.
         call: &'static str,
-        /// Cause.
-        source: std::io::Error,
+        /// The OS error.
+        source: io::Error,
     },
 }
 
 /// Counters of a device.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct UplinkStats {
-    /// Frames received.
+    /// Frames received and handed to the caller.
     pub rx_frames: u64,
-    /// Bytes received.
+    /// Bytes of those frames.
     pub rx_bytes: u64,
     /// Frames sent.
     pub tx_frames: u64,
     /// Bytes sent.
     pub tx_bytes: u64,
-    /// Frames dropped on send (kernel queue full).
+    /// Frames dropped on send (kernel queue full or send error).
     pub tx_dropped: u64,
-    /// Frames that did not fit a receive buffer.
+    /// Received frames dropped because they did not fit a receive buffer.
     pub rx_truncated: u64,
     /// Receive system calls.
     pub rx_syscalls: u64,
@@ -59,13 +78,13 @@ pub struct UplinkStats {
     pub tx_syscalls: u64,
 }
 
-/// Which kind of device.
+/// Which kind of device (`uplink.kind` in the config, `--uplink` flag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum UplinkKind {
-    /// AF_PACKET on a named interface.
+    /// AF_PACKET on an existing interface (`af-packet`).
     AfPacket,
-    /// A TAP device.
+    /// A TAP device, created if missing (`tap`).
     Tap,
 }
 
@@ -73,20 +92,29 @@ pub enum UplinkKind {
 pub trait Uplink: Send {
     /// fd to watch in epoll (readable when frames wait).
     fn as_raw_fd(&self) -> RawFd;
-    /// Our MAC address.
+    /// The daemon's MAC address on this link.
     fn mac(&self) -> [u8; 6];
-    /// IP MTU.
+    /// IP MTU (L2 payload), e.g. 1500.
     fn mtu(&self) -> usize;
-    /// Receive up to `max` frames, calling `f` on each full Ethernet frame
-    /// with `csum_ok`: true when the kernel vouches for (or has not yet
-    /// filled in) the L4 checksum — a frame from a local veth peer carries a
-    /// partial checksum that must not be verified. Ok(0) when nothing
-    /// waits; never blocks.
-    fn recv_batch(&mut self, max: usize, f: &mut dyn FnMut(&[u8], bool)) -> Result<usize, UplinkError>;
-    /// A buffer for one outgoing frame of `len` bytes, appended to the
-    /// pending batch (flushed automatically when full).
+    /// Receive up to `max` frames in one batch and call `f` on each full
+    /// Ethernet frame together with `csum_ok`: true when the kernel vouches
+    /// for the L4 checksum or has not filled it in yet (a local veth peer
+    /// sends partial checksums that must not be verified).
+    ///
+    /// Returns how many frames were taken from the kernel, including any
+    /// skipped (truncated, or our own outgoing ones), so `== max` means more
+    /// may wait. `Ok(0)` when nothing waits; never blocks.
+    fn recv_batch(
+        &mut self,
+        max: usize,
+        f: &mut dyn FnMut(&[u8], bool),
+    ) -> Result<usize, UplinkError>;
+    /// Append a frame of `len` bytes to the pending TX batch and return the
+    /// buffer to fill (all of it). Flushes first when the batch is full.
     fn tx_frame(&mut self, len: usize) -> &mut [u8];
-    /// Send the pending batch.
+    /// Send the pending batch. Frames the kernel refuses are dropped and
+    /// counted; an error is returned only for a failure other than a full
+    /// queue (e.g. the interface went away), after the batch is discarded.
     fn flush(&mut self) -> Result<(), UplinkError>;
     /// Counters.
     fn stats(&self) -> UplinkStats;
@@ -94,26 +122,39 @@ pub trait Uplink: Send {
     fn name(&self) -> &str;
 }
 
-/// Open a device by kind and name. `mac` overrides the TAP's MAC (AF_PACKET
-/// uses the interface's own).
-pub fn open(kind: UplinkKind, name: &str, mac: Option<[u8; 6]>) -> Result<Box<dyn Uplink>, UplinkError> {
+/// Open a device by kind and name. `mac` is the daemon's MAC: for a TAP it
+/// replaces the generated one; for AF_PACKET, a MAC other than the
+/// interface's own turns on promiscuous mode (a real NIC filters frames to
+/// foreign MACs) and [`Uplink::mac`] reports it.
+pub fn open(
+    kind: UplinkKind,
+    name: &str,
+    mac: Option<[u8; 6]>,
+) -> Result<Box<dyn Uplink>, UplinkError> {
     Ok(match kind {
-        UplinkKind::AfPacket => Box::new(af_packet::AfPacket::open(name)?),
-        UplinkKind::Tap => Box::new(tap::Tap::open(name, mac)?),
+        UplinkKind::AfPacket => Box::new(AfPacket::open(
+            name,
+            &AfPacketOptions {
+                mac,
+                ..AfPacketOptions::default()
+            },
+        )?),
+        UplinkKind::Tap => Box::new(Tap::open(name, &TapOptions { mac })?),
     })
 }
 
-/// Shared ioctl helpers.
-pub(crate) mod ifreq {
+/// `ifreq` ioctls shared by both devices.
+mod ifreq {
     use super::UplinkError;
     use std::os::fd::RawFd;
 
-    pub(crate) fn new(name: &str) -> Result<libc::ifreq, UplinkError> {
+    /// An `ifreq` naming `name`.
+    pub(super) fn new(name: &str) -> Result<libc::ifreq, UplinkError> {
         let b = name.as_bytes();
         if b.is_empty() || b.len() >= libc::IFNAMSIZ || b.contains(&0) {
             return Err(UplinkError::BadName(name.into()));
         }
-        // SAFETY: ifreq is plain old data.
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
         let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
         for (d, s) in r.ifr_name.iter_mut().zip(b) {
             *d = *s as libc::c_char;
@@ -121,11 +162,37 @@ pub(crate) mod ifreq {
         Ok(r)
     }
 
-    pub(crate) fn err(name: &str, call: &'static str) -> UplinkError {
+    /// `ioctl(fd, req, r)`, mapping failure to an [`UplinkError`].
+    pub(super) fn ioctl(
+        fd: RawFd,
+        req: libc::Ioctl,
+        r: &mut libc::ifreq,
+        name: &str,
+        call: &'static str,
+    ) -> Result<(), UplinkError> {
+        // SAFETY: every request used here reads/writes one `ifreq`, and `r`
+        // is a valid, exclusively borrowed one.
+        if unsafe { libc::ioctl(fd, req, r as *mut libc::ifreq) } < 0 {
+            return Err(last_err(name, call, "the interface", "CAP_NET_ADMIN"));
+        }
+        Ok(())
+    }
+
+    /// The last OS error as an [`UplinkError`] for `name`.
+    pub(super) fn last_err(
+        name: &str,
+        call: &'static str,
+        what: &'static str,
+        need: &'static str,
+    ) -> UplinkError {
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::ENODEV) | Some(libc::ENXIO) => UplinkError::NotFound(name.into()),
-            Some(libc::EPERM) | Some(libc::EACCES) => UplinkError::Permission(name.into()),
+            Some(libc::EPERM) | Some(libc::EACCES) => UplinkError::Permission {
+                iface: name.into(),
+                what,
+                need,
+            },
             _ => UplinkError::Sys {
                 iface: name.into(),
                 call,
@@ -134,49 +201,60 @@ pub(crate) mod ifreq {
         }
     }
 
-    /// Read MTU and bring the link up; returns the MTU.
-    pub(crate) fn mtu_and_up(fd: RawFd, name: &str) -> Result<usize, UplinkError> {
+    /// Read the MTU and bring the link up if it is down; returns the MTU.
+    pub(super) fn mtu_and_up(fd: RawFd, name: &str) -> Result<usize, UplinkError> {
         let mut r = new(name)?;
-        // SAFETY: ioctl with a valid ifreq.
-        if unsafe { libc::ioctl(fd, libc::SIOCGIFMTU, &mut r) } < 0 {
-            return Err(err(name, "SIOCGIFMTU"));
-        }
-        // SAFETY: union field written by the kernel for SIOCGIFMTU.
-        let mtu = unsafe { r.ifr_ifru.ifru_mtu } as usize;
+        ioctl(fd, libc::SIOCGIFMTU, &mut r, name, "SIOCGIFMTU")?;
+        // SAFETY: SIOCGIFMTU wrote the `ifru_mtu` member.
+        let mtu = unsafe { r.ifr_ifru.ifru_mtu };
         let mut r = new(name)?;
-        // SAFETY: as above.
-        if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut r) } < 0 {
-            return Err(err(name, "SIOCGIFFLAGS"));
-        }
-        // SAFETY: flags field set by SIOCGIFFLAGS.
+        ioctl(fd, libc::SIOCGIFFLAGS, &mut r, name, "SIOCGIFFLAGS")?;
+        // SAFETY: SIOCGIFFLAGS wrote the `ifru_flags` member.
         let flags = unsafe { r.ifr_ifru.ifru_flags };
         if flags & libc::IFF_UP as libc::c_short == 0 {
             r.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-            // SAFETY: as above.
-            if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut r) } < 0 {
-                return Err(err(name, "SIOCSIFFLAGS"));
-            }
+            ioctl(fd, libc::SIOCSIFFLAGS, &mut r, name, "SIOCSIFFLAGS")?;
         }
-        Ok(mtu.clamp(576, 65535))
+        // Below the IPv4 minimum is nonsense; above 64 KiB cannot be framed.
+        Ok((mtu.max(0) as usize).clamp(576, 65535))
     }
 }
 
-/// Preallocated frame buffers for one batch.
-pub(crate) struct Batch {
-    pub(crate) bufs: Vec<Vec<u8>>,
-    pub(crate) lens: Vec<usize>,
-    pub(crate) n: usize,
+/// Preallocated TX frame buffers for one batch.
+struct TxBatch {
+    bufs: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+    n: usize,
 }
 
-impl Batch {
-    pub(crate) fn new(count: usize, size: usize) -> Self {
-        Batch {
-            bufs: (0..count).map(|_| vec![0u8; size]).collect(),
-            lens: vec![0; count],
+impl TxBatch {
+    fn new(size: usize) -> Self {
+        TxBatch {
+            bufs: (0..BATCH).map(|_| vec![0u8; size]).collect(),
+            lens: vec![0; BATCH],
             n: 0,
         }
     }
-    pub(crate) fn full(&self) -> bool {
+
+    fn full(&self) -> bool {
         self.n == self.bufs.len()
     }
+
+    /// Claim the next slot for `len` bytes (the caller flushed if full).
+    fn push(&mut self, len: usize) -> &mut [u8] {
+        let i = self.n;
+        if self.bufs[i].len() < len {
+            // Only for frames above the MTU, which the stack does not build;
+            // grows this slot once rather than failing.
+            self.bufs[i].resize(len, 0);
+        }
+        self.lens[i] = len;
+        self.n += 1;
+        &mut self.bufs[i][..len]
+    }
+}
+
+/// Is this errno a full queue, i.e. drop the frame and go on?
+fn is_queue_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOBUFS))
 }
