@@ -27,6 +27,9 @@ use std::net::{IpAddr, SocketAddr};
 
 /// Owner tokens with this bit name a listen group, not a session.
 const LISTEN_BIT: u64 = 1 << 63;
+/// Segments an app may have (its main one plus growth); bounds daemon
+/// memory per app together with `max_sessions_per_app`.
+const MAX_SEGMENTS_PER_APP: usize = 64;
 /// Listen groups with ids from here up exist only for cut-through
 /// (loopback addresses); the stack has no listener for them.
 const CT_ONLY_BASE: u32 = 1 << 31;
@@ -381,8 +384,36 @@ impl Engine {
         }
         let cap = self.cfg.fifo_size;
         let a = self.apps.get_mut(&app).ok_or(libc::EINVAL)?;
-        let seg = a.segments.get_mut(&a.main_segment).ok_or(libc::EINVAL)?;
-        alloc_block(seg, cap).ok_or(libc::ENOBUFS)
+        // Main segment first, then the growth segments.
+        let mut ids: Vec<u32> = a.segments.keys().copied().collect();
+        ids.sort_unstable_by_key(|id| (*id != a.main_segment, *id));
+        for id in ids {
+            if let Some(b) = a.segments.get_mut(&id).and_then(|seg| alloc_block(seg, cap)) {
+                return Ok(b);
+            }
+        }
+        if a.segments.len() >= MAX_SEGMENTS_PER_APP {
+            return Err(libc::ENOBUFS);
+        }
+        // Grow: a new segment, announced (fd attached) before any event
+        // names it.
+        let id = self.alloc_segment_id();
+        let size = self.cfg.segment_size;
+        let mut seg = Segment::create(id, size, &format!("hoststack-app{}-{id}", app.0)).map_err(|_| libc::ENOMEM)?;
+        let a = self.apps.get_mut(&app).ok_or(libc::EINVAL)?;
+        let msg = session_api::proto::DaemonCtrl::Segment {
+            segment: id,
+            size: size as u64,
+        }
+        .encode();
+        {
+            use std::os::fd::AsFd;
+            session_api::shm::send_with_fds(a.ctrl.as_fd(), &msg, &[seg.region.fd()]).map_err(|_| libc::ENOMEM)?;
+        }
+        let b = alloc_block(&mut seg, cap).ok_or(libc::ENOBUFS)?;
+        a.segments.insert(id, seg);
+        tracing::debug!(app = app.0, segment = id, "app segment added");
+        Ok(b)
     }
 
     /// Make a network session on a fresh block; writes its descriptor.
