@@ -388,7 +388,11 @@ impl Engine {
         let mut ids: Vec<u32> = a.segments.keys().copied().collect();
         ids.sort_unstable_by_key(|id| (*id != a.main_segment, *id));
         for id in ids {
-            if let Some(b) = a.segments.get_mut(&id).and_then(|seg| alloc_block(seg, cap)) {
+            if let Some(b) = a
+                .segments
+                .get_mut(&id)
+                .and_then(|seg| alloc_block(seg, cap))
+            {
                 return Ok(b);
             }
         }
@@ -399,7 +403,8 @@ impl Engine {
         // names it.
         let id = self.alloc_segment_id();
         let size = self.cfg.segment_size;
-        let mut seg = Segment::create(id, size, &format!("hoststack-app{}-{id}", app.0)).map_err(|_| libc::ENOMEM)?;
+        let mut seg = Segment::create(id, size, &format!("hoststack-app{}-{id}", app.0))
+            .map_err(|_| libc::ENOMEM)?;
         let a = self.apps.get_mut(&app).ok_or(libc::EINVAL)?;
         let msg = session_api::proto::DaemonCtrl::Segment {
             segment: id,
@@ -408,7 +413,8 @@ impl Engine {
         .encode();
         {
             use std::os::fd::AsFd;
-            session_api::shm::send_with_fds(a.ctrl.as_fd(), &msg, &[seg.region.fd()]).map_err(|_| libc::ENOMEM)?;
+            session_api::shm::send_with_fds(a.ctrl.as_fd(), &msg, &[seg.region.fd()])
+                .map_err(|_| libc::ENOMEM)?;
         }
         let b = alloc_block(&mut seg, cap).ok_or(libc::ENOBUFS)?;
         a.segments.insert(id, seg);

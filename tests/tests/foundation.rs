@@ -339,14 +339,27 @@ fn workers_listening_on_one_address_share_connections() -> Result<()> {
     ready_rx.recv_timeout(T)?;
     let ip4 = tb.daemon_ip4.to_string();
     for _ in 0..20 {
-        let mut c = peer(&tb, &["echo-client", &ip4, "7700", "--count", "3", "--size", "10"], "peer")?;
+        let mut c = peer(
+            &tb,
+            &["echo-client", &ip4, "7700", "--count", "3", "--size", "10"],
+            "peer",
+        )?;
         c.expect("ok echoed 3", T)?;
         c.success(T)?;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let counts: Vec<u32> = threads.into_iter().map(|t| t.join().expect("worker thread")).collect::<Result<_>>()?;
+    let counts: Vec<u32> = threads
+        .into_iter()
+        .map(|t| t.join().expect("worker thread"))
+        .collect::<Result<_>>()?;
     eprintln!("connections per worker: {counts:?}");
-    ensure!(counts.iter().sum::<u32>() == 20, "all 20 served: {counts:?}");
-    ensure!(counts.iter().all(|c| *c >= 5), "connections must be spread: {counts:?}");
+    ensure!(
+        counts.iter().sum::<u32>() == 20,
+        "all 20 served: {counts:?}"
+    );
+    ensure!(
+        counts.iter().all(|c| *c >= 5),
+        "connections must be spread: {counts:?}"
+    );
     Ok(())
 }

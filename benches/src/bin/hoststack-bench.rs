@@ -36,6 +36,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::enum_variant_names)] // the roles are all kernel-side peers
 enum Role {
     /// Kernel TCP echo server (one connection at a time, nodelay).
     KernelEcho { addr: SocketAddr },
@@ -168,7 +169,11 @@ fn native_pingpong(app: &App, addr: SocketAddr, n: usize, busy: bool) -> Result<
 }
 
 /// Native echo server on a thread (one worker, serves one connection).
-fn native_echo_thread(app: &App, addr: SocketAddr, busy: bool) -> Result<std::thread::JoinHandle<Result<()>>> {
+fn native_echo_thread(
+    app: &App,
+    addr: SocketAddr,
+    busy: bool,
+) -> Result<std::thread::JoinHandle<Result<()>>> {
     let app = app.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || -> Result<()> {
@@ -343,7 +348,8 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
     let sink_addr: SocketAddr = format!("{peer}:5002").parse()?;
 
     // ---- hoststack side ----
-    let (mut ct_rtt, mut ct_busy_rtt, mut up_rtt, mut ct_bulk, mut up_bulk) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut ct_rtt, mut ct_busy_rtt, mut up_rtt, mut ct_bulk, mut up_bulk) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let (mut ct_sys, mut up_sys) = (vec![], vec![]);
     let mut scale = Vec::new();
     {
@@ -352,12 +358,14 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
         for r in 0..reps {
             let port = 6000 + r as u16 * 10;
             let h = native_echo_thread(&app, format!("127.0.0.1:{port}").parse()?, false)?;
-            let (rtt, sys) = native_pingpong(&app, format!("127.0.0.1:{port}").parse()?, n_pp, false)?;
+            let (rtt, sys) =
+                native_pingpong(&app, format!("127.0.0.1:{port}").parse()?, n_pp, false)?;
             h.join().map_err(|_| anyhow::anyhow!("echo panicked"))??;
             ct_rtt.push(rtt);
             ct_sys.push(sys as f64 / (n_pp + n_pp / 10) as f64);
             let h = native_echo_thread(&app, format!("127.0.0.1:{}", port + 1).parse()?, true)?;
-            let (rtt, _) = native_pingpong(&app, format!("127.0.0.1:{}", port + 1).parse()?, n_pp, true)?;
+            let (rtt, _) =
+                native_pingpong(&app, format!("127.0.0.1:{}", port + 1).parse()?, n_pp, true)?;
             h.join().map_err(|_| anyhow::anyhow!("echo panicked"))??;
             ct_busy_rtt.push(rtt);
             let loops0 = d.counter(&["loops"])?;
@@ -406,7 +414,8 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
         }
     }
     // ---- kernel side, same veth: give the daemon's end a kernel address ----
-    let (mut k_lo_rtt, mut k_veth_rtt, mut k_lo_bulk, mut k_veth_bulk) = (vec![], vec![], vec![], vec![]);
+    let (mut k_lo_rtt, mut k_veth_rtt, mut k_lo_bulk, mut k_veth_bulk) =
+        (vec![], vec![], vec![], vec![]);
     {
         let run = |a: &[&str]| -> Result<()> {
             let st = std::process::Command::new("ip").args(a).status()?;
@@ -415,7 +424,13 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
             }
             Ok(())
         };
-        run(&["addr", "add", &format!("{}/24", tb.daemon_ip4), "dev", &tb.daemon_if])?;
+        run(&[
+            "addr",
+            "add",
+            &format!("{}/24", tb.daemon_ip4),
+            "dev",
+            &tb.daemon_if,
+        ])?;
         std::thread::sleep(Duration::from_millis(300));
         for r in 0..reps {
             let l = TcpListener::bind("127.0.0.1:0")?;
@@ -457,15 +472,45 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
         note: note.into(),
     };
     let klo = median(k_lo_rtt);
-    rows.push(lat("64 B ping-pong, cut-through vs kernel loopback (interrupt)", median(ct_rtt), klo, ""));
-    rows.push(lat("64 B ping-pong, cut-through busy-poll vs kernel loopback", median(ct_busy_rtt), klo, "apps spin"));
-    rows.push(lat("64 B ping-pong, uplink vs kernel over the same veth", median(up_rtt), median(k_veth_rtt), "peer: kernel echo in netns"));
+    rows.push(lat(
+        "64 B ping-pong, cut-through vs kernel loopback (interrupt)",
+        median(ct_rtt),
+        klo,
+        "",
+    ));
+    rows.push(lat(
+        "64 B ping-pong, cut-through busy-poll vs kernel loopback",
+        median(ct_busy_rtt),
+        klo,
+        "apps spin",
+    ));
+    rows.push(lat(
+        "64 B ping-pong, uplink vs kernel over the same veth",
+        median(up_rtt),
+        median(k_veth_rtt),
+        "peer: kernel echo in netns",
+    ));
     let klob = median(k_lo_bulk);
-    rows.push(thr("bulk 1 flow, cut-through vs kernel loopback", median(ct_bulk), klob, ""));
+    rows.push(thr(
+        "bulk 1 flow, cut-through vs kernel loopback",
+        median(ct_bulk),
+        klob,
+        "",
+    ));
     let kv = median(k_veth_bulk);
-    rows.push(thr("bulk 1 flow, uplink vs kernel over the same veth", median(up_bulk), kv, "to a kernel sink in netns"));
+    rows.push(thr(
+        "bulk 1 flow, uplink vs kernel over the same veth",
+        median(up_bulk),
+        kv,
+        "to a kernel sink in netns",
+    ));
     for (n, g) in &scale {
-        rows.push(thr(&format!("bulk 1 flow with {n} idle connections open"), *g, kv, "per-packet cost vs flow count"));
+        rows.push(thr(
+            &format!("bulk 1 flow with {n} idle connections open"),
+            *g,
+            kv,
+            "per-packet cost vs flow count",
+        ));
     }
     let (ct_sys, up_sys) = (median(ct_sys), median(up_sys));
     rows.push(Row {
@@ -518,7 +563,9 @@ fn main() -> Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         cli.reps
     );
-    md.push_str("| scenario | metric | hoststack | kernel | gain | note |\n|---|---|---:|---:|---:|---|\n");
+    md.push_str(
+        "| scenario | metric | hoststack | kernel | gain | note |\n|---|---|---:|---:|---:|---|\n",
+    );
     for r in &rows {
         md.push_str(&format!(
             "| {} | {} | {:.2} | {:.2} | {:.2}x | {} |\n",
