@@ -55,6 +55,16 @@ impl Daemon {
     /// Start `hoststackd` on the testbed's daemon interface with
     /// `extra` flags; waits until its control socket answers.
     pub fn start(tb: &crate::Testbed, extra: &[&str]) -> Result<Self> {
+        let ip4 = format!("{}/{}", tb.daemon_ip4, tb.prefix_len4);
+        let ip6 = format!("{}/{}", tb.daemon_ip6, tb.prefix_len6);
+        let mut args = vec!["--interface", tb.daemon_if.as_str(), "--ipv4", &ip4, "--ipv6", &ip6];
+        args.extend_from_slice(extra);
+        Self::start_args(&args)
+    }
+
+    /// Start `hoststackd` with exactly these uplink/tuning flags (the socket
+    /// directory and namespace secret are added).
+    pub fn start_args(args: &[&str]) -> Result<Self> {
         let n = N.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("hs-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -66,17 +76,11 @@ impl Daemon {
         );
         let log = dir.join("daemon.log");
         let mut cmd = Command::new(bin("hoststackd")?);
-        cmd.arg("--interface")
-            .arg(&tb.daemon_if)
-            .arg("--ipv4")
-            .arg(format!("{}/{}", tb.daemon_ip4, tb.prefix_len4))
-            .arg("--ipv6")
-            .arg(format!("{}/{}", tb.daemon_ip6, tb.prefix_len6))
+        cmd.args(args)
             .arg("--socket-dir")
             .arg(&dir)
             .arg("--namespace")
             .arg(format!("default={secret}"))
-            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

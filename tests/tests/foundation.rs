@@ -363,3 +363,62 @@ fn workers_listening_on_one_address_share_connections() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn tap_uplink_serves_a_kernel_peer() -> Result<()> {
+    // The daemon creates the TAP; its kernel side then moves into a peer
+    // namespace (the tap fd keeps working) and gets the peer's address.
+    let ns = hoststack_tests::Netns::new()?;
+    let tap = format!("hst{}", hoststack_tests::unique_tag());
+    let d = Daemon::start_args(&["--uplink", "tap", "--interface", &tap, "--ipv4", "198.18.200.1/24"])?;
+    hoststack_tests::run(&["ip", "link", "set", &tap, "netns", &ns.name])?;
+    ns.ip(&["addr", "add", "198.18.200.2/24", "dev", &tap])?;
+    ns.ip(&["link", "set", &tap, "up"])?;
+    let mut srv = {
+        let mut c = d.app_cmd("examples/echo_server")?;
+        c.args(["--listen", "0.0.0.0:7800", "--udp"]);
+        Proc::spawn(c, "echo_server")?
+    };
+    srv.expect("listening", T)?;
+    let py = peer_py().display().to_string();
+    let mut c = Proc::spawn(
+        ns.cmd("python3", &[&py, "echo-client", "198.18.200.1", "7800", "--count", "100", "--size", "3000"]),
+        "peer echo over tap",
+    )?;
+    c.expect("ok echoed 100", T)?;
+    let mut u = Proc::spawn(
+        ns.cmd("python3", &[&py, "udp-echo-client", "198.18.200.1", "7800", "--count", "20", "--size", "100"]),
+        "peer udp over tap",
+    )?;
+    u.expect("ok udp echoed 20", T)?;
+    ensure!(d.counter(&["stack", "rx_bad_checksum"])? == 0);
+    Ok(())
+}
+
+#[test]
+fn keepalive_probes_an_idle_connection() -> Result<()> {
+    use session_api::client::App;
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let ip4 = tb.peer_ip4.to_string();
+    let mut s = peer(&tb, &["echo-server", &ip4, "7900", "--count", "2"], "peer echo server")?;
+    s.expect("listening", T)?;
+    let app = App::attach(&d.attach_config("keepalive"))?;
+    let mut w = app.worker()?;
+    let addr: std::net::SocketAddr = format!("{ip4}:7900").parse()?;
+    let mut idle_frames = |keepalive: Option<Duration>| -> Result<u64> {
+        let c = w.connect(addr, Some(T))?;
+        w.set_keepalive(c, keepalive)?;
+        std::thread::sleep(Duration::from_millis(100));
+        let before = d.counter(&["stack", "tx_frames"])?;
+        std::thread::sleep(Duration::from_millis(600));
+        let sent = d.counter(&["stack", "tx_frames"])? - before;
+        w.close(c)?;
+        Ok(sent)
+    };
+    let without = idle_frames(None)?;
+    let with = idle_frames(Some(Duration::from_millis(50)))?;
+    eprintln!("idle 600 ms: {without} frames without keepalive, {with} with 50 ms keepalive");
+    ensure!(with >= without + 5, "keepalive must probe: {with} vs {without}");
+    Ok(())
+}
