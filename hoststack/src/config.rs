@@ -15,6 +15,7 @@
 //! [daemon]
 //! socket_dir = "/run/hoststack" # attach sockets <dir>/<namespace>.sock and ctl.sock
 //! busy_poll = false             # spin instead of sleeping in epoll (benchmarks only)
+//! poll_spin_us = 50             # adaptive: keep polling this long after work before sleeping
 //! rx_batch = 64                 # frames read per uplink batch
 //!
 //! [tcp]
@@ -24,6 +25,7 @@
 //!
 //! [session]
 //! fifo_size = 262144        # each rx/tx FIFO, power of two
+//! ct_fifo_size = 1048576    # each cut-through FIFO, power of two
 //! segment_size = 1073741824 # per-app segment (virtual; pages are touched on use)
 //! ct_segment_size = 268435456 # per app-pair cut-through segment
 //! max_sessions_per_app = 16384
@@ -83,6 +85,9 @@ pub struct DaemonConfig {
     pub socket_dir: PathBuf,
     /// Busy-poll instead of epoll sleep.
     pub busy_poll: bool,
+    /// Adaptive polling: after work, poll this many microseconds before
+    /// sleeping (0 = sleep as soon as idle).
+    pub poll_spin_us: u64,
     /// Frames per receive batch.
     pub rx_batch: usize,
 }
@@ -105,6 +110,8 @@ pub struct TcpConfig {
 pub struct SessionCfg {
     /// FIFO capacity.
     pub fifo_size: u32,
+    /// Cut-through FIFO capacity.
+    pub ct_fifo_size: u32,
     /// App segment size.
     pub segment_size: usize,
     /// Cut-through segment size.
@@ -144,6 +151,7 @@ impl Default for DaemonConfig {
         DaemonConfig {
             socket_dir: PathBuf::from("/run/hoststack"),
             busy_poll: false,
+            poll_spin_us: 50,
             rx_batch: 64,
         }
     }
@@ -163,6 +171,7 @@ impl Default for SessionCfg {
     fn default() -> Self {
         SessionCfg {
             fifo_size: 256 * 1024,
+            ct_fifo_size: 1 << 20,
             segment_size: 1 << 30,
             ct_segment_size: 256 << 20,
             max_sessions_per_app: 16384,
@@ -242,6 +251,9 @@ impl Config {
         }
         if self.tcp.rx_buffer < 1024 || self.tcp.tx_buffer < 1024 {
             return v("tcp.rx_buffer", "buffers must be at least 1024 bytes");
+        }
+        if self.daemon.poll_spin_us > 1_000_000 {
+            return v("daemon.poll_spin_us", "must be at most 1000000");
         }
         if self.daemon.rx_batch == 0 || self.daemon.rx_batch > 1024 {
             return v("daemon.rx_batch", "must be 1..=1024");

@@ -84,6 +84,8 @@ pub struct Daemon {
     tx: TxBatch,
     loops: u64,
     sleeps: u64,
+    epoll_waits: u64,
+    spin_pass: u32,
 }
 
 fn parse_cidr(s: &str, key: &'static str) -> Result<IpCidr> {
@@ -170,6 +172,7 @@ impl Daemon {
             stack,
             SessionConfig {
                 fifo_size: cfg.session.fifo_size,
+                ct_fifo_size: cfg.session.ct_fifo_size,
                 segment_size: cfg.session.segment_size,
                 ct_segment_size: cfg.session.ct_segment_size,
                 connect_timeout: smoltcp::time::Duration::from_millis(cfg.tcp.connect_timeout_ms),
@@ -228,6 +231,8 @@ impl Daemon {
             tx: TxBatch::default(),
             loops: 0,
             sleeps: 0,
+            epoll_waits: 0,
+            spin_pass: 0,
         })
     }
 
@@ -240,8 +245,13 @@ impl Daemon {
         let mut ready = Vec::with_capacity(256);
         let busy = self.cfg.daemon.busy_poll;
         let batch = self.cfg.daemon.rx_batch;
+        let spin = std::time::Duration::from_micros(self.cfg.daemon.poll_spin_us);
+        let mut last_work = Instant::now();
         loop {
             self.loops += 1;
+            // Adaptive mode: keep polling for a short while after work, so a
+            // reply arriving soon is caught without a sleep/wake-up pair.
+            let spinning = !spin.is_zero() && last_work.elapsed() < spin;
             let now = self.now();
             let mut timeout: i32 = match self.engine.stack.next_deadline() {
                 Some(t) if t <= now => 0,
@@ -249,7 +259,7 @@ impl Daemon {
                 None => 1000,
             };
             let mut prepared = false;
-            if busy {
+            if busy || spinning {
                 timeout = 0;
             } else if timeout > 0 {
                 prepared = true;
@@ -264,7 +274,16 @@ impl Daemon {
                     self.sleeps += 1;
                 }
             }
-            self.epoll.wait(timeout, &mut ready)?;
+            // While spinning, look at the kernel side (epoll: uplink, sockets)
+            // only every 8th pass; the app queues are checked every pass
+            // from memory, without a syscall.
+            self.spin_pass = self.spin_pass.wrapping_add(1);
+            if timeout > 0 || !spinning || self.spin_pass & 7 == 0 {
+                self.epoll_waits += 1;
+                self.epoll.wait(timeout, &mut ready)?;
+            } else {
+                ready.clear();
+            }
             if prepared {
                 for a in self.engine.apps.values_mut() {
                     for w in a.workers.iter_mut().flatten() {
@@ -273,7 +292,7 @@ impl Daemon {
                 }
             }
             let now = self.now();
-            let mut uplink_ready = busy;
+            let mut uplink_ready = busy || (spinning && self.spin_pass & 7 == 0);
             for &tok in &ready {
                 match tok {
                     T_UPLINK => uplink_ready = true,
@@ -317,12 +336,17 @@ impl Daemon {
                     };
                     self.engine.service_touched(now, &mut self.tx);
                     self.tx.send(self.uplink.as_mut());
+                    if n > 0 {
+                        last_work = Instant::now();
+                    }
                     if n < batch {
                         break;
                     }
                 }
             }
-            self.engine.drain_requests(now, &mut self.tx);
+            if self.engine.drain_requests(now, &mut self.tx) > 0 {
+                last_work = Instant::now();
+            }
             self.engine.poll_timers(now, &mut self.tx);
             for app in self.engine.take_broken() {
                 self.engine.stats.apps_killed += 1;
@@ -626,6 +650,7 @@ impl Daemon {
             "apps": self.engine.apps.len(),
             "loops": self.loops,
             "sleeps": self.sleeps,
+            "epoll_waits": self.epoll_waits,
             "rss_bytes": sys::rss_bytes(),
         });
         match cmd {

@@ -39,6 +39,9 @@ const CT_ONLY_BASE: u32 = 1 << 31;
 pub struct SessionConfig {
     /// Capacity of each FIFO (power of two).
     pub fifo_size: u32,
+    /// Capacity of each cut-through FIFO (power of two): larger, since a
+    /// full/drained cycle costs a notification round trip.
+    pub ct_fifo_size: u32,
     /// Size of each app's private segment.
     pub segment_size: usize,
     /// Size of each cut-through segment (one per pair of apps).
@@ -864,7 +867,7 @@ impl Engine {
             }
         }
         let segid = self.ct_segment(app, papp)?;
-        let cap = self.cfg.fifo_size;
+        let cap = self.cfg.ct_fifo_size;
         let ct = self.ct_segments.get_mut(&segid).ok_or(libc::ENOMEM)?;
         let blk = alloc_block(&mut ct.seg, cap).ok_or(libc::ENOBUFS)?;
         // Client endpoint: a made-up ephemeral port on the loopback/local ip.

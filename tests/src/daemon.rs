@@ -57,7 +57,14 @@ impl Daemon {
     pub fn start(tb: &crate::Testbed, extra: &[&str]) -> Result<Self> {
         let ip4 = format!("{}/{}", tb.daemon_ip4, tb.prefix_len4);
         let ip6 = format!("{}/{}", tb.daemon_ip6, tb.prefix_len6);
-        let mut args = vec!["--interface", tb.daemon_if.as_str(), "--ipv4", &ip4, "--ipv6", &ip6];
+        let mut args = vec![
+            "--interface",
+            tb.daemon_if.as_str(),
+            "--ipv4",
+            &ip4,
+            "--ipv6",
+            &ip6,
+        ];
         args.extend_from_slice(extra);
         Self::start_args(&args)
     }

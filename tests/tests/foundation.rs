@@ -370,7 +370,14 @@ fn tap_uplink_serves_a_kernel_peer() -> Result<()> {
     // namespace (the tap fd keeps working) and gets the peer's address.
     let ns = hoststack_tests::Netns::new()?;
     let tap = format!("hst{}", hoststack_tests::unique_tag());
-    let d = Daemon::start_args(&["--uplink", "tap", "--interface", &tap, "--ipv4", "198.18.200.1/24"])?;
+    let d = Daemon::start_args(&[
+        "--uplink",
+        "tap",
+        "--interface",
+        &tap,
+        "--ipv4",
+        "198.18.200.1/24",
+    ])?;
     hoststack_tests::run(&["ip", "link", "set", &tap, "netns", &ns.name])?;
     ns.ip(&["addr", "add", "198.18.200.2/24", "dev", &tap])?;
     ns.ip(&["link", "set", &tap, "up"])?;
@@ -382,12 +389,36 @@ fn tap_uplink_serves_a_kernel_peer() -> Result<()> {
     srv.expect("listening", T)?;
     let py = peer_py().display().to_string();
     let mut c = Proc::spawn(
-        ns.cmd("python3", &[&py, "echo-client", "198.18.200.1", "7800", "--count", "100", "--size", "3000"]),
+        ns.cmd(
+            "python3",
+            &[
+                &py,
+                "echo-client",
+                "198.18.200.1",
+                "7800",
+                "--count",
+                "100",
+                "--size",
+                "3000",
+            ],
+        ),
         "peer echo over tap",
     )?;
     c.expect("ok echoed 100", T)?;
     let mut u = Proc::spawn(
-        ns.cmd("python3", &[&py, "udp-echo-client", "198.18.200.1", "7800", "--count", "20", "--size", "100"]),
+        ns.cmd(
+            "python3",
+            &[
+                &py,
+                "udp-echo-client",
+                "198.18.200.1",
+                "7800",
+                "--count",
+                "20",
+                "--size",
+                "100",
+            ],
+        ),
         "peer udp over tap",
     )?;
     u.expect("ok udp echoed 20", T)?;
@@ -401,7 +432,11 @@ fn keepalive_probes_an_idle_connection() -> Result<()> {
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
     let ip4 = tb.peer_ip4.to_string();
-    let mut s = peer(&tb, &["echo-server", &ip4, "7900", "--count", "2"], "peer echo server")?;
+    let mut s = peer(
+        &tb,
+        &["echo-server", &ip4, "7900", "--count", "2"],
+        "peer echo server",
+    )?;
     s.expect("listening", T)?;
     let app = App::attach(&d.attach_config("keepalive"))?;
     let mut w = app.worker()?;
@@ -419,6 +454,46 @@ fn keepalive_probes_an_idle_connection() -> Result<()> {
     let without = idle_frames(None)?;
     let with = idle_frames(Some(Duration::from_millis(50)))?;
     eprintln!("idle 600 ms: {without} frames without keepalive, {with} with 50 ms keepalive");
-    ensure!(with >= without + 5, "keepalive must probe: {with} vs {without}");
+    ensure!(
+        with >= without + 5,
+        "keepalive must probe: {with} vs {without}"
+    );
+    Ok(())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+}
+
+#[test]
+fn idle_daemon_sleeps() -> Result<()> {
+    use session_api::client::App;
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let pid = d.child.as_ref().map(|c| c.id()).expect("daemon pid");
+    // An attached app with a listener and a connection, all idle.
+    let app = App::attach(&d.attach_config("idle"))?;
+    let mut w = app.worker()?;
+    let l = w.listen("0.0.0.0:8100".parse()?)?;
+    let mut srv = {
+        let mut c = d.app_cmd("examples/echo_server")?;
+        c.args(["--listen", "127.0.0.1:8101"]);
+        Proc::spawn(c, "echo_server")?
+    };
+    srv.expect("listening", T)?;
+    let s = w.connect("127.0.0.1:8101".parse()?, Some(T))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = cpu_ticks(pid)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid)? - t0;
+    eprintln!("idle daemon used {used} ticks in 2 s");
+    // 10 ticks = 100 ms = 5% of one core; an idle epoll sleeper uses ~0.
+    ensure!(used <= 10, "idle daemon burned {used} ticks in 2 s");
+    w.close(s)?;
+    w.unlisten(l)?;
     Ok(())
 }

@@ -30,6 +30,9 @@ struct Cli {
     /// Write the Markdown table here.
     #[arg(long)]
     markdown: Option<std::path::PathBuf>,
+    /// Daemon adaptive polling window (`--poll-spin-us`), 0 = pure interrupt.
+    #[arg(long, default_value_t = 50)]
+    spin_us: u64,
     /// Repetitions per scenario (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -353,7 +356,8 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
     let (mut ct_sys, mut up_sys) = (vec![], vec![]);
     let mut scale = Vec::new();
     {
-        let d = Daemon::start(&tb, &[])?;
+        let spin = cli.spin_us.to_string();
+        let d = Daemon::start(&tb, &["--poll-spin-us", &spin])?;
         let app = App::attach(&d.attach_config("bench"))?;
         for r in 0..reps {
             let port = 6000 + r as u16 * 10;
@@ -368,9 +372,9 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
                 native_pingpong(&app, format!("127.0.0.1:{}", port + 1).parse()?, n_pp, true)?;
             h.join().map_err(|_| anyhow::anyhow!("echo panicked"))??;
             ct_busy_rtt.push(rtt);
-            let loops0 = d.counter(&["loops"])?;
+            let loops0 = d.counter(&["epoll_waits"])?;
             let (rtt, sys) = native_pingpong(&app, echo_addr, n_pp, false)?;
-            let loops = d.counter(&["loops"])? - loops0;
+            let loops = d.counter(&["epoll_waits"])? - loops0;
             up_rtt.push(rtt);
             // App syscalls + daemon epoll_waits, per echoed message (the
             // uplink's recvmmsg/sendmmsg are counted separately below).
@@ -559,9 +563,10 @@ fn main() -> Result<()> {
         .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         .unwrap_or_default();
     let mut md = format!(
-        "Measured {date}, commit {commit}, {} CPUs ({cpus}), medians of {} runs; gain > 1 = hoststack better.\n\n",
+        "Measured {date}, commit {commit}, {} CPUs ({cpus}), medians of {} runs, daemon poll_spin_us={}; gain > 1 = hoststack better.\n\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        cli.reps
+        cli.reps,
+        cli.spin_us
     );
     md.push_str(
         "| scenario | metric | hoststack | kernel | gain | note |\n|---|---|---:|---:|---:|---|\n",

@@ -17,6 +17,7 @@ CONFIG FILE (TOML; every key optional unless noted, flags override the file):
   [daemon]
     socket_dir = \"/run/hoststack\"  attach sockets <dir>/<namespace>.sock, ctl.sock
     busy_poll = false          spin instead of sleeping (benchmarks)
+    poll_spin_us = 50          adaptive: after work keep polling this long, then sleep (0 = off)
     rx_batch = 64              frames per uplink receive batch (1..=1024)
   [tcp]
     rx_buffer = 262144         smoltcp receive buffer per connection
@@ -24,6 +25,7 @@ CONFIG FILE (TOML; every key optional unless noted, flags override the file):
     connect_timeout_ms = 20000 active open gives up after this (ETIMEDOUT)
   [session]
     fifo_size = 262144         rx and tx FIFO per session (power of two)
+    ct_fifo_size = 1048576     each FIFO of a cut-through session (power of two)
     segment_size = 1073741824  per-app shared segment (virtual; touched on use)
     ct_segment_size = 268435456 per app-pair cut-through segment
     max_sessions_per_app = 16384
@@ -71,6 +73,9 @@ struct Cli {
     /// Busy-poll instead of sleeping (overrides daemon.busy_poll).
     #[arg(long)]
     busy_poll: bool,
+    /// Adaptive polling window in microseconds (overrides daemon.poll_spin_us).
+    #[arg(long)]
+    poll_spin_us: Option<u64>,
     /// FIFO size in bytes (overrides session.fifo_size).
     #[arg(long)]
     fifo_size: Option<u32>,
@@ -123,6 +128,9 @@ fn main() -> Result<()> {
     }
     if cli.busy_poll {
         cfg.daemon.busy_poll = true;
+    }
+    if let Some(us) = cli.poll_spin_us {
+        cfg.daemon.poll_spin_us = us;
     }
     if let Some(f) = cli.fifo_size {
         cfg.session.fifo_size = f;
