@@ -1684,3 +1684,259 @@ fn unspecified_like(a: SocketAddr) -> SocketAddr {
         IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session layer driven without root, sockets or threads: an
+    //! engine and a bare peer stack exchange frames in memory; the "app" is
+    //! the test itself, speaking through the queues and FIFOs in its segment.
+    use super::*;
+    use crate::stack::{StackConfig, VecTx};
+    use session_api::mq::{MqConsumer, MqProducer};
+    use smoltcp::wire::IpCidr;
+
+    fn stack_cfg(last: u8, buf: usize) -> StackConfig {
+        StackConfig {
+            mac: [2, 0, 0, 0, 0, last],
+            mtu: 1500,
+            addrs: vec![IpCidr::new(IpAddress::v4(198, 18, 0, last), 24)],
+            gateway4: None,
+            gateway6: None,
+            tcp_rx_buf: buf,
+            tcp_tx_buf: buf,
+            udp_packets: 16,
+            udp_bytes: 65536,
+            max_flows: 1000,
+            seed: last as u64,
+        }
+    }
+
+    struct Bench {
+        e: Engine,
+        peer: Stack,
+        now: Instant,
+        app: AppId,
+        req: MqProducer,
+        evt: MqConsumer,
+        _ctrl: std::os::unix::net::UnixStream,
+    }
+
+    impl Bench {
+        fn new(fifo: u32, rxbuf: usize) -> Self {
+            let now = Instant::from_millis(1);
+            let stack = Stack::new(stack_cfg(1, rxbuf), now);
+            let mut e = Engine::new(
+                stack,
+                SessionConfig {
+                    fifo_size: fifo,
+                    ct_fifo_size: fifo,
+                    segment_size: 8 << 20,
+                    ct_segment_size: 8 << 20,
+                    connect_timeout: Duration::from_secs(5),
+                    max_sessions_per_app: 100,
+                },
+            );
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let app = e
+                .add_app("t".into(), "default".into(), 1, a.into())
+                .unwrap();
+            let a = e.apps.get_mut(&app).unwrap();
+            let w = a.add_worker().unwrap();
+            let off = a.workers[w as usize].as_ref().unwrap().q_off as usize;
+            let base = a.segments[&a.main_segment].region.as_ptr();
+            let rq = session_api::mq::mq_footprint(crate::app::REQ_SLOTS);
+            // SAFETY: the queues lie in the app's segment, which the engine
+            // keeps mapped for the whole test.
+            let (req, evt) = unsafe {
+                (
+                    MqProducer::new(base.add(off), crate::app::REQ_SLOTS),
+                    MqConsumer::new(base.add(off + rq), crate::app::EVT_SLOTS),
+                )
+            };
+            Bench {
+                e,
+                peer: Stack::new(stack_cfg(2, 65536), now),
+                now,
+                app,
+                req,
+                evt,
+                _ctrl: b,
+            }
+        }
+
+        fn request(&mut self, r: Request) {
+            self.req.try_send(&r.encode()).unwrap();
+            let mut tx = VecTx::default();
+            self.e.drain_requests(self.now, &mut tx);
+            self.deliver(tx.0, Vec::new());
+        }
+
+        fn events(&mut self) -> Vec<Event> {
+            let mut v = Vec::new();
+            while let Some(m) = self.evt.try_recv().unwrap() {
+                v.push(Event::decode(&m).unwrap());
+            }
+            v
+        }
+
+        /// Exchange frames until both sides are quiet.
+        fn deliver(&mut self, mut to_peer: Vec<Vec<u8>>, mut to_e: Vec<Vec<u8>>) {
+            for _ in 0..1000 {
+                if to_peer.is_empty() && to_e.is_empty() {
+                    return;
+                }
+                let mut te = VecTx::default();
+                let mut tp = VecTx::default();
+                for f in to_e.drain(..) {
+                    self.e.ingress(self.now, &f, false, &mut te);
+                }
+                self.e.service_touched(self.now, &mut te);
+                for f in to_peer.drain(..) {
+                    self.peer.ingress(self.now, &f, false, &mut tp);
+                }
+                let mut t = Vec::new();
+                self.peer.take_touched(&mut t);
+                for id in t {
+                    self.peer.egress(id, self.now, &mut tp);
+                }
+                self.now += Duration::from_micros(50);
+                to_peer = te.0;
+                to_e = tp.0;
+            }
+        }
+
+        fn tick(&mut self, ms: u64) {
+            self.now += Duration::from_millis(ms);
+            let mut te = VecTx::default();
+            let mut tp = VecTx::default();
+            self.e.poll_timers(self.now, &mut te);
+            self.peer.poll_timers(self.now, &mut tp);
+            self.deliver(te.0, tp.0);
+        }
+    }
+
+    #[test]
+    fn slow_reader_closes_the_window_and_loses_nothing() {
+        const FIFO: u32 = 4096;
+        const RXBUF: usize = 8192;
+        let mut b = Bench::new(FIFO, RXBUF);
+        b.request(Request::Listen {
+            req_id: 1,
+            proto: Proto::Tcp,
+            local: "0.0.0.0:80".parse().unwrap(),
+            backlog: 8,
+        });
+        assert!(matches!(b.events()[..], [Event::Reply { errno: 0, .. }]));
+        let f = b
+            .peer
+            .connect(
+                IpEndpoint::new(IpAddress::v4(198, 18, 0, 1), 80),
+                None,
+                1,
+                b.now,
+            )
+            .unwrap();
+        let mut tp = VecTx::default();
+        b.peer.egress(f, b.now, &mut tp);
+        b.deliver(Vec::new(), tp.0);
+        b.tick(5);
+        let (handle, seg, desc) = match b.events()[..] {
+            [Event::Accepted {
+                handle,
+                segment,
+                desc,
+                ..
+            }] => (handle, segment, desc),
+            ref other => panic!("expected Accepted, got {other:?}"),
+        };
+        let a = &b.e.apps[&b.app];
+        let region = &a.segments[&seg].region;
+        let mut db = [0u8; SESSION_DESC_SIZE_T];
+        // SAFETY: the descriptor lies in the segment the engine wrote it to.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                region.as_ptr().add(desc as usize),
+                db.as_mut_ptr(),
+                db.len(),
+            )
+        };
+        let d = SessionDesc::from_bytes(&db).unwrap();
+        // SAFETY: the rx FIFO lies in the same segment.
+        let mut rx = unsafe { FifoConsumer::new(region.as_ptr().add(d.rx_off as usize), d.rx_cap) };
+
+        // The peer has 64 KiB to send; the app does not read yet.
+        let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut sent = 0;
+        for _ in 0..50 {
+            let s = b.peer.tcp(f).unwrap();
+            sent += s.send_slice(&data[sent..]).unwrap();
+            let mut tp = VecTx::default();
+            b.peer.egress(f, b.now, &mut tp);
+            b.deliver(Vec::new(), tp.0);
+            b.tick(2);
+        }
+        // Only FIFO + smoltcp buffer worth of data left the peer's buffer:
+        // the advertised window closed instead of data being dropped or
+        // buffered without bound.
+        let buffered = rx.len().unwrap() as usize;
+        assert_eq!(buffered, FIFO as usize, "the app's FIFO is full");
+        let delivered = sent - b.peer.tcp(f).unwrap().send_queue();
+        assert!(
+            delivered <= FIFO as usize + RXBUF,
+            "{delivered} bytes accepted with a full FIFO"
+        );
+        assert!(
+            b.peer.tcp(f).unwrap().send_queue() > 0,
+            "sender must be stalled"
+        );
+
+        // Now read slowly; every read that drains tells the daemon.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1000];
+        for _ in 0..10_000 {
+            if got.len() == data.len() {
+                break;
+            }
+            rx.clear_event();
+            let n = rx.dequeue(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+            if rx.take_dequeue_notification() {
+                b.request(Request::RxDrained { handle });
+            }
+            let s = b.peer.tcp(f).unwrap();
+            if sent < data.len() {
+                sent += s.send_slice(&data[sent..]).unwrap();
+            }
+            let mut tp = VecTx::default();
+            b.peer.egress(f, b.now, &mut tp);
+            b.deliver(Vec::new(), tp.0);
+            b.tick(1);
+        }
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "bytes must arrive intact and in order");
+    }
+
+    #[test]
+    fn requests_for_handles_of_other_apps_are_refused() {
+        let mut b = Bench::new(4096, 8192);
+        // A made-up handle and a listener handle the app does not own.
+        b.request(Request::Close { handle: 12345 });
+        b.request(Request::Abort {
+            handle: LISTEN_BIT | 7,
+        });
+        b.request(Request::Unlisten {
+            handle: LISTEN_BIT | 7,
+        });
+        assert_eq!(b.e.stats.bad_requests, 3);
+        assert!(b.e.take_broken().is_empty(), "bad handles are not fatal");
+        // Garbage in the queue is fatal for that app only.
+        b.req
+            .try_send(&session_api::mq::RawMsg([0xee; 64]))
+            .unwrap();
+        let mut tx = VecTx::default();
+        b.e.drain_requests(b.now, &mut tx);
+        assert_eq!(b.e.take_broken(), vec![b.app]);
+    }
+
+    const SESSION_DESC_SIZE_T: usize = session_api::msg::SESSION_DESC_SIZE;
+}
