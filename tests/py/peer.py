@@ -173,6 +173,34 @@ def udp_echo_client(a):
     print(f"ok udp echoed {a.count} x {a.size}")
 
 
+def ping(a):
+    """ICMP echo with a raw socket (no ping binary needed)."""
+    import struct
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s.settimeout(3)
+    def csum(b):
+        if len(b) % 2:
+            b += b"\0"
+        t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+        t = (t >> 16) + (t & 0xFFFF)
+        t += t >> 16
+        return ~t & 0xFFFF
+    for seq in range(a.count):
+        payload = b"hoststack-ping-%d" % seq
+        hdr = struct.pack("!BBHHH", 8, 0, 0, 0x4853, seq)
+        pkt = struct.pack("!BBHHH", 8, 0, csum(hdr + payload), 0x4853, seq) + payload
+        s.sendto(pkt, (a.host, 0))
+        while True:
+            d, src = s.recvfrom(2048)
+            ihl = (d[0] & 0xF) * 4
+            typ, code, _, ident, rseq = struct.unpack("!BBHHH", d[ihl:ihl + 8])
+            if typ == 0 and ident == 0x4853 and rseq == seq:
+                if d[ihl + 8:] != payload:
+                    sys.exit("echo reply payload mismatch")
+                break
+    print(f"ok {a.count} echo replies from {a.host}")
+
+
 p = argparse.ArgumentParser()
 p.add_argument("mode")
 p.add_argument("host")
@@ -183,4 +211,5 @@ p.add_argument("--file")
 p.add_argument("--wait", type=float, default=10)
 a = p.parse_args()
 {"echo-client": echo_client, "echo-server": echo_server, "send-file": send_file,
- "recv-hash": recv_hash, "many": many, "hold": hold, "udp-echo-client": udp_echo_client}[a.mode](a)
+ "recv-hash": recv_hash, "many": many, "hold": hold, "udp-echo-client": udp_echo_client,
+ "ping": ping}[a.mode](a)

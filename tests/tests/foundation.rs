@@ -2,7 +2,7 @@
 //! veth, kernel peers in a network namespace on the other, native apps
 //! (the session-api examples) attached to the daemon.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use hoststack_tests::daemon::{peer_py, Daemon, Proc};
 use hoststack_tests::Testbed;
 use std::time::{Duration, Instant};
@@ -495,5 +495,180 @@ fn idle_daemon_sleeps() -> Result<()> {
     ensure!(used <= 10, "idle daemon burned {used} ticks in 2 s");
     w.close(s)?;
     w.unlisten(l)?;
+    Ok(())
+}
+
+#[test]
+fn icmp_echo_and_routing_through_the_daemons_gateway() -> Result<()> {
+    let tb = Testbed::new()?;
+    // A "remote" network behind the peer: 198.19.77.1 on the peer's lo,
+    // reachable for the daemon only through its own default gateway.
+    tb.netns()
+        .ip(&["addr", "add", "198.19.77.1/32", "dev", "lo"])?;
+    let gw = tb.peer_ip4.to_string();
+    let d = Daemon::start(&tb, &["--gateway4", &gw])?;
+    let ip4 = tb.daemon_ip4.to_string();
+    let mut p = peer(&tb, &["ping", &ip4, "0", "--count", "3"], "peer ping")?;
+    p.expect("ok 3 echo replies", T)?;
+    let mut s = peer(
+        &tb,
+        &["echo-server", "198.19.77.1", "7950", "--count", "1"],
+        "remote server",
+    )?;
+    s.expect("listening", T)?;
+    let mut c = d.app_cmd("examples/echo_client")?;
+    c.args(["--connect", "198.19.77.1:7950", "--count", "50"]);
+    let mut c = Proc::spawn(c, "echo_client via gateway")?;
+    c.expect("ok 50 messages", T)?;
+    Ok(())
+}
+
+#[test]
+fn abort_addresses_nodelay_and_an_external_epoll_loop() -> Result<()> {
+    use session_api::client::{App, Notify};
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let ip4 = tb.peer_ip4.to_string();
+    let py = peer_py().display().to_string();
+    let app = App::attach(&d.attach_config("api"))?;
+    let mut w = app.worker()?;
+
+    // Abort: the kernel peer holding the connection sees a RST.
+    let l = w.listen("0.0.0.0:7960".parse()?)?;
+    let dip = tb.daemon_ip4.to_string();
+    let mut h = Proc::spawn(
+        tb.peer_cmd("python3", &[&py, "hold", &dip, "7960", "--wait", "10"]),
+        "hold",
+    )?;
+    h.expect("connected", T)?;
+    let s = w.accept(l, Some(T))?;
+    // Endpoints as the kernel peer sees them, reversed.
+    ensure!(w.local_addr(s)? == Some(format!("{dip}:7960").parse()?));
+    let peer_addr = w.peer_addr(s)?.expect("peer address");
+    ensure!(peer_addr.ip().to_string() == ip4, "peer {peer_addr}");
+    let mut b = [0u8; 5];
+    let n = w.read(s, &mut b, Some(T))?;
+    ensure!(&b[..n] == b"hello");
+    w.set_nodelay(s, true)?;
+    w.abort(s)?;
+    let line = h.expect("after", T)?;
+    ensure!(
+        line.starts_with("reset after"),
+        "abort must send RST: {line}"
+    );
+
+    // External epoll: block in our own epoll on the worker's fds.
+    // SAFETY: plain epoll syscalls on fds we own for the test's duration.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    ensure!(ep >= 0);
+    for fd in w.wait_fds() {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: fd as u64,
+        };
+        // SAFETY: valid epoll fd, target fd and event struct.
+        ensure!(unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } == 0);
+    }
+    let mut c = Proc::spawn(
+        tb.peer_cmd(
+            "python3",
+            &[
+                &py,
+                "echo-client",
+                &dip,
+                "7960",
+                "--count",
+                "1",
+                "--size",
+                "8",
+            ],
+        ),
+        "client",
+    )?;
+    let t0 = std::time::Instant::now();
+    let mut accepted = None;
+    let mut notes = Vec::new();
+    while accepted.is_none() && t0.elapsed() < T {
+        if w.prepare_external_wait() {
+            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+            // SAFETY: buffer of 4 events.
+            let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 4, 5000) };
+            ensure!(n > 0, "the worker's eventfd must wake our epoll");
+        }
+        notes.clear();
+        w.poll_events(&mut notes, Some(Duration::ZERO))?;
+        if notes.iter().any(|n| matches!(n, Notify::Accept(_))) {
+            accepted = Some(w.accept(l, Some(Duration::ZERO))?);
+        }
+    }
+    // SAFETY: closing the epoll fd we created.
+    unsafe { libc::close(ep) };
+    let s = accepted.context("no accept through the external epoll")?;
+    let mut b = [0u8; 8];
+    let mut got = 0;
+    while got < 8 {
+        got += w.read(s, &mut b[got..], Some(T))?;
+    }
+    w.write_all(s, &b, Some(T))?;
+    ensure!(
+        w.read(s, &mut b, Some(T))? == 0,
+        "EOF after the client's shutdown"
+    );
+    w.close(s)?;
+    c.expect("ok echoed 1", T)?;
+    Ok(())
+}
+
+#[test]
+fn hoststackctl_shows_sessions_and_counters() -> Result<()> {
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let mut srv = {
+        let mut c = d.app_cmd("examples/echo_server")?;
+        c.args(["--listen", "0.0.0.0:7970"]);
+        Proc::spawn(c, "echo_server")?
+    };
+    srv.expect("listening", T)?;
+    let dip = tb.daemon_ip4.to_string();
+    let py = peer_py().display().to_string();
+    let mut h = Proc::spawn(
+        tb.peer_cmd("python3", &[&py, "hold", &dip, "7970", "--wait", "5"]),
+        "hold",
+    )?;
+    h.expect("connected", T)?;
+    let ctl = hoststack_tests::daemon::bin("hoststackctl")?;
+    let out = std::process::Command::new(&ctl)
+        .args(["--socket-dir", &d.dir.display().to_string(), "sessions"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "hoststackctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        text.contains("ESTABLISHED") && text.contains(&format!("{dip}:7970")),
+        "{text}"
+    );
+    ensure!(text.contains("0.0.0.0:7970"), "listener shown: {text}");
+    let out = std::process::Command::new(&ctl)
+        .args([
+            "--socket-dir",
+            &d.dir.display().to_string(),
+            "counters",
+            "--json",
+        ])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        v["counters"]["stack"]["passive_opens"].as_u64() == Some(1),
+        "{v}"
+    );
+    // A daemon that is not there: a clear error, not a hang.
+    let out = std::process::Command::new(&ctl)
+        .args(["--socket-dir", "/nonexistent"])
+        .output()?;
+    ensure!(!out.status.success());
+    ensure!(String::from_utf8_lossy(&out.stderr).contains("is it running"));
     Ok(())
 }
