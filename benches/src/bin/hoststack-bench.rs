@@ -51,7 +51,31 @@ enum Role {
 
 const T: Duration = Duration::from_secs(60);
 
+/// CPU for the client side (this process's main thread).
+const CLIENT_CPU: usize = 0;
+/// CPU for the server side: server threads, the daemon, peer processes.
+const SERVER_CPU: usize = 1;
+
+/// CPUs online (not `available_parallelism`, which shrinks to the calling
+/// thread's affinity mask once it is pinned).
+fn online_cpus() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).max(1) as usize
+}
+
+/// Pin a thread or process (`pid` 0 = the calling thread) to one CPU.
+fn pin(pid: i32, cpu: usize) {
+    let n = online_cpus();
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % n, &mut set);
+        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 fn kernel_echo(addr: SocketAddr) -> Result<()> {
+    pin(0, SERVER_CPU);
     let l = TcpListener::bind(addr)?;
     println!("ready");
     for c in l.incoming() {
@@ -70,6 +94,7 @@ fn kernel_echo(addr: SocketAddr) -> Result<()> {
 }
 
 fn kernel_sink(addr: SocketAddr) -> Result<()> {
+    pin(0, SERVER_CPU);
     let l = TcpListener::bind(addr)?;
     println!("ready");
     for c in l.incoming() {
@@ -168,6 +193,7 @@ fn native_pingpong(app: &App, addr: SocketAddr, n: usize, busy: bool) -> Result<
     })?;
     let sys = w.stats().syscalls - before;
     w.close(s)?;
+    pin(0, CLIENT_CPU);
     Ok((rtt, sys))
 }
 
@@ -180,6 +206,7 @@ fn native_echo_thread(
     let app = app.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || -> Result<()> {
+        pin(0, SERVER_CPU);
         let mut w = app.worker()?;
         w.set_busy_poll(busy);
         let l = w.listen(addr)?;
@@ -210,6 +237,7 @@ fn kernel_bulk_lo(bytes: u64) -> Result<f64> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let h = std::thread::spawn(move || -> Result<u64> {
+        pin(0, SERVER_CPU);
         let (mut c, _) = l.accept()?;
         let mut b = vec![0u8; 1 << 20];
         let mut n = 0u64;
@@ -244,6 +272,7 @@ fn native_bulk_ct(app: &App, port: u16, bytes: u64) -> Result<f64> {
     let app2 = app.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || -> Result<u64> {
+        pin(0, SERVER_CPU);
         let mut w = app2.worker()?;
         let l = w.listen(addr)?;
         tx.send(())?;
@@ -339,6 +368,9 @@ fn peer_role(tb: &Testbed, role: &str, addr: &str) -> Result<Proc> {
 
 fn run_all(cli: &Cli) -> Result<Vec<Row>> {
     let reps = cli.reps.max(1);
+    // Client side on CPU 0; servers, the daemon and peer processes on CPU 1,
+    // for hoststack and kernel runs alike.
+    pin(0, CLIENT_CPU);
     let n_pp = if cli.quick { 2000 } else { 20000 };
     let bulk: u64 = if cli.quick { 256 << 20 } else { 1 << 30 };
     let mut rows = Vec::new();
@@ -358,6 +390,9 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
     {
         let spin = cli.spin_us.to_string();
         let d = Daemon::start(&tb, &["--poll-spin-us", &spin])?;
+        if let Some(c) = d.child.as_ref() {
+            pin(c.id() as i32, SERVER_CPU);
+        }
         let app = App::attach(&d.attach_config("bench"))?;
         for r in 0..reps {
             let port = 6000 + r as u16 * 10;
@@ -440,6 +475,7 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
             let l = TcpListener::bind("127.0.0.1:0")?;
             let a = l.local_addr()?;
             let h = std::thread::spawn(move || -> Result<()> {
+                pin(0, SERVER_CPU);
                 let (mut c, _) = l.accept()?;
                 c.set_nodelay(true)?;
                 let mut b = [0u8; 65536];
@@ -563,8 +599,8 @@ fn main() -> Result<()> {
         .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         .unwrap_or_default();
     let mut md = format!(
-        "Measured {date}, commit {commit}, {} CPUs ({cpus}), medians of {} runs, daemon poll_spin_us={}; gain > 1 = hoststack better.\n\n",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "Measured {date}, commit {commit}, {} CPUs ({cpus}), medians of {} runs, daemon poll_spin_us={}; clients pinned to CPU 0, servers/daemon/peers to CPU 1; gain > 1 = hoststack better.\n\n",
+        online_cpus(),
         cli.reps,
         cli.spin_us
     );
