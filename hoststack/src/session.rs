@@ -555,14 +555,7 @@ impl Engine {
                         desc,
                         local: Some(local),
                     },
-                    Err(errno) => Event::Reply {
-                        req_id,
-                        errno,
-                        handle: 0,
-                        segment: 0,
-                        desc: 0,
-                        local: None,
-                    },
+                    Err(errno) => Event::error_reply(req_id, errno),
                 };
                 self.post(app, worker, ev);
             }
@@ -596,18 +589,7 @@ impl Engine {
                         },
                     ),
                     Ok(_) => {} // TCP replies when established (or cut-through replied).
-                    Err(errno) => self.post(
-                        app,
-                        worker,
-                        Event::Reply {
-                            req_id,
-                            errno,
-                            handle: 0,
-                            segment: 0,
-                            desc: 0,
-                            local: None,
-                        },
-                    ),
+                    Err(errno) => self.post(app, worker, Event::error_reply(req_id, errno)),
                 }
             }
             Request::Tx { handle } | Request::RxDrained { handle } => {
@@ -1251,18 +1233,7 @@ impl Engine {
                         libc::ECONNREFUSED
                     };
                     let (app, worker) = (s.app, s.worker);
-                    self.post(
-                        app,
-                        worker,
-                        Event::Reply {
-                            req_id,
-                            errno,
-                            handle: 0,
-                            segment: 0,
-                            desc: 0,
-                            local: None,
-                        },
-                    );
+                    self.post(app, worker, Event::error_reply(req_id, errno));
                     self.stack.remove_flow(flow, now, tx);
                     self.free_session(h);
                     return;

@@ -4,7 +4,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -105,29 +104,11 @@ pub fn signalfd() -> io::Result<OwnedFd> {
     }
 }
 
-fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    // SAFETY: sockaddr_un is plain old data.
-    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let b = path.as_os_str().as_bytes();
-    if b.len() >= a.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
-    }
-    for (d, s) in a.sun_path.iter_mut().zip(b) {
-        *d = *s as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + b.len() + 1;
-    Ok((a, len as libc::socklen_t))
-}
-
 /// A non-blocking listening unix socket of `ty` (SOCK_SEQPACKET or SOCK_STREAM)
 /// at `path` (a stale file is replaced).
 pub fn unix_listen(path: &Path, ty: libc::c_int) -> io::Result<OwnedFd> {
     let _ = std::fs::remove_file(path);
-    let (a, len) = sockaddr_un(path)?;
+    let (a, len) = session_api::sys::sockaddr_un(path)?;
     // SAFETY: plain syscalls on a fresh fd we own; `a` outlives the calls.
     unsafe {
         let fd = OwnedFd::from_raw_fd(cvt(libc::socket(
@@ -169,7 +150,7 @@ pub fn unix_accept(l: RawFd) -> io::Result<Option<OwnedFd>> {
 
 /// Connect a SOCK_SEQPACKET / SOCK_STREAM unix socket (blocking, cloexec).
 pub fn unix_connect(path: &Path, ty: libc::c_int) -> io::Result<OwnedFd> {
-    let (a, len) = sockaddr_un(path)?;
+    let (a, len) = session_api::sys::sockaddr_un(path)?;
     // SAFETY: as in `unix_listen`.
     unsafe {
         let fd = OwnedFd::from_raw_fd(cvt(libc::socket(

@@ -395,6 +395,18 @@ impl Request {
 }
 
 impl Event {
+    /// A failed [`Event::Reply`].
+    pub fn error_reply(req_id: u32, errno: i32) -> Self {
+        Event::Reply {
+            req_id,
+            errno,
+            handle: 0,
+            segment: 0,
+            desc: 0,
+            local: None,
+        }
+    }
+
     /// Encode into a queue slot.
     pub fn encode(&self) -> RawMsg {
         match *self {

@@ -8,8 +8,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
 
-/// Connect a `SOCK_SEQPACKET` unix socket at `path` (close-on-exec).
-pub fn seqpacket_connect(path: &Path) -> io::Result<OwnedFd> {
+/// A `sockaddr_un` for a filesystem path, with its length.
+pub fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     // SAFETY: sockaddr_un is plain old data.
     let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     a.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -24,6 +24,12 @@ pub fn seqpacket_connect(path: &Path) -> io::Result<OwnedFd> {
         *d = *s as libc::c_char;
     }
     let len = (std::mem::size_of::<libc::sa_family_t>() + b.len() + 1) as libc::socklen_t;
+    Ok((a, len))
+}
+
+/// Connect a `SOCK_SEQPACKET` unix socket at `path` (close-on-exec).
+pub fn seqpacket_connect(path: &Path) -> io::Result<OwnedFd> {
+    let (a, len) = sockaddr_un(path)?;
     // SAFETY: fresh fd owned immediately; `a` outlives the connect call.
     unsafe {
         let r = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);

@@ -110,26 +110,29 @@ def many(a):
         sel.register(s, selectors.EVENT_WRITE, i)
     pending = {i: f"conn-{i:05d}-".encode() * 8 for i in range(a.count)}
     got = {i: b"" for i in range(a.count)}
-    connected = 0
-    while connected < a.count:
-        if time.time() > deadline:
-            sys.exit(f"only {connected} of {a.count} connected")
-        for key, _ in sel.select(timeout=1):
-            s, i = key.fileobj, key.data
-            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                sys.exit(f"connection {i} failed: {os.strerror(err)}")
-            s.send(pending[i])
-            sel.modify(s, selectors.EVENT_READ, i)
-            connected += 1
-    # All connections are open concurrently now; collect the echoes.
+    is_connected = set()
     done = 0
+    # Every socket stays open until all have been echoed, so all N
+    # connections exist at the same time.
     while done < a.count:
         if time.time() > deadline:
-            sys.exit(f"only {done} of {a.count} echoed")
-        for key, _ in sel.select(timeout=1):
+            sys.exit(f"{len(is_connected)} of {a.count} connected, {done} echoed")
+        for key, mask in sel.select(timeout=1):
             s, i = key.fileobj, key.data
-            d = s.recv(4096)
+            if i not in is_connected:
+                if not mask & selectors.EVENT_WRITE:
+                    continue
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    sys.exit(f"connection {i} failed: {os.strerror(err)}")
+                s.send(pending[i])
+                is_connected.add(i)
+                sel.modify(s, selectors.EVENT_READ, i)
+                continue
+            try:
+                d = s.recv(4096)
+            except BlockingIOError:
+                continue
             if not d:
                 sys.exit(f"connection {i} closed early")
             got[i] += d
@@ -137,8 +140,9 @@ def many(a):
                 if got[i] != pending[i]:
                     sys.exit(f"connection {i}: wrong echo")
                 sel.unregister(s)
-                s.close()
                 done += 1
+    for s in socks:
+        s.close()
     print(f"ok {a.count} concurrent connections echoed")
 
 

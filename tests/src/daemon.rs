@@ -250,6 +250,11 @@ impl Proc {
                         return Ok(l);
                     }
                 }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!(
+                    "{}: exited without a line with {pat:?}; saw {:?}",
+                    self.name,
+                    self.seen
+                ),
                 Err(_) => bail!(
                     "{}: no line with {pat:?} within {timeout:?}; saw {:?}",
                     self.name,
