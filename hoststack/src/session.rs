@@ -1548,6 +1548,14 @@ impl Engine {
         for id in cts {
             if let Some(c) = self.ct_segments.remove(&id) {
                 self.ct_by_pair.remove(&c.apps);
+                // Tell the surviving app it can unmap the pair's segment.
+                let other = if c.apps.0 == app { c.apps.1 } else { c.apps.0 };
+                if let Some(o) = self.apps.get_mut(&other).filter(|_| other != app) {
+                    o.ct_segments.retain(|s| *s != id);
+                    let m = session_api::proto::DaemonCtrl::SegmentGone { segment: id }.encode();
+                    use std::os::fd::AsFd;
+                    let _ = session_api::shm::send_with_fds(o.ctrl.as_fd(), &m, &[]);
+                }
             }
         }
         self.app_sessions.remove(&app);

@@ -158,14 +158,21 @@ impl AppShared {
         if r <= 0 {
             return Ok(());
         }
-        self.read_one()
+        // Drain what is queued (bounded), not just one message.
+        for _ in 0..256 {
+            if !self.read_one()? {
+                break;
+            }
+        }
+        Ok(())
     }
 
-    fn read_one(&self) -> Result<()> {
+    /// Read one control datagram if one waits; Ok(false) if none.
+    fn read_one(&self) -> Result<bool> {
         let mut buf = vec![0u8; CTRL_MAX];
         let (n, fds) = match recv_with_fds(self.ctrl.as_fd(), &mut buf, 4) {
             Ok(x) => x,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
             Err(_) => {
                 self.dead.store(true, Ordering::Release);
                 return Err(Error::DaemonGone);
@@ -188,13 +195,20 @@ impl AppShared {
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(segment, Arc::new(region));
             }
+            DaemonCtrl::SegmentGone { segment } => {
+                // Sessions still holding it keep the mapping until closed.
+                self.segments
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&segment);
+            }
             other => self
                 .replies
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push_back((other, fds)),
         }
-        Ok(())
+        Ok(true)
     }
 
     fn segment(&self, id: u32) -> Result<Arc<ShmRegion>> {
@@ -320,6 +334,21 @@ impl App {
     /// The daemon's id for this app.
     pub fn id(&self) -> u32 {
         self.inner.id
+    }
+
+    /// Handle control messages the daemon sent (segment announcements and
+    /// retirements) without blocking. Blocking calls do this on their own.
+    pub fn process_control(&self) -> Result<()> {
+        self.inner.pump(Duration::ZERO)
+    }
+
+    /// Shared segments this app has mapped (its own and cut-through ones).
+    pub fn segment_count(&self) -> usize {
+        self.inner
+            .segments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Register a new worker (one per thread doing I/O).

@@ -101,6 +101,12 @@ pub enum DaemonCtrl {
         /// Size in bytes.
         size: u64,
     },
+    /// A cut-through segment whose peer app is gone: no session uses it
+    /// any more, the app should unmap it.
+    SegmentGone {
+        /// Segment id.
+        segment: u32,
+    },
 }
 
 struct Enc(Vec<u8>);
@@ -230,6 +236,7 @@ impl DaemonCtrl {
                     .0
             }
             DaemonCtrl::Segment { segment, size } => Enc::new(104).u32(*segment).u64(*size).0,
+            DaemonCtrl::SegmentGone { segment } => Enc::new(105).u32(*segment).0,
         }
     }
     /// Parse.
@@ -257,6 +264,7 @@ impl DaemonCtrl {
                 segment: d.u32()?,
                 size: d.u64()?,
             },
+            105 => DaemonCtrl::SegmentGone { segment: d.u32()? },
             t => return Err(ProtoError::UnknownType(t)),
         })
     }
@@ -289,6 +297,8 @@ mod tests {
             message: "bad secret".into(),
         };
         assert_eq!(DaemonCtrl::decode(&e.encode()), Ok(e));
+        let g = DaemonCtrl::SegmentGone { segment: 9 };
+        assert_eq!(DaemonCtrl::decode(&g.encode()), Ok(g));
     }
 
     #[test]

@@ -92,6 +92,15 @@ fn two_hundred_kill_cycles_return_memory_to_baseline() -> Result<()> {
         }
     }
     wait_for("sessions freed", T, || Ok(d.counter(&["sessions"])? == 0))?;
+    // The survivor unmaps the pair segments of dead peers (own segment +
+    // at most the latest pair segment, whose announcement may still be
+    // pending).
+    app.process_control()?;
+    ensure!(
+        app.segment_count() <= 2,
+        "survivor still maps {} segments",
+        app.segment_count()
+    );
     let rss = d.counter(&["rss_bytes"])?;
     eprintln!("daemon rss after 20 cycles {baseline}, after 200 cycles {rss}");
     ensure!(
