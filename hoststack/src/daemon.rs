@@ -97,6 +97,15 @@ impl Daemon {
     /// Open the uplink, the sockets, and build the stack.
     pub fn new(cfg: Config) -> Result<Self> {
         cfg.validate()?;
+        // Check every address before touching the system.
+        for (key, v) in [
+            ("uplink.ipv4", &cfg.uplink.ipv4),
+            ("uplink.ipv6", &cfg.uplink.ipv6),
+        ] {
+            if let Some(a) = v {
+                parse_cidr(a, key)?;
+            }
+        }
         let up = uplink::open(
             cfg.uplink.kind,
             &cfg.uplink.interface,

@@ -672,3 +672,69 @@ fn hoststackctl_shows_sessions_and_counters() -> Result<()> {
     ensure!(String::from_utf8_lossy(&out.stderr).contains("is it running"));
     Ok(())
 }
+
+#[test]
+fn daemon_reads_a_toml_config_and_rejects_bad_ones() -> Result<()> {
+    let tb = Testbed::new()?;
+    let dir = std::env::temp_dir().join(format!("hs-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let _g = scopeguard(dir.join("x"));
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "[uplink]\nkind = \"af-packet\"\ninterface = \"{}\"\nipv4 = \"{}/24\"\n\
+             [daemon]\npoll_spin_us = 0\n[session]\nfifo_size = 65536\n",
+            tb.daemon_if, tb.daemon_ip4
+        ),
+    )?;
+    let d = Daemon::start_args(&["--config", &good.display().to_string()])?;
+    let v = d.ctl("interfaces")?;
+    ensure!(v["interfaces"][0]["name"] == tb.daemon_if.as_str(), "{v}");
+    let mut srv = {
+        let mut c = d.app_cmd("examples/echo_server")?;
+        c.args(["--listen", "0.0.0.0:8200"]);
+        Proc::spawn(c, "echo_server")?
+    };
+    srv.expect("listening", T)?;
+    let ip4 = tb.daemon_ip4.to_string();
+    let mut c = peer(&tb, &["echo-client", &ip4, "8200", "--count", "10"], "peer")?;
+    c.expect("ok echoed 10", T)?;
+    let sess = d.ctl("sessions")?;
+    drop(d);
+    ensure!(sess["sessions"].as_array().is_some(), "{sess}");
+    // Bad configs: a clear message and a non-zero exit, never a panic.
+    let bin = hoststack_tests::daemon::bin("hoststackd")?;
+    for (text, want) in [
+        ("[uplink]\nnope = 1\n", "unknown field"),
+        (
+            "[uplink]\ninterface = \"x\"\nipv4 = \"198.18.0.1/24\"\n[session]\nfifo_size = 1000\n",
+            "fifo_size",
+        ),
+        (
+            "[uplink]\ninterface = \"hs-no-such-if\"\nipv4 = \"198.18.0.1/24\"\n",
+            "not found",
+        ),
+        (
+            "[uplink]\ninterface = \"x\"\nipv4 = \"not-an-ip\"\n",
+            "uplink.ipv4",
+        ),
+    ] {
+        let p = dir.join("bad.toml");
+        std::fs::write(&p, text)?;
+        let out = std::process::Command::new(&bin)
+            .args([
+                "--config",
+                &p.display().to_string(),
+                "--socket-dir",
+                &dir.display().to_string(),
+            ])
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "{text:?} accepted");
+        ensure!(err.contains(want), "{text:?}: expected {want:?} in {err}");
+        ensure!(!err.contains("panicked"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
