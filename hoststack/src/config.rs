@@ -11,6 +11,7 @@
 //! ipv6 = "2001:2::1/64"     # daemon-owned IPv6 address/prefix (link-local is added automatically)
 //! gateway4 = "198.18.0.254" # IPv4 default gateway (the daemon's, not the kernel's)
 //! gateway6 = "2001:2::fe"   # IPv6 default gateway
+//! offload = true            # AF_PACKET: hand the kernel 64 KiB TCP super-frames (TSO) and TCP checksums
 //!
 //! [daemon]
 //! socket_dir = "/run/hoststack" # attach sockets <dir>/<namespace>.sock and ctl.sock
@@ -75,6 +76,8 @@ pub struct UplinkConfig {
     pub gateway4: Option<String>,
     /// IPv6 gateway.
     pub gateway6: Option<String>,
+    /// TCP segmentation/checksum offload to the kernel (AF_PACKET).
+    pub offload: bool,
 }
 
 /// `[daemon]`.
@@ -142,6 +145,7 @@ impl Default for UplinkConfig {
             ipv6: None,
             gateway4: None,
             gateway6: None,
+            offload: true,
         }
     }
 }

@@ -34,22 +34,25 @@ const T_WAKE: u64 = 3 << 40; // + app id << 16 | worker
 #[derive(Default)]
 pub struct TxBatch {
     buf: Vec<u8>,
-    frames: Vec<(usize, usize)>,
+    frames: Vec<(usize, usize, Option<u16>)>,
 }
 
 impl FrameTx for TxBatch {
     fn tx_frame(&mut self, len: usize) -> &mut [u8] {
+        self.tx_frame_gso(len, None)
+    }
+    fn tx_frame_gso(&mut self, len: usize, gso: Option<u16>) -> &mut [u8] {
         let start = self.buf.len();
         self.buf.resize(start + len, 0);
-        self.frames.push((start, len));
+        self.frames.push((start, len, gso));
         &mut self.buf[start..]
     }
 }
 
 impl TxBatch {
     fn send(&mut self, up: &mut dyn Uplink) {
-        for &(s, l) in &self.frames {
-            up.tx_frame(l).copy_from_slice(&self.buf[s..s + l]);
+        for &(s, l, gso) in &self.frames {
+            up.tx_frame_gso(l, gso).copy_from_slice(&self.buf[s..s + l]);
         }
         if !self.frames.is_empty() {
             if let Err(e) = up.flush() {
@@ -110,6 +113,7 @@ impl Daemon {
             cfg.uplink.kind,
             &cfg.uplink.interface,
             cfg.uplink.mac.as_deref().map(parse_mac).transpose()?,
+            cfg.uplink.offload,
         )
         .with_context(|| format!("opening uplink {}", cfg.uplink.interface))?;
         let mac = match &cfg.uplink.mac {
@@ -174,6 +178,7 @@ impl Daemon {
                 udp_bytes: 256 * 1024,
                 max_flows: cfg.session.max_flows,
                 seed,
+                tso: up.tso(),
             },
             SInstant::from_micros(0),
         );

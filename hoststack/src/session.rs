@@ -1687,6 +1687,7 @@ mod tests {
             udp_bytes: 65536,
             max_flows: 1000,
             seed: last as u64,
+            tso: false,
         }
     }
 

@@ -32,11 +32,20 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 pub trait FrameTx {
     /// A buffer of exactly `len` bytes for one outgoing frame.
     fn tx_frame(&mut self, len: usize) -> &mut [u8];
+    /// The same for a TCP super-frame the device must cut into `gso`-byte
+    /// segments (only produced when the stack was built with `tso`).
+    fn tx_frame_gso(&mut self, len: usize, gso: Option<u16>) -> &mut [u8] {
+        let _ = gso;
+        self.tx_frame(len)
+    }
 }
 
 impl<T: crate::uplink::Uplink + ?Sized> FrameTx for T {
     fn tx_frame(&mut self, len: usize) -> &mut [u8] {
         crate::uplink::Uplink::tx_frame(self, len)
+    }
+    fn tx_frame_gso(&mut self, len: usize, gso: Option<u16>) -> &mut [u8] {
+        crate::uplink::Uplink::tx_frame_gso(self, len, gso)
     }
 }
 
@@ -114,6 +123,9 @@ pub struct StackConfig {
     pub max_flows: usize,
     /// Random seed (ISNs, ephemeral ports).
     pub seed: u64,
+    /// The device segments TCP super-frames and fills TCP checksums
+    /// (IPv4 TSO; smoltcp 0.14 cannot emit IPv6 super-frames).
+    pub tso: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -214,6 +226,7 @@ struct Rx<'a>(&'a [u8]);
 struct Tx<'a, 'b> {
     tx: &'b mut dyn FrameTx,
     sent: &'b mut u64,
+    gso: Option<u16>,
     _p: std::marker::PhantomData<&'a ()>,
 }
 
@@ -226,7 +239,11 @@ impl phy::RxToken for Rx<'_> {
 impl phy::TxToken for Tx<'_, '_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         *self.sent += 1;
-        f(self.tx.tx_frame(len))
+        f(self.tx.tx_frame_gso(len, self.gso))
+    }
+
+    fn set_meta(&mut self, meta: smoltcp::phy::PacketMeta) {
+        self.gso = meta.segmentation_offload_size.map(|n| n.get());
     }
 }
 
@@ -247,6 +264,7 @@ impl Device for OneShot<'_> {
             Tx {
                 tx: &mut *self.tx,
                 sent: &mut *self.sent,
+                gso: None,
                 _p: std::marker::PhantomData,
             },
         ))
@@ -256,6 +274,7 @@ impl Device for OneShot<'_> {
         Some(Tx {
             tx: &mut *self.tx,
             sent: &mut *self.sent,
+            gso: None,
             _p: std::marker::PhantomData,
         })
     }
@@ -416,6 +435,10 @@ impl Stack {
             caps.checksum.udp = Checksum::Tx;
             caps.checksum.icmpv4 = Checksum::Tx;
             caps.checksum.icmpv6 = Checksum::Tx;
+            if cfg.tso {
+                caps.checksum.tcp = Checksum::None;
+                caps.segmentation.tcpv4 = std::num::NonZeroUsize::new(65000);
+            }
         }
         let mut icfg = Config::new(HardwareAddress::Ethernet(EthernetAddress(cfg.mac)));
         icfg.random_seed = cfg.seed;
@@ -1094,6 +1117,7 @@ mod tests {
             udp_bytes: 65536,
             max_flows: 100_000,
             seed: last as u64,
+            tso: false,
         }
     }
 

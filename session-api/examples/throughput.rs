@@ -24,6 +24,10 @@ enum Cmd {
         connect: SocketAddr,
         #[arg(long, default_value_t = 1 << 28)]
         bytes: u64,
+        /// Send a constant buffer and skip hashing (measure the stack, not
+        /// the checksum).
+        #[arg(long)]
+        no_hash: bool,
     },
     /// Listen, accept one connection and receive to EOF.
     Recv {
@@ -61,7 +65,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let app = App::attach(&AttachConfig::from_env("throughput"))?;
     let mut w = app.worker()?;
     match a.cmd {
-        Cmd::Send { connect, bytes } => {
+        Cmd::Send {
+            connect,
+            bytes,
+            no_hash,
+        } => {
             let s = w.connect(connect, Some(Duration::from_secs(10)))?;
             let mut h = Sha256::new();
             let mut buf = vec![0u8; 256 * 1024];
@@ -69,8 +77,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let mut off = 0u64;
             while off < bytes {
                 let n = ((bytes - off) as usize).min(buf.len());
-                pattern(off, &mut buf[..n]);
-                h.update(&buf[..n]);
+                if !no_hash {
+                    pattern(off, &mut buf[..n]);
+                    h.update(&buf[..n]);
+                }
                 w.write_all(s, &buf[..n], Some(Duration::from_secs(60)))?;
                 off += n as u64;
             }
@@ -80,8 +90,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             while w.read(s, &mut tail, Some(Duration::from_secs(60)))? > 0 {}
             let secs = t0.elapsed().as_secs_f64();
             println!(
-                "sent bytes={off} sha256={:x} gbps={:.3}",
-                h.finalize(),
+                "sent bytes={off} sha256={} gbps={:.3}",
+                if no_hash {
+                    "-".to_string()
+                } else {
+                    format!("{:x}", h.finalize())
+                },
                 off as f64 * 8.0 / secs / 1e9
             );
             w.close(s)?;

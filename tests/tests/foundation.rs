@@ -683,7 +683,7 @@ fn daemon_reads_a_toml_config_and_rejects_bad_ones() -> Result<()> {
     std::fs::write(
         &good,
         format!(
-            "[uplink]\nkind = \"af-packet\"\ninterface = \"{}\"\nipv4 = \"{}/24\"\n\
+            "[uplink]\nkind = \"af-packet\"\noffload = false\ninterface = \"{}\"\nipv4 = \"{}/24\"\n\
              [daemon]\npoll_spin_us = 0\n[session]\nfifo_size = 65536\n",
             tb.daemon_if, tb.daemon_ip4
         ),

@@ -335,7 +335,7 @@ fn errors_name_the_interface() {
         Err(UplinkError::BadName(_))
     ));
     assert!(matches!(
-        hoststack::uplink::open(hoststack::uplink::UplinkKind::AfPacket, "", None),
+        hoststack::uplink::open(hoststack::uplink::UplinkKind::AfPacket, "", None, true),
         Err(UplinkError::BadName(_))
     ));
 }

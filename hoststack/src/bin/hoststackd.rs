@@ -14,6 +14,7 @@ CONFIG FILE (TOML; every key optional unless noted, flags override the file):
     ipv4 = \"198.18.0.1/24\"     daemon-owned IPv4 address/prefix
     ipv6 = \"2001:2::1/64\"      daemon-owned IPv6 address/prefix (+ EUI-64 link-local)
     gateway4 / gateway6        default gateways used by the daemon (not the kernel's)
+    offload = true             AF_PACKET: TCP segmentation + checksum offload (virtio-net headers)
   [daemon]
     socket_dir = \"/run/hoststack\"  attach sockets <dir>/<namespace>.sock, ctl.sock
     busy_poll = false          spin instead of sleeping (benchmarks)

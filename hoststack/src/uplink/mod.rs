@@ -112,6 +112,18 @@ pub trait Uplink: Send {
     /// Append a frame of `len` bytes to the pending TX batch and return the
     /// buffer to fill (all of it). Flushes first when the batch is full.
     fn tx_frame(&mut self, len: usize) -> &mut [u8];
+    /// Can the device take TCP super-frames (up to 64 KiB, segmented by the
+    /// kernel at the given MSS) and compute TCP checksums itself? Then the
+    /// stack leaves TCP checksums to it.
+    fn tso(&self) -> bool {
+        false
+    }
+    /// [`Uplink::tx_frame`] for a frame that may exceed the MTU: `gso` is the
+    /// TCP segment size the device must cut it into.
+    fn tx_frame_gso(&mut self, len: usize, gso: Option<u16>) -> &mut [u8] {
+        let _ = gso;
+        self.tx_frame(len)
+    }
     /// Send the pending batch. Frames the kernel refuses are dropped and
     /// counted; an error is returned only for a failure other than a full
     /// queue (e.g. the interface went away), after the batch is discarded.
@@ -130,12 +142,14 @@ pub fn open(
     kind: UplinkKind,
     name: &str,
     mac: Option<[u8; 6]>,
+    offload: bool,
 ) -> Result<Box<dyn Uplink>, UplinkError> {
     Ok(match kind {
         UplinkKind::AfPacket => Box::new(AfPacket::open(
             name,
             &AfPacketOptions {
                 mac,
+                offload,
                 ..AfPacketOptions::default()
             },
         )?),
