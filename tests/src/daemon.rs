@@ -150,6 +150,16 @@ impl Daemon {
         Ok(c)
     }
 
+    /// Spawn a workspace binary/example attached to this daemon and wait
+    /// for its `ready` line on stdout.
+    pub fn spawn_app(&self, name: &str, args: &[&str], ready: &str) -> Result<Proc> {
+        let mut c = self.app_cmd(name)?;
+        c.args(args);
+        let mut p = Proc::spawn(c, name)?;
+        p.expect(ready, Duration::from_secs(60))?;
+        Ok(p)
+    }
+
     /// Query the control socket (what: all|apps|sessions|interfaces|counters).
     pub fn ctl(&self, what: &str) -> Result<serde_json::Value> {
         let mut s = std::os::unix::net::UnixStream::connect(self.dir.join("ctl.sock"))?;

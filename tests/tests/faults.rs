@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(30);
 
 fn echo_server(d: &Daemon, port: u16) -> Result<Proc> {
-    let mut c = d.app_cmd("examples/echo_server")?;
-    c.args(["--listen", &format!("0.0.0.0:{port}")]);
-    let mut p = Proc::spawn(c, "echo_server")?;
-    p.expect("listening", T)?;
-    Ok(p)
+    d.spawn_app(
+        "examples/echo_server",
+        &["--listen", &format!("0.0.0.0:{port}")],
+        "listening",
+    )
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
@@ -114,12 +114,11 @@ fn two_hundred_kill_cycles_return_memory_to_baseline() -> Result<()> {
 fn killed_daemon_unblocks_apps_promptly() -> Result<()> {
     let tb = Testbed::new()?;
     let mut d = Daemon::start(&tb, &[])?;
-    let mut r = {
-        let mut c = d.app_cmd("examples/throughput")?;
-        c.args(["recv", "--listen", "0.0.0.0:7400"]);
-        Proc::spawn(c, "blocked in accept")?
-    };
-    r.expect("listening", T)?;
+    let mut r = d.spawn_app(
+        "examples/throughput",
+        &["recv", "--listen", "0.0.0.0:7400"],
+        "listening",
+    )?;
     // And an in-process worker blocked in read on a cut-through session.
     let app = App::attach(&d.attach_config("blocked"))?;
     let mut w = app.worker()?;

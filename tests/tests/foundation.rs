@@ -25,12 +25,11 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 fn kernel_client_talks_to_native_echo_server_v4_v6_and_udp() -> Result<()> {
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
-    let mut srv = {
-        let mut c = d.app_cmd("examples/echo_server")?;
-        c.args(["--listen", "0.0.0.0:7000", "--udp"]);
-        Proc::spawn(c, "echo_server")?
-    };
-    srv.expect("listening", T)?;
+    let _srv = d.spawn_app(
+        "examples/echo_server",
+        &["--listen", "0.0.0.0:7000", "--udp"],
+        "listening",
+    )?;
     let ip4 = tb.daemon_ip4.to_string();
     let mut c = peer(
         &tb,
@@ -150,12 +149,11 @@ fn bulk_256mib_each_way_over_the_uplink() -> Result<()> {
         }
     }
     let _cleanup = scopeguard(file.clone());
-    let mut r = {
-        let mut c = d.app_cmd("examples/throughput")?;
-        c.args(["recv", "--listen", "0.0.0.0:9000", "--reply"]);
-        Proc::spawn(c, "throughput recv")?
-    };
-    r.expect("listening", T)?;
+    let mut r = d.spawn_app(
+        "examples/throughput",
+        &["recv", "--listen", "0.0.0.0:9000", "--reply"],
+        "listening",
+    )?;
     let ip4 = tb.daemon_ip4.to_string();
     let f = file.display().to_string();
     let mut s = peer(&tb, &["send-file", &ip4, "9000", "--file", &f], "peer send")?;
@@ -213,12 +211,11 @@ fn bulk_256mib_each_way_through_cut_through() -> Result<()> {
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
     for (dir, port) in [("a->b", 9100), ("b->a", 9101)] {
-        let mut r = {
-            let mut c = d.app_cmd("examples/throughput")?;
-            c.args(["recv", "--listen", &format!("127.0.0.1:{port}")]);
-            Proc::spawn(c, "ct recv")?
-        };
-        r.expect("listening", T)?;
+        let mut r = d.spawn_app(
+            "examples/throughput",
+            &["recv", "--listen", &format!("127.0.0.1:{port}")],
+            "listening",
+        )?;
         let mut c = d.app_cmd("examples/throughput")?;
         c.args([
             "send",
@@ -250,12 +247,11 @@ fn bulk_256mib_each_way_through_cut_through() -> Result<()> {
 fn a_thousand_concurrent_connections_and_a_slow_reader() -> Result<()> {
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
-    let mut srv = {
-        let mut c = d.app_cmd("examples/echo_server")?;
-        c.args(["--listen", "0.0.0.0:7100"]);
-        Proc::spawn(c, "echo_server")?
-    };
-    srv.expect("listening", T)?;
+    let _srv = d.spawn_app(
+        "examples/echo_server",
+        &["--listen", "0.0.0.0:7100"],
+        "listening",
+    )?;
     let ip4 = tb.daemon_ip4.to_string();
     let mut m = peer(&tb, &["many", &ip4, "7100", "--count", "1000"], "peer many")?;
     m.expect("ok 1000 concurrent", T)?;
@@ -271,9 +267,9 @@ fn a_thousand_concurrent_connections_and_a_slow_reader() -> Result<()> {
             .collect::<Vec<u8>>(),
     )?;
     let _g = scopeguard(file.clone());
-    let mut r = {
-        let mut c = d.app_cmd("examples/throughput")?;
-        c.args([
+    let mut r = d.spawn_app(
+        "examples/throughput",
+        &[
             "recv",
             "--listen",
             "0.0.0.0:7101",
@@ -281,10 +277,9 @@ fn a_thousand_concurrent_connections_and_a_slow_reader() -> Result<()> {
             "1000",
             "--read-size",
             "16384",
-        ]);
-        Proc::spawn(c, "slow recv")?
-    };
-    r.expect("listening", T)?;
+        ],
+        "listening",
+    )?;
     let f = file.display().to_string();
     let mut s = peer(&tb, &["send-file", &ip4, "7101", "--file", &f], "peer send")?;
     let sent = s.expect("sent sha256=", Duration::from_secs(120))?;
@@ -381,12 +376,11 @@ fn tap_uplink_serves_a_kernel_peer() -> Result<()> {
     hoststack_tests::run(&["ip", "link", "set", &tap, "netns", &ns.name])?;
     ns.ip(&["addr", "add", "198.18.200.2/24", "dev", &tap])?;
     ns.ip(&["link", "set", &tap, "up"])?;
-    let mut srv = {
-        let mut c = d.app_cmd("examples/echo_server")?;
-        c.args(["--listen", "0.0.0.0:7800", "--udp"]);
-        Proc::spawn(c, "echo_server")?
-    };
-    srv.expect("listening", T)?;
+    let _srv = d.spawn_app(
+        "examples/echo_server",
+        &["--listen", "0.0.0.0:7800", "--udp"],
+        "listening",
+    )?;
     let py = peer_py().display().to_string();
     let mut c = Proc::spawn(
         ns.cmd(
@@ -479,12 +473,11 @@ fn idle_daemon_sleeps() -> Result<()> {
     let app = App::attach(&d.attach_config("idle"))?;
     let mut w = app.worker()?;
     let l = w.listen("0.0.0.0:8100".parse()?)?;
-    let mut srv = {
-        let mut c = d.app_cmd("examples/echo_server")?;
-        c.args(["--listen", "127.0.0.1:8101"]);
-        Proc::spawn(c, "echo_server")?
-    };
-    srv.expect("listening", T)?;
+    let _srv = d.spawn_app(
+        "examples/echo_server",
+        &["--listen", "127.0.0.1:8101"],
+        "listening",
+    )?;
     let s = w.connect("127.0.0.1:8101".parse()?, Some(T))?;
     std::thread::sleep(Duration::from_millis(300));
     let t0 = cpu_ticks(pid)?;
@@ -623,12 +616,11 @@ fn abort_addresses_nodelay_and_an_external_epoll_loop() -> Result<()> {
 fn hoststackctl_shows_sessions_and_counters() -> Result<()> {
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
-    let mut srv = {
-        let mut c = d.app_cmd("examples/echo_server")?;
-        c.args(["--listen", "0.0.0.0:7970"]);
-        Proc::spawn(c, "echo_server")?
-    };
-    srv.expect("listening", T)?;
+    let _srv = d.spawn_app(
+        "examples/echo_server",
+        &["--listen", "0.0.0.0:7970"],
+        "listening",
+    )?;
     let dip = tb.daemon_ip4.to_string();
     let py = peer_py().display().to_string();
     let mut h = Proc::spawn(
@@ -691,12 +683,11 @@ fn daemon_reads_a_toml_config_and_rejects_bad_ones() -> Result<()> {
     let d = Daemon::start_args(&["--config", &good.display().to_string()])?;
     let v = d.ctl("interfaces")?;
     ensure!(v["interfaces"][0]["name"] == tb.daemon_if.as_str(), "{v}");
-    let mut srv = {
-        let mut c = d.app_cmd("examples/echo_server")?;
-        c.args(["--listen", "0.0.0.0:8200"]);
-        Proc::spawn(c, "echo_server")?
-    };
-    srv.expect("listening", T)?;
+    let _srv = d.spawn_app(
+        "examples/echo_server",
+        &["--listen", "0.0.0.0:8200"],
+        "listening",
+    )?;
     let ip4 = tb.daemon_ip4.to_string();
     let mut c = peer(&tb, &["echo-client", &ip4, "8200", "--count", "10"], "peer")?;
     c.expect("ok echoed 10", T)?;
