@@ -669,30 +669,14 @@ impl Engine {
                 // transport listener, a group id outside the stack's range.
                 let gid = ListenerId(CT_ONLY_BASE + self.next_ct_group);
                 self.next_ct_group = (self.next_ct_group + 1) % CT_ONLY_BASE;
-                self.groups.insert(
-                    gid,
-                    Group {
-                        local,
-                        members: Vec::new(),
-                        rr: 0,
-                    },
-                );
-                gid
+                self.new_group(gid, local)
             }
             None => {
                 let gid = self
                     .stack
                     .listen(ep, backlog, LISTEN_BIT)
                     .map_err(StackError::errno)?;
-                self.groups.insert(
-                    gid,
-                    Group {
-                        local,
-                        members: Vec::new(),
-                        rr: 0,
-                    },
-                );
-                gid
+                self.new_group(gid, local)
             }
         };
         let h = LISTEN_BIT | self.next_listener;
@@ -709,6 +693,18 @@ impl Engine {
             g.members.push(h);
         }
         Ok((h, 0, 0, local))
+    }
+
+    fn new_group(&mut self, gid: ListenerId, local: SocketAddr) -> ListenerId {
+        self.groups.insert(
+            gid,
+            Group {
+                local,
+                members: Vec::new(),
+                rr: 0,
+            },
+        );
+        gid
     }
 
     fn unlisten(&mut self, app: AppId, h: u64, now: Instant, tx: &mut dyn FrameTx) {
