@@ -4,7 +4,7 @@
 
 use anyhow::{ensure, Context, Result};
 use hoststack_tests::daemon::{peer_py, Daemon, Proc};
-use hoststack_tests::Testbed;
+use hoststack_tests::{wait_for, Testbed};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(60);
@@ -629,19 +629,25 @@ fn hoststackctl_shows_sessions_and_counters() -> Result<()> {
     )?;
     h.expect("connected", T)?;
     let ctl = hoststack_tests::daemon::bin("hoststackctl")?;
-    let out = std::process::Command::new(&ctl)
-        .args(["--socket-dir", &d.dir.display().to_string(), "sessions"])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "hoststackctl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ensure!(
-        text.contains("ESTABLISHED") && text.contains(&format!("{dip}:7970")),
-        "{text}"
-    );
+    let sessions = || -> Result<String> {
+        let out = std::process::Command::new(&ctl)
+            .args(["--socket-dir", &d.dir.display().to_string(), "sessions"])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "hoststackctl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // The peer's connect() returns before the daemon has processed the
+    // final ACK of the handshake: poll until the session is established.
+    let mut text = String::new();
+    wait_for("an ESTABLISHED session in hoststackctl", T, || {
+        text = sessions()?;
+        Ok(text.contains("ESTABLISHED"))
+    })?;
+    ensure!(text.contains(&format!("{dip}:7970")), "{text}");
     ensure!(text.contains("0.0.0.0:7970"), "listener shown: {text}");
     let out = std::process::Command::new(&ctl)
         .args([
