@@ -209,6 +209,12 @@ impl Daemon {
             let path = cfg.daemon.socket_dir.join(format!("{}.sock", n.name));
             let l = sys::unix_listen(&path, libc::SOCK_SEQPACKET)
                 .with_context(|| format!("listening on {}", path.display()))?;
+            // Any local user may try to attach (apps often drop privileges,
+            // like nginx's workers): the namespace secret is the check.
+            // Restrict the socket directory to narrow it further.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+                .with_context(|| format!("chmod {}", path.display()))?;
             epoll.add(l.as_raw_fd(), T_ATTACH + i as u64)?;
             namespaces.push(Namespace {
                 name: n.name.clone(),

@@ -18,6 +18,7 @@ use crate::stack::{FlowId, FlowKind, FrameTx, ListenerId, Stack, StackError};
 use session_api::fifo::{FifoConsumer, FifoProducer};
 use session_api::msg::{
     dgram_header, parse_dgram_header, Event, Proto, Request, SessOpt, SessionDesc, Shut, DGRAM_HDR,
+    LISTEN_JOIN, LISTEN_SHARED,
 };
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -96,6 +97,8 @@ struct Group {
     local: SocketAddr,
     members: Vec<u64>,
     rr: usize,
+    /// Created with [`LISTEN_SHARED`]: others may join (SO_REUSEPORT).
+    shared: bool,
 }
 
 struct CtSegment {
@@ -541,9 +544,10 @@ impl Engine {
                 proto,
                 local,
                 backlog,
+                flags,
             } => {
                 let r = match proto {
-                    Proto::Tcp => self.listen(app, worker, local, backlog),
+                    Proto::Tcp => self.listen(app, worker, local, backlog, flags),
                     Proto::Udp => self.udp_open(app, worker, local, None),
                 };
                 let ev = match r {
@@ -648,20 +652,36 @@ impl Engine {
         &mut self,
         app: AppId,
         worker: u32,
-        local: SocketAddr,
+        mut local: SocketAddr,
         backlog: u32,
+        flags: u8,
     ) -> Result<(u64, u32, u32, SocketAddr), i32> {
+        let shared = flags & (LISTEN_SHARED | LISTEN_JOIN) != 0;
         if local.port() == 0 {
-            // Kernel semantics would pick a port; we need a stable one for sharing.
-            return Err(libc::EINVAL);
+            // Like the kernel: an ephemeral port nobody listens on.
+            local.set_port(self.free_listen_port()?);
         }
-        // Join an existing group on the same address (SO_REUSEPORT-like).
+        // Join an existing group on the same address (SO_REUSEPORT-like);
+        // a listener on the same port with an overlapping address that is
+        // not this exact address is a conflict, as in the kernel.
         let ep = listen_ep(local);
-        let existing = self
-            .groups
-            .iter()
-            .find(|(_, g)| g.local == local)
-            .map(|(id, _)| *id);
+        let mut existing = None;
+        for (id, g) in &self.groups {
+            if g.local.port() != local.port() || g.local.is_ipv4() != local.is_ipv4() {
+                continue;
+            }
+            if g.local == local {
+                let may_join = flags & LISTEN_JOIN != 0 || (shared && g.shared);
+                if !may_join {
+                    return Err(libc::EADDRINUSE);
+                }
+                existing = Some(*id);
+                break;
+            }
+            if g.local.ip().is_unspecified() || local.ip().is_unspecified() {
+                return Err(libc::EADDRINUSE);
+            }
+        }
         let gid = match existing {
             Some(g) => g,
             None if local.ip().is_loopback() => {
@@ -669,14 +689,14 @@ impl Engine {
                 // transport listener, a group id outside the stack's range.
                 let gid = ListenerId(CT_ONLY_BASE + self.next_ct_group);
                 self.next_ct_group = (self.next_ct_group + 1) % CT_ONLY_BASE;
-                self.new_group(gid, local)
+                self.new_group(gid, local, shared)
             }
             None => {
                 let gid = self
                     .stack
                     .listen(ep, backlog, LISTEN_BIT)
                     .map_err(StackError::errno)?;
-                self.new_group(gid, local)
+                self.new_group(gid, local, shared)
             }
         };
         let h = LISTEN_BIT | self.next_listener;
@@ -695,16 +715,29 @@ impl Engine {
         Ok((h, 0, 0, local))
     }
 
-    fn new_group(&mut self, gid: ListenerId, local: SocketAddr) -> ListenerId {
+    fn new_group(&mut self, gid: ListenerId, local: SocketAddr, shared: bool) -> ListenerId {
         self.groups.insert(
             gid,
             Group {
                 local,
                 members: Vec::new(),
                 rr: 0,
+                shared,
             },
         );
         gid
+    }
+
+    /// A port for `listen` on port 0: free in the stack (no connection,
+    /// listener or UDP socket) and in the cut-through-only groups.
+    fn free_listen_port(&mut self) -> Result<u16, i32> {
+        for _ in 0..16384 {
+            let p = self.stack.alloc_port().map_err(StackError::errno)?;
+            if !self.groups.values().any(|g| g.local.port() == p) {
+                return Ok(p);
+            }
+        }
+        Err(libc::EADDRINUSE)
     }
 
     fn unlisten(&mut self, app: AppId, h: u64, now: Instant, tx: &mut dyn FrameTx) {
@@ -1801,6 +1834,7 @@ mod tests {
             proto: Proto::Tcp,
             local: "0.0.0.0:80".parse().unwrap(),
             backlog: 8,
+            flags: LISTEN_SHARED,
         });
         assert!(matches!(b.events()[..], [Event::Reply { errno: 0, .. }]));
         let f = b

@@ -657,7 +657,8 @@ impl Stack {
         }
     }
 
-    fn alloc_port(&mut self) -> Result<u16, StackError> {
+    /// An ephemeral port not in use by any flow, listener or UDP socket.
+    pub fn alloc_port(&mut self) -> Result<u16, StackError> {
         for _ in 0..16384 {
             let p = self.next_port;
             self.next_port = if self.next_port == 65535 {

@@ -556,6 +556,44 @@ impl Worker {
         }
     }
 
+    /// For callers that run their own wait loop (the LD_PRELOAD shim):
+    /// announce that a thread is about to block on [`Worker::wait_fds`].
+    /// Returns false if events are already pending (drain them instead of
+    /// sleeping). Unlike [`Worker::prepare_external_wait`] the announcement
+    /// stays until [`Worker::cancel_sleep`], so several sleeping threads can
+    /// share it.
+    pub fn prepare_sleep(&mut self) -> bool {
+        self.evt.prepare_sleep()
+    }
+
+    /// Withdraw [`Worker::prepare_sleep`] (when no thread sleeps any more).
+    pub fn cancel_sleep(&mut self) {
+        self.evt.cancel_sleep();
+    }
+
+    /// After an external wait: reset the wake eventfd if it fired and
+    /// handle the attach socket if it became readable (segment
+    /// announcements, daemon death).
+    pub fn after_wake(&mut self, woken: bool, ctrl: bool) -> Result<()> {
+        if woken {
+            self.stats.syscalls += 1;
+            self.app_wake.drain();
+        }
+        if ctrl {
+            self.check_ctrl()?;
+        }
+        Ok(())
+    }
+
+    /// Forget this worker in a forked child: the child's copies of the
+    /// descriptors are closed and the mappings dropped, but nothing is sent
+    /// to the daemon (the queues and attach socket still belong to the
+    /// parent).
+    pub fn detach_after_fork(mut self) {
+        self.dead = true;
+        drop(self);
+    }
+
     fn send_req(&mut self, r: Request) -> Result<()> {
         if self.dead || self.app.inner.dead.load(Ordering::Acquire) {
             self.dead = true;
@@ -792,25 +830,44 @@ impl Worker {
 
     /// [`Worker::listen`] with an explicit backlog.
     pub fn listen_backlog(&mut self, addr: SocketAddr, backlog: u32) -> Result<ListenerId> {
+        self.listen_with(addr, backlog, crate::msg::LISTEN_SHARED)
+            .map(|(l, _)| l)
+    }
+
+    /// Listen with explicit [`crate::msg::LISTEN_SHARED`] /
+    /// [`crate::msg::LISTEN_JOIN`] flags (0: exclusive, EADDRINUSE if
+    /// someone listens on `addr` already). Port 0 picks a free port; the
+    /// address actually bound is returned.
+    pub fn listen_with(
+        &mut self,
+        addr: SocketAddr,
+        backlog: u32,
+        flags: u8,
+    ) -> Result<(ListenerId, SocketAddr)> {
         let req_id = self.req_id();
         self.send_req(Request::Listen {
             req_id,
             proto: Proto::Tcp,
             local: addr,
             backlog,
+            flags,
         })?;
         match self.await_reply(req_id, deadline_of(Some(Duration::from_secs(10))))? {
             Event::Reply {
-                errno: 0, handle, ..
+                errno: 0,
+                handle,
+                local,
+                ..
             } => {
+                let local = local.unwrap_or(addr);
                 self.listeners.insert(
                     handle,
                     Listen {
                         queue: VecDeque::new(),
-                        local: addr,
+                        local,
                     },
                 );
-                Ok(ListenerId(handle))
+                Ok((ListenerId(handle), local))
             }
             Event::Reply { errno, .. } => Err(Error::Errno(errno)),
             _ => Err(Error::Protocol("bad reply".into())),
@@ -1072,6 +1129,38 @@ impl Worker {
         Ok(self.sess(s)?.rx.len().map_err(|_| Error::Corrupt)? as usize)
     }
 
+    /// Copy up to `buf.len()` readable bytes without consuming them
+    /// (TCP; MSG_PEEK).
+    pub fn peek(&mut self, s: SessionId, buf: &mut [u8]) -> Result<usize> {
+        self.process_events()?;
+        let sess = self.sess(s)?;
+        let n = (sess.rx.len().map_err(|_| Error::Corrupt)? as usize).min(buf.len());
+        sess.rx.peek(&mut buf[..n]).map_err(|_| Error::Corrupt)?;
+        Ok(n)
+    }
+
+    /// Bytes written but not yet taken by the daemon or peer (TIOCOUTQ).
+    pub fn unsent(&mut self, s: SessionId) -> Result<usize> {
+        let sess = self.sess(s)?;
+        let free = sess.tx.free_space().map_err(|_| Error::Corrupt)?;
+        Ok((sess.tx.cap() - free) as usize)
+    }
+
+    /// Room in the tx FIFO right now.
+    pub fn tx_free(&mut self, s: SessionId) -> Result<usize> {
+        Ok(self.sess(s)?.tx.free_space().map_err(|_| Error::Corrupt)? as usize)
+    }
+
+    /// Is the session writable? If not, ask for a [`Notify::Writable`]
+    /// when room appears (so a waiter is woken), then look again.
+    pub fn want_writable(&mut self, s: SessionId) -> Result<bool> {
+        if self.ready(s)?.writable {
+            return Ok(true);
+        }
+        self.sess(s)?.tx.request_dequeue_notification();
+        Ok(self.ready(s)?.writable)
+    }
+
     /// Level readiness of a session.
     pub fn ready(&mut self, s: SessionId) -> Result<Ready> {
         let sess = self.sess(s)?;
@@ -1133,6 +1222,7 @@ impl Worker {
             proto: Proto::Udp,
             local,
             backlog: 0,
+            flags: 0,
         })?;
         self.finish_open(req_id)
     }

@@ -81,6 +81,8 @@ pub enum Request {
         local: SocketAddr,
         /// Maximum number of accepted-but-not-yet-taken connections.
         backlog: u32,
+        /// [`LISTEN_SHARED`] / [`LISTEN_JOIN`] bits (TCP only).
+        flags: u8,
     },
     /// Stop listening; the listener handle becomes invalid.
     Unlisten {
@@ -191,6 +193,13 @@ pub enum Event {
     /// The daemon is shutting down; every handle is dead.
     Shutdown,
 }
+
+/// Listen flag: other listeners with [`LISTEN_SHARED`] may join this
+/// address and share its connections (SO_REUSEPORT).
+pub const LISTEN_SHARED: u8 = 1;
+/// Listen flag: join an existing listener on the address whatever its
+/// sharing mode (a forked child taking over its parent's listener).
+pub const LISTEN_JOIN: u8 = 2;
 
 const K_LISTEN: u16 = 1;
 const K_UNLISTEN: u16 = 2;
@@ -315,8 +324,10 @@ impl Request {
                 proto,
                 local,
                 backlog,
+                flags,
             } => W::new(K_LISTEN, req_id, 0)
                 .u8(0, proto as u8)
+                .u8(1, flags)
                 .u32(4, backlog)
                 .addr(8, Some(local))
                 .done(),
@@ -358,6 +369,7 @@ impl Request {
                 req_id: r.req_id(),
                 proto: Proto::from_u8(r.u8(0))?,
                 backlog: r.u32(4),
+                flags: r.u8(1),
                 local: r.addr(8)?.ok_or(MsgError::BadField("local address"))?,
             },
             K_UNLISTEN => Request::Unlisten { handle },
@@ -573,6 +585,7 @@ mod tests {
                 proto: Proto::Tcp,
                 local: a6,
                 backlog: 128,
+                flags: LISTEN_SHARED,
             },
             Request::Unlisten { handle: 1 << 40 },
             Request::Connect {

@@ -231,6 +231,7 @@ fn hostile_app_scribbling_shared_memory_hurts_only_itself() -> Result<()> {
                 proto: Proto::Udp,
                 local: "0.0.0.0:0".parse()?,
                 backlog: 0,
+                flags: 0,
             },
         ]
         .iter()

@@ -1,0 +1,775 @@
+//! The socket calls on hoststack sockets. Each returns `R<T>` (an errno on
+//! failure); `hooks` turns that into the C convention. Every function is
+//! entered without the lock and takes it itself, so blocking calls can
+//! release it while they sleep.
+
+use crate::real;
+use crate::state::{block, lock, st, SState, Woke, R};
+use crate::sys::{self, any_addr, unmap};
+use libc::c_int;
+use session_api::client::Error as ApiError;
+use session_api::msg::Shut;
+use session_api::msg::LISTEN_SHARED;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Is this an INET stream/datagram socket hoststack should serve?
+pub fn is_inet(domain: c_int, ty: c_int, proto: c_int) -> bool {
+    let base = ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
+    (domain == libc::AF_INET || domain == libc::AF_INET6)
+        && ((base == libc::SOCK_STREAM && (proto == 0 || proto == libc::IPPROTO_TCP))
+            || (base == libc::SOCK_DGRAM && (proto == 0 || proto == libc::IPPROTO_UDP)))
+}
+
+/// socket(): the kernel socket is created first and becomes the
+/// placeholder (fd number, close-on-exec, a kernel fallback later).
+pub fn socket(domain: c_int, ty: c_int, proto: c_int) -> R<c_int> {
+    // SAFETY: plain syscall wrapper.
+    let fd = unsafe { real::socket(domain, ty, proto) };
+    if fd < 0 {
+        return Err(sys::errno());
+    }
+    if !is_inet(domain, ty, proto) || fd as usize >= crate::state::MAX_FD {
+        return Ok(fd);
+    }
+    let mut g = lock();
+    let s = st(&mut g);
+    match s.want_bypass() {
+        Ok(true) => {
+            let base = ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
+            s.add_sock(
+                fd,
+                domain,
+                base,
+                ty & libc::SOCK_NONBLOCK != 0,
+                SState::Fresh,
+            );
+            Ok(fd)
+        }
+        Ok(false) => Ok(fd),
+        Err(e) => {
+            drop(g);
+            // SAFETY: our own fresh fd.
+            unsafe { real::close(fd) };
+            Err(e)
+        }
+    }
+}
+
+fn check_family(domain: c_int, a: &SocketAddr) -> R<()> {
+    match (domain, a) {
+        (libc::AF_INET, SocketAddr::V6(_)) => Err(libc::EAFNOSUPPORT),
+        (libc::AF_INET6, SocketAddr::V4(_)) => Err(libc::EINVAL),
+        _ => Ok(()),
+    }
+}
+
+/// Outcome for calls that may hand the socket to the kernel.
+pub enum Route<T> {
+    Done(T),
+    /// The socket is now a plain kernel socket: replay the call on it.
+    Kernel,
+}
+
+pub fn bind(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
+    let mut g = lock();
+    let s = st(&mut g);
+    let id = s.sock_of(fd).ok_or(libc::EBADF)?;
+    let (domain, stype, state, bound) = {
+        let k = &s.socks[&id];
+        (k.domain, k.stype, k.state, k.bound)
+    };
+    check_family(domain, &raw)?;
+    let a = unmap(raw);
+    if state != SState::Fresh || bound.is_some() {
+        return Err(libc::EINVAL);
+    }
+    if s.cfg.kernel_only(a) || (stype == libc::SOCK_DGRAM && a.ip().is_loopback()) {
+        s.to_kernel(id);
+        return Ok(Route::Kernel);
+    }
+    if stype == libc::SOCK_DGRAM {
+        let w = s.worker()?;
+        let sid = w.udp_bind(a).map_err(|e| e.errno())?;
+        let local = w.local_addr(sid).ok().flatten().unwrap_or(a);
+        s.set_state(id, SState::Udp { sid });
+        s.socks.get_mut(&id).ok_or(libc::EBADF)?.bound = Some(local);
+    } else {
+        s.socks.get_mut(&id).ok_or(libc::EBADF)?.bound = Some(a);
+    }
+    Ok(Route::Done(()))
+}
+
+pub fn listen(fd: c_int, backlog: c_int) -> R<()> {
+    let mut g = lock();
+    let s = st(&mut g);
+    let id = s.sock_of(fd).ok_or(libc::EBADF)?;
+    let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+    let backlog = backlog.clamp(1, 65535) as u32;
+    k.backlog = backlog;
+    match k.state {
+        SState::Listening { .. } | SState::Dormant { .. } => Ok(()),
+        SState::Fresh if k.stype == libc::SOCK_STREAM => {
+            let local = k.bound.unwrap_or_else(|| any_addr(k.domain));
+            let flags = if k.opts.reuseport { LISTEN_SHARED } else { 0 };
+            let w = s.worker()?;
+            let (lid, local) = w
+                .listen_with(local, backlog, flags)
+                .map_err(|e| e.errno())?;
+            s.set_state(id, SState::Listening { lid, local });
+            if let Some(k) = s.socks.get_mut(&id) {
+                k.bound = Some(local);
+            }
+            Ok(())
+        }
+        SState::Fresh | SState::Udp { .. } => Err(libc::EOPNOTSUPP),
+        _ => Err(libc::EINVAL),
+    }
+}
+
+fn deadline(t: Option<Duration>) -> Option<Instant> {
+    t.map(|t| Instant::now() + t)
+}
+
+pub fn accept(fd: c_int, flags: c_int) -> R<(c_int, Option<SocketAddr>, c_int)> {
+    if flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0 {
+        return Err(libc::EINVAL);
+    }
+    let mut dl = None;
+    let mut first = true;
+    let mut g = lock();
+    loop {
+        let s = st(&mut g);
+        let id = s.sock_of(fd).ok_or(libc::EBADF)?;
+        if matches!(s.socks[&id].state, SState::Dormant { .. }) {
+            s.wake_listener(id)?;
+        }
+        let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+        let SState::Listening { lid, .. } = k.state else {
+            return Err(libc::EINVAL);
+        };
+        k.used = true;
+        let (nonblock, domain, opts) = (k.nonblock, k.domain, k.opts.clone());
+        if first {
+            dl = deadline(k.opts.rcvtimeo);
+            first = false;
+        }
+        let w = s.worker()?;
+        match w.accept(lid, Some(Duration::ZERO)) {
+            Ok(sid) => {
+                let peer = w.peer_addr(sid).ok().flatten();
+                let ty = libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC));
+                // SAFETY: plain syscall wrapper.
+                let nfd = unsafe { real::socket(domain, ty, 0) };
+                if nfd < 0 || nfd as usize >= crate::state::MAX_FD {
+                    let e = if nfd < 0 { sys::errno() } else { libc::EMFILE };
+                    if nfd >= 0 {
+                        // SAFETY: our own fd.
+                        unsafe { real::close(nfd) };
+                    }
+                    let _ = w.abort(sid);
+                    return Err(e);
+                }
+                let nid = s.add_sock(
+                    nfd,
+                    domain,
+                    libc::SOCK_STREAM,
+                    flags & libc::SOCK_NONBLOCK != 0,
+                    SState::Connected { sid },
+                );
+                if let Some(n) = s.socks.get_mut(&nid) {
+                    // Linux: accepted sockets inherit the listener's options.
+                    n.opts = opts;
+                    n.opts.reuseport = false;
+                    n.peer = peer;
+                }
+                s.apply_opts(nid);
+                return Ok((nfd, peer, domain));
+            }
+            Err(ApiError::WouldBlock) => {
+                if nonblock {
+                    return Err(libc::EAGAIN);
+                }
+                let (g2, woke) = block(g, dl, &mut [], std::ptr::null());
+                g = g2;
+                match woke {
+                    Woke::Intr => return Err(libc::EINTR),
+                    Woke::Timeout => return Err(libc::EAGAIN),
+                    Woke::Again => {}
+                }
+            }
+            Err(e) => return Err(e.errno()),
+        }
+    }
+}
+
+pub fn connect(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
+    let mut g = lock();
+    let s = st(&mut g);
+    let id = s.sock_of(fd).ok_or(libc::EBADF)?;
+    let k = &s.socks[&id];
+    let (domain, stype, state, nonblock, bound, sndtimeo) = (
+        k.domain,
+        k.stype,
+        k.state,
+        k.nonblock,
+        k.bound,
+        k.opts.sndtimeo,
+    );
+    check_family(domain, &raw)?;
+    let a = unmap(raw);
+    if a.port() == 0 && stype == libc::SOCK_STREAM {
+        return Err(libc::ECONNREFUSED);
+    }
+    let kernel = s.cfg.kernel_only(a) || (stype == libc::SOCK_DGRAM && a.ip().is_loopback());
+    if stype == libc::SOCK_DGRAM {
+        match state {
+            SState::Fresh if kernel => {
+                s.to_kernel(id);
+                return Ok(Route::Kernel);
+            }
+            SState::Fresh => {
+                let w = s.worker()?;
+                let sid = w.udp_connect(a).map_err(|e| e.errno())?;
+                let local = w.local_addr(sid).ok().flatten();
+                s.set_state(id, SState::Udp { sid });
+                let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+                k.peer = Some(a);
+                k.bound = local;
+                return Ok(Route::Done(()));
+            }
+            SState::Udp { .. } => {
+                s.socks.get_mut(&id).ok_or(libc::EBADF)?.peer = Some(a);
+                return Ok(Route::Done(()));
+            }
+            _ => return Err(libc::EINVAL),
+        }
+    }
+    match state {
+        SState::Fresh | SState::Failed => {}
+        SState::Connecting { .. } => {
+            if nonblock {
+                return Err(libc::EALREADY);
+            }
+        }
+        SState::Connected { .. } | SState::Listening { .. } | SState::Dormant { .. } => {
+            return Err(libc::EISCONN)
+        }
+        SState::Orphan | SState::Udp { .. } => return Err(libc::EISCONN),
+    }
+    if matches!(state, SState::Fresh | SState::Failed) {
+        if kernel && state == SState::Fresh {
+            s.to_kernel(id);
+            return Ok(Route::Kernel);
+        }
+        let local = bound.filter(|b| b.port() != 0 || !b.ip().is_unspecified());
+        let w = s.worker()?;
+        let token = w.connect_start(a, local).map_err(|e| e.errno())?;
+        s.set_state(id, SState::Connecting { token });
+        let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+        k.peer = Some(a);
+        k.so_error = 0;
+    }
+    // Loopback connects are answered by the daemon at once (cut-through or
+    // refused): wait for the answer even on non-blocking sockets, so a
+    // refusal can fall back to a kernel listener on the same port.
+    let loopback = a.ip().is_loopback();
+    if nonblock && !loopback {
+        return Err(libc::EINPROGRESS);
+    }
+    let dl = if loopback {
+        Some(Instant::now() + Duration::from_secs(5))
+    } else {
+        deadline(sndtimeo)
+    };
+    loop {
+        let s = st(&mut g);
+        s.finish_connect(id);
+        let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+        match k.state {
+            SState::Connected { .. } => return Ok(Route::Done(())),
+            SState::Failed => {
+                let e = std::mem::take(&mut k.so_error);
+                if loopback && e == libc::ECONNREFUSED && state == SState::Fresh {
+                    s.to_kernel(id);
+                    return Ok(Route::Kernel);
+                }
+                return Err(if e == 0 { libc::ECONNREFUSED } else { e });
+            }
+            _ => {}
+        }
+        let (g2, woke) = block(g, dl, &mut [], std::ptr::null());
+        g = g2;
+        match woke {
+            Woke::Intr => return Err(libc::EINTR),
+            Woke::Timeout if loopback => return Err(libc::ETIMEDOUT),
+            Woke::Timeout => return Err(libc::EINPROGRESS),
+            Woke::Again => {}
+        }
+    }
+}
+
+/// One receive. Returns (bytes, source address).
+pub fn recv(fd: c_int, buf: &mut [u8], flags: c_int) -> R<(usize, Option<SocketAddr>)> {
+    let dontwait = flags & libc::MSG_DONTWAIT != 0;
+    let peek = flags & libc::MSG_PEEK != 0;
+    let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
+    let mut got = 0usize;
+    let mut dl = None;
+    let mut first = true;
+    let mut g = lock();
+    loop {
+        let s = st(&mut g);
+        let id = s.sock_of(fd).ok_or(libc::EBADF)?;
+        s.finish_connect(id);
+        let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+        if first {
+            dl = deadline(k.opts.rcvtimeo);
+            first = false;
+        }
+        let nonblock = k.nonblock || dontwait;
+        match k.state {
+            SState::Connected { sid } => {
+                if k.rd_shut {
+                    return Ok((got, None));
+                }
+                let reset_seen = k.reset_seen;
+                let w = s.worker()?;
+                if peek {
+                    let n = w.peek(sid, buf).map_err(|e| e.errno())?;
+                    if n > 0 || buf.is_empty() {
+                        return Ok((n, None));
+                    }
+                    let r = w.ready(sid).map_err(|e| e.errno())?;
+                    if let Some(e) = r.error {
+                        return Err(e);
+                    }
+                    if r.hup {
+                        return Ok((0, None));
+                    }
+                } else {
+                    match w.read(sid, &mut buf[got..], Some(Duration::ZERO)) {
+                        Ok(n) => {
+                            got += n;
+                            if n == 0 || !waitall || got == buf.len() {
+                                return Ok((got, None));
+                            }
+                        }
+                        Err(ApiError::WouldBlock) => {
+                            if got > 0 && !waitall {
+                                return Ok((got, None));
+                            }
+                        }
+                        Err(ApiError::Errno(e))
+                            if e == libc::ECONNRESET || e == libc::ETIMEDOUT =>
+                        {
+                            if got > 0 {
+                                return Ok((got, None));
+                            }
+                            if reset_seen {
+                                return Ok((0, None));
+                            }
+                            if let Some(k) = s.socks.get_mut(&id) {
+                                k.reset_seen = true;
+                            }
+                            return Err(e);
+                        }
+                        Err(e) => return Err(e.errno()),
+                    }
+                }
+            }
+            SState::Udp { sid } => {
+                let w = s.worker()?;
+                match w.recv_from(sid, buf, Some(Duration::ZERO)) {
+                    Ok((n, from)) => return Ok((n, from)),
+                    Err(ApiError::WouldBlock) => {}
+                    Err(e) => return Err(e.errno()),
+                }
+            }
+            SState::Fresh if k.stype == libc::SOCK_DGRAM => {
+                // An unbound UDP socket: bind it to a port (like Linux) so
+                // it can receive at all.
+                let a = any_addr(k.domain);
+                let w = s.worker()?;
+                let sid = w.udp_bind(a).map_err(|e| e.errno())?;
+                s.set_state(id, SState::Udp { sid });
+                continue;
+            }
+            SState::Connecting { .. } => {}
+            SState::Failed => {
+                let e = std::mem::take(&mut k.so_error);
+                return Err(if e == 0 { libc::ENOTCONN } else { e });
+            }
+            _ => return Err(libc::ENOTCONN),
+        }
+        if nonblock {
+            return Err(libc::EAGAIN);
+        }
+        let (g2, woke) = block(g, dl, &mut [], std::ptr::null());
+        g = g2;
+        match woke {
+            Woke::Intr if got > 0 => return Ok((got, None)),
+            Woke::Intr => return Err(libc::EINTR),
+            Woke::Timeout if got > 0 => return Ok((got, None)),
+            Woke::Timeout => return Err(libc::EAGAIN),
+            Woke::Again => {}
+        }
+    }
+}
+
+fn sigpipe(flags: c_int) {
+    if flags & libc::MSG_NOSIGNAL == 0 {
+        // SAFETY: raise has no memory preconditions.
+        unsafe { libc::raise(libc::SIGPIPE) };
+    }
+}
+
+/// Send from `bufs` (gathered). `to` for unconnected UDP.
+pub fn send(fd: c_int, bufs: &[&[u8]], flags: c_int, to: Option<SocketAddr>) -> R<Route<usize>> {
+    let dontwait = flags & libc::MSG_DONTWAIT != 0;
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let mut sent = 0usize;
+    let mut dl = None;
+    let mut first = true;
+    let mut g = lock();
+    loop {
+        let s = st(&mut g);
+        let id = s.sock_of(fd).ok_or(libc::EBADF)?;
+        s.finish_connect(id);
+        let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+        if first {
+            dl = deadline(k.opts.sndtimeo);
+            first = false;
+        }
+        let nonblock = k.nonblock || dontwait;
+        match k.state {
+            SState::Connected { sid } => {
+                if k.wr_shut {
+                    sigpipe(flags);
+                    return Err(libc::EPIPE);
+                }
+                let reset_seen = k.reset_seen;
+                let w = s.worker()?;
+                let mut blocked = false;
+                // Skip what was sent already, then write buffer by buffer.
+                let mut skip = sent;
+                for b in bufs {
+                    if skip >= b.len() {
+                        skip -= b.len();
+                        continue;
+                    }
+                    let part = &b[skip..];
+                    skip = 0;
+                    match w.write(sid, part, Some(Duration::ZERO)) {
+                        Ok(n) => {
+                            sent += n;
+                            if n < part.len() {
+                                blocked = true;
+                                break;
+                            }
+                        }
+                        Err(ApiError::WouldBlock) => {
+                            blocked = true;
+                            break;
+                        }
+                        Err(ApiError::Errno(e)) => {
+                            if sent > 0 {
+                                return Ok(Route::Done(sent));
+                            }
+                            if e == libc::ECONNRESET && !reset_seen {
+                                if let Some(k) = s.socks.get_mut(&id) {
+                                    k.reset_seen = true;
+                                }
+                                return Err(e);
+                            }
+                            sigpipe(flags);
+                            return Err(libc::EPIPE);
+                        }
+                        Err(e) => return Err(e.errno()),
+                    }
+                }
+                if !blocked || sent == total {
+                    return Ok(Route::Done(sent));
+                }
+                if nonblock {
+                    return if sent > 0 {
+                        Ok(Route::Done(sent))
+                    } else {
+                        Err(libc::EAGAIN)
+                    };
+                }
+            }
+            SState::Udp { sid } => {
+                let dest = to.or(k.peer);
+                if dest.is_none() {
+                    return Err(libc::EDESTADDRREQ);
+                }
+                let data: Vec<u8>;
+                let one: &[u8] = if bufs.len() == 1 {
+                    bufs[0]
+                } else {
+                    data = bufs.concat();
+                    &data
+                };
+                let w = s.worker()?;
+                match w.send_to(sid, one, dest, Some(Duration::ZERO)) {
+                    Ok(n) => return Ok(Route::Done(n)),
+                    Err(ApiError::WouldBlock) => {
+                        if nonblock {
+                            return Err(libc::EAGAIN);
+                        }
+                    }
+                    Err(e) => return Err(e.errno()),
+                }
+            }
+            SState::Fresh if k.stype == libc::SOCK_DGRAM => {
+                let Some(to) = to else {
+                    return Err(libc::EDESTADDRREQ);
+                };
+                if s.cfg.kernel_only(to) || to.ip().is_loopback() {
+                    s.to_kernel(id);
+                    return Ok(Route::Kernel);
+                }
+                let a = any_addr(k.domain);
+                let w = s.worker()?;
+                let sid = w.udp_bind(a).map_err(|e| e.errno())?;
+                s.set_state(id, SState::Udp { sid });
+                continue;
+            }
+            SState::Connecting { .. } => {
+                if nonblock {
+                    return Err(libc::EAGAIN);
+                }
+            }
+            SState::Failed => {
+                let e = std::mem::take(&mut k.so_error);
+                if e != 0 {
+                    return Err(e);
+                }
+                sigpipe(flags);
+                return Err(libc::EPIPE);
+            }
+            _ => {
+                sigpipe(flags);
+                return Err(libc::EPIPE);
+            }
+        }
+        let (g2, woke) = block(g, dl, &mut [], std::ptr::null());
+        g = g2;
+        match woke {
+            Woke::Intr | Woke::Timeout if sent > 0 => return Ok(Route::Done(sent)),
+            Woke::Intr => return Err(libc::EINTR),
+            Woke::Timeout => return Err(libc::EAGAIN),
+            Woke::Again => {}
+        }
+    }
+}
+
+/// sendfile to a hoststack socket: file bytes go straight into the tx FIFO,
+/// never more than fits (so nothing read from the file is lost).
+pub fn sendfile(out: c_int, inp: c_int, off: Option<&mut i64>, count: usize) -> R<usize> {
+    let mut sent = 0usize;
+    let mut pos = off;
+    let mut buf = Vec::new();
+    let mut g = lock();
+    loop {
+        let s = st(&mut g);
+        let id = s.sock_of(out).ok_or(libc::EBADF)?;
+        let k = s.socks.get(&id).ok_or(libc::EBADF)?;
+        let nonblock = k.nonblock;
+        let dl = deadline(k.opts.sndtimeo);
+        let SState::Connected { sid } = k.state else {
+            return if matches!(k.state, SState::Udp { .. }) {
+                Err(libc::EINVAL)
+            } else {
+                Err(libc::ENOTCONN)
+            };
+        };
+        if k.wr_shut {
+            sigpipe(0);
+            return Err(libc::EPIPE);
+        }
+        let w = s.worker()?;
+        if sent == count {
+            return Ok(sent);
+        }
+        let r = w.ready(sid).map_err(|e| e.errno())?;
+        if let Some(e) = r.error {
+            if sent > 0 {
+                return Ok(sent);
+            }
+            return Err(e);
+        }
+        let free = w.tx_free(sid).map_err(|e| e.errno())?;
+        if free > 0 {
+            let n = free.min(count - sent).min(1 << 20);
+            buf.resize(n, 0);
+            // SAFETY: buf has n bytes; the app's file descriptor.
+            let r = unsafe {
+                match pos.as_deref() {
+                    Some(p) => real::pread64(inp, buf.as_mut_ptr() as *mut _, n, *p),
+                    None => real::read(inp, buf.as_mut_ptr() as *mut _, n),
+                }
+            };
+            if r < 0 {
+                let e = sys::errno();
+                return if sent > 0 { Ok(sent) } else { Err(e) };
+            }
+            if r == 0 {
+                return Ok(sent);
+            }
+            let r = r as usize;
+            let mut done = 0;
+            while done < r {
+                match w.write(sid, &buf[done..r], Some(Duration::ZERO)) {
+                    Ok(n) => done += n,
+                    Err(ApiError::WouldBlock) => break,
+                    Err(e) => {
+                        return if sent + done > 0 {
+                            Ok(sent + done)
+                        } else {
+                            Err(e.errno())
+                        }
+                    }
+                }
+            }
+            if done < r && pos.is_none() {
+                // Give unsent bytes back to the file position.
+                // SAFETY: lseek on the app's fd.
+                unsafe { libc::lseek(inp, -((r - done) as i64), libc::SEEK_CUR) };
+            }
+            sent += done;
+            if let Some(p) = pos.as_deref_mut() {
+                *p += done as i64;
+            }
+            continue;
+        }
+        // Full: ask for a writable notification (epoll EPOLLOUT / wake-up).
+        if w.want_writable(sid).unwrap_or(true) {
+            continue;
+        }
+        if nonblock {
+            return if sent > 0 {
+                Ok(sent)
+            } else {
+                Err(libc::EAGAIN)
+            };
+        }
+        let (g2, woke) = block(g, dl, &mut [], std::ptr::null());
+        g = g2;
+        match woke {
+            Woke::Intr | Woke::Timeout if sent > 0 => return Ok(sent),
+            Woke::Intr => return Err(libc::EINTR),
+            Woke::Timeout => return Err(libc::EAGAIN),
+            Woke::Again => {}
+        }
+    }
+}
+
+pub fn shutdown(fd: c_int, how: c_int) -> R<()> {
+    if !matches!(how, libc::SHUT_RD | libc::SHUT_WR | libc::SHUT_RDWR) {
+        return Err(libc::EINVAL);
+    }
+    let mut g = lock();
+    let s = st(&mut g);
+    let id = s.sock_of(fd).ok_or(libc::EBADF)?;
+    s.finish_connect(id);
+    let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+    match k.state {
+        SState::Connected { sid } => {
+            if how != libc::SHUT_WR {
+                k.rd_shut = true;
+            }
+            let wr = how != libc::SHUT_RD && !k.wr_shut;
+            if how != libc::SHUT_RD {
+                k.wr_shut = true;
+            }
+            if wr {
+                let w = s.worker()?;
+                w.shutdown(sid, Shut::Write).map_err(|e| e.errno())?;
+            }
+            s.touch(id);
+            Ok(())
+        }
+        SState::Listening { lid, .. } if how != libc::SHUT_WR => {
+            let w = s.worker()?;
+            let _ = w.unlisten(lid);
+            s.set_state(id, SState::Failed);
+            Ok(())
+        }
+        SState::Udp { .. } => {
+            k.rd_shut |= how != libc::SHUT_WR;
+            Ok(())
+        }
+        _ => Err(libc::ENOTCONN),
+    }
+}
+
+pub fn sockname(fd: c_int, peer: bool) -> R<(SocketAddr, c_int)> {
+    let mut g = lock();
+    let s = st(&mut g);
+    let id = s.sock_of(fd).ok_or(libc::EBADF)?;
+    s.finish_connect(id);
+    let k = s.socks.get(&id).ok_or(libc::EBADF)?;
+    let domain = k.domain;
+    let (state, bound, kpeer) = (k.state, k.bound, k.peer);
+    if peer {
+        return match state {
+            SState::Connected { sid } => {
+                let w = s.worker()?;
+                let a = w
+                    .peer_addr(sid)
+                    .ok()
+                    .flatten()
+                    .or(kpeer)
+                    .ok_or(libc::ENOTCONN)?;
+                Ok((a, domain))
+            }
+            SState::Udp { .. } => kpeer.map(|a| (a, domain)).ok_or(libc::ENOTCONN),
+            _ => Err(libc::ENOTCONN),
+        };
+    }
+    let a = match state {
+        SState::Connected { sid } | SState::Udp { sid } => {
+            let w = s.worker()?;
+            w.local_addr(sid).ok().flatten().or(bound)
+        }
+        SState::Listening { local, .. } | SState::Dormant { local } => Some(local),
+        _ => bound,
+    };
+    Ok((a.unwrap_or_else(|| any_addr(domain)), domain))
+}
+
+/// FIONREAD / TIOCOUTQ.
+pub fn queued(fd: c_int, outq: bool) -> R<c_int> {
+    let mut g = lock();
+    let s = st(&mut g);
+    let id = s.sock_of(fd).ok_or(libc::EBADF)?;
+    let k = s.socks.get(&id).ok_or(libc::EBADF)?;
+    match k.state {
+        SState::Connected { sid } | SState::Udp { sid } => {
+            let w = s.worker()?;
+            let n = if outq { w.unsent(sid) } else { w.nread(sid) };
+            Ok(n.map_err(|e| e.errno())?.min(i32::MAX as usize) as c_int)
+        }
+        SState::Listening { .. } | SState::Dormant { .. } => Err(libc::EINVAL),
+        _ => Ok(0),
+    }
+}
+
+pub fn set_nonblock(fd: c_int, on: bool) {
+    let mut g = lock();
+    let s = st(&mut g);
+    if let Some(id) = s.sock_of(fd) {
+        if let Some(k) = s.socks.get_mut(&id) {
+            k.nonblock = on;
+        }
+    }
+}
+
+pub fn nonblock(fd: c_int) -> Option<bool> {
+    let mut g = lock();
+    let s = st(&mut g);
+    let id = s.sock_of(fd)?;
+    s.socks.get(&id).map(|k| k.nonblock)
+}

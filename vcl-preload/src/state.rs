@@ -1,0 +1,942 @@
+//! The shim's per-process state: one hoststack worker, the table of bypass
+//! sockets keyed by their placeholder fds, the emulated epoll instances,
+//! and the wait/wake protocol shared by every blocking call.
+//!
+//! Locking: one process-wide lock ([`STATE`]). Calls never sleep while
+//! holding it: a thread that must wait announces itself (the worker's
+//! sleep flag plus its own eventfd in `waiters`), releases the lock and
+//! blocks in the kernel on the worker's wake eventfd, the attach socket,
+//! its own eventfd and whatever kernel fds the call also waits for. Whoever
+//! drains daemon events later signals the waiters, so no wake-up is lost
+//! and no thread spins.
+
+use crate::config::Config;
+use crate::real;
+use crate::sys::{self, efd_drain, efd_signal, Guard, Lock};
+use libc::c_int;
+use session_api::client::{
+    App, AttachConfig, ConnectToken, Error as ApiError, ListenerId, Notify, SessionId, Worker,
+};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// SO_RCVBUF/SO_SNDBUF reported until the app sets them (the daemon's
+/// default FIFO size).
+pub const DEFAULT_SOCKBUF: c_int = 256 * 1024;
+
+/// errno-carrying result.
+pub type R<T> = Result<T, c_int>;
+
+/// Highest fd number the shim tracks; sockets above it stay in the kernel.
+pub const MAX_FD: usize = 1 << 20;
+
+static BYPASS: [AtomicBool; MAX_FD] = [const { AtomicBool::new(false) }; MAX_FD];
+static EPOLL: [AtomicBool; MAX_FD] = [const { AtomicBool::new(false) }; MAX_FD];
+
+/// Is `fd` a hoststack socket? (lock-free fast path for every hooked call)
+#[inline]
+pub fn is_bypass(fd: c_int) -> bool {
+    fd >= 0 && (fd as usize) < MAX_FD && BYPASS[fd as usize].load(Ordering::Relaxed)
+}
+
+/// Is `fd` an epoll instance the shim emulates bypass entries for?
+#[inline]
+pub fn is_epoll(fd: c_int) -> bool {
+    fd >= 0 && (fd as usize) < MAX_FD && EPOLL[fd as usize].load(Ordering::Relaxed)
+}
+
+fn set_flag(t: &[AtomicBool; MAX_FD], fd: c_int, v: bool) {
+    if fd >= 0 && (fd as usize) < MAX_FD {
+        t[fd as usize].store(v, Ordering::Relaxed);
+    }
+}
+
+/// Settings from the environment, read when the library is loaded:
+/// programs may clear their environment later (nginx does in its workers).
+pub struct Env {
+    pub cfg: Config,
+    pub attach: AttachConfig,
+}
+
+static ENV: std::sync::OnceLock<Env> = std::sync::OnceLock::new();
+
+pub fn env() -> &'static Env {
+    ENV.get_or_init(|| Env {
+        cfg: Config::from_env(),
+        attach: AttachConfig::from_env("app"),
+    })
+}
+
+/// The process-wide state.
+pub static STATE: Lock<Option<State>> = Lock::new(None);
+
+pub type G = Guard<'static, Option<State>>;
+
+/// Lock the state, creating it on first use.
+pub fn lock() -> G {
+    let mut g = STATE.lock();
+    if g.is_none() {
+        *g = Some(State::new());
+    }
+    g
+}
+
+pub fn st(g: &mut G) -> &mut State {
+    g.as_mut().expect("state initialised by lock()")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SState {
+    /// Created, not yet bound to a transport: may still fall back to the kernel.
+    Fresh,
+    Listening {
+        lid: ListenerId,
+        local: SocketAddr,
+    },
+    /// A listener this process does not serve (yet): re-created on first use
+    /// (after fork: nginx's master keeps it, its workers serve it).
+    Dormant {
+        local: SocketAddr,
+    },
+    Connecting {
+        token: ConnectToken,
+    },
+    Connected {
+        sid: SessionId,
+    },
+    Udp {
+        sid: SessionId,
+    },
+    /// Connect failed (`so_error`).
+    Failed,
+    /// A connection inherited over fork: it belongs to the parent.
+    Orphan,
+}
+
+#[derive(Clone, Default)]
+pub struct Opts {
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub keepalive: bool,
+    pub nodelay: bool,
+    pub linger: Option<libc::linger>,
+    pub rcvbuf: c_int,
+    pub sndbuf: c_int,
+    pub rcvtimeo: Option<Duration>,
+    pub sndtimeo: Option<Duration>,
+    pub keepidle: c_int,
+    pub keepintvl: c_int,
+    pub keepcnt: c_int,
+    /// Other options accepted and remembered (level, name) -> value.
+    pub other: HashMap<(c_int, c_int), Vec<u8>>,
+}
+
+pub struct Sock {
+    pub domain: c_int,
+    pub stype: c_int,
+    pub state: SState,
+    pub nonblock: bool,
+    pub bound: Option<SocketAddr>,
+    /// Connected UDP peer / TCP connect target.
+    pub peer: Option<SocketAddr>,
+    pub so_error: c_int,
+    pub refs: u32,
+    /// (epoll fd, registered fd) pairs this socket is in.
+    pub regs: Vec<(c_int, c_int)>,
+    pub rd_shut: bool,
+    pub wr_shut: bool,
+    /// A listener this process accepted on or waited on.
+    pub used: bool,
+    pub backlog: u32,
+    pub opts: Opts,
+    /// The reset error was reported once (then reads see EOF, like Linux).
+    pub reset_seen: bool,
+}
+
+pub struct Reg {
+    pub sock: u64,
+    pub events: u32,
+    pub data: u64,
+    pub queued: bool,
+    pub disabled: bool,
+}
+
+/// An epoll instance with bypass entries: the kernel epoll set holds the
+/// app's kernel fds plus the worker's wake fds (tagged with [`MAGIC`]); the
+/// bypass entries and their ready list live here.
+pub struct Ep {
+    pub regs: HashMap<c_int, Reg>,
+    pub ready: VecDeque<c_int>,
+    /// Signalled when the instance has ready bypass entries and is nested
+    /// in another poll set; also used to wake its waiters.
+    pub wake: c_int,
+    /// Worker generation whose fds are in the kernel set.
+    pub magic_gen: u64,
+    pub nested: bool,
+    pub signaled: bool,
+}
+
+/// epoll data tags of the shim's own fds in an app's epoll set.
+pub const MAGIC: u64 = 0x4853_5f50_524c_0000;
+pub const MAGIC_MQ: u64 = MAGIC | 1;
+pub const MAGIC_CTRL: u64 = MAGIC | 2;
+pub const MAGIC_WAKE: u64 = MAGIC | 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Unattached,
+    Attached,
+    Failed,
+}
+
+pub struct State {
+    pub cfg: Config,
+    mode: Mode,
+    pub worker: Option<Worker>,
+    pub gen: u64,
+    pub socks: HashMap<u64, Sock>,
+    pub fds: HashMap<c_int, u64>,
+    next_id: u64,
+    pub by_sess: HashMap<SessionId, u64>,
+    pub by_lid: HashMap<ListenerId, u64>,
+    pub by_token: HashMap<ConnectToken, u64>,
+    pub abandoned: HashSet<ConnectToken>,
+    pub eps: HashMap<c_int, Ep>,
+    sleepers: u32,
+    waiters: Vec<c_int>,
+    notes: Vec<Notify>,
+    warned: bool,
+}
+
+pub fn api_errno(e: &ApiError) -> c_int {
+    e.errno()
+}
+
+thread_local! {
+    static TEFD: ThreadEfd = ThreadEfd(sys::eventfd());
+}
+
+struct ThreadEfd(c_int);
+impl Drop for ThreadEfd {
+    fn drop(&mut self) {
+        if self.0 >= 0 {
+            // SAFETY: our own eventfd.
+            unsafe { real::close(self.0) };
+        }
+    }
+}
+
+fn thread_efd() -> c_int {
+    TEFD.try_with(|t| t.0).unwrap_or(-1)
+}
+
+pub fn log_warn(cfg: &Config, msg: &str) {
+    if cfg.log >= crate::config::LOG_WARN {
+        sys::stderr(&format!(
+            "hoststack preload[{}]: {msg}\n",
+            std::process::id()
+        ));
+    }
+}
+
+pub fn log_debug(cfg: &Config, msg: impl FnOnce() -> String) {
+    if cfg.log >= crate::config::LOG_DEBUG {
+        sys::stderr(&format!(
+            "hoststack preload[{}]: {}\n",
+            std::process::id(),
+            msg()
+        ));
+    }
+}
+
+/// What a wait ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woke {
+    /// Something may have changed: look again.
+    Again,
+    Timeout,
+    Intr,
+}
+
+impl State {
+    fn new() -> State {
+        State {
+            cfg: env().cfg.clone(),
+            mode: Mode::Unattached,
+            worker: None,
+            gen: 0,
+            socks: HashMap::new(),
+            fds: HashMap::new(),
+            next_id: 1,
+            by_sess: HashMap::new(),
+            by_lid: HashMap::new(),
+            by_token: HashMap::new(),
+            abandoned: HashSet::new(),
+            eps: HashMap::new(),
+            sleepers: 0,
+            waiters: Vec::new(),
+            notes: Vec::new(),
+            warned: false,
+        }
+    }
+
+    /// Attach (once per process) and return the worker; Err when hoststack
+    /// cannot be used.
+    pub fn worker(&mut self) -> R<&mut Worker> {
+        if self.worker.is_none() {
+            if self.mode == Mode::Failed {
+                return Err(libc::ENETDOWN);
+            }
+            let prog = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "app".into());
+            let name = format!("{prog}[{}]", std::process::id());
+            let mut cfg = env().attach.clone();
+            cfg.name = name.clone();
+            match App::attach(&cfg).and_then(|a| a.worker()) {
+                Ok(w) => {
+                    log_debug(&self.cfg, || format!("attached as {name}"));
+                    self.worker = Some(w);
+                    self.mode = Mode::Attached;
+                    self.gen += 1;
+                }
+                Err(e) => {
+                    self.mode = Mode::Failed;
+                    if !self.warned {
+                        self.warned = true;
+                        let what = if self.cfg.strict {
+                            "HOSTSTACK_STRICT is set: INET sockets fail with ENETDOWN"
+                        } else {
+                            "using kernel sockets"
+                        };
+                        log_warn(
+                            &self.cfg,
+                            &format!(
+                                "cannot attach to hoststackd in {}: {e}; {what}",
+                                cfg.socket_dir.display()
+                            ),
+                        );
+                    }
+                    return Err(libc::ENETDOWN);
+                }
+            }
+        }
+        self.worker.as_mut().ok_or(libc::ENETDOWN)
+    }
+
+    /// Should new INET sockets go to hoststack? Err(ENETDOWN) in strict
+    /// mode when the daemon is unreachable; Ok(false) = kernel.
+    pub fn want_bypass(&mut self) -> R<bool> {
+        let strict = self.cfg.strict;
+        match self.worker() {
+            Ok(_) => Ok(true),
+            Err(e) if strict => Err(e),
+            Err(_) => Ok(false),
+        }
+    }
+
+    pub fn add_sock(
+        &mut self,
+        fd: c_int,
+        domain: c_int,
+        stype: c_int,
+        nonblock: bool,
+        state: SState,
+    ) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.socks.insert(
+            id,
+            Sock {
+                domain,
+                stype,
+                state,
+                nonblock,
+                bound: None,
+                peer: None,
+                so_error: 0,
+                refs: 1,
+                regs: Vec::new(),
+                rd_shut: false,
+                wr_shut: false,
+                used: false,
+                backlog: 128,
+                opts: Opts {
+                    rcvbuf: DEFAULT_SOCKBUF,
+                    sndbuf: DEFAULT_SOCKBUF,
+                    ..Opts::default()
+                },
+                reset_seen: false,
+            },
+        );
+        self.fds.insert(fd, id);
+        set_flag(&BYPASS, fd, true);
+        self.index(id);
+        id
+    }
+
+    /// Keep the handle -> socket maps in step with the state.
+    pub fn index(&mut self, id: u64) {
+        let Some(s) = self.socks.get(&id) else { return };
+        match s.state {
+            SState::Listening { lid, .. } => {
+                self.by_lid.insert(lid, id);
+            }
+            SState::Connecting { token } => {
+                self.by_token.insert(token, id);
+            }
+            SState::Connected { sid } | SState::Udp { sid } => {
+                self.by_sess.insert(sid, id);
+            }
+            _ => {}
+        }
+    }
+
+    pub fn set_state(&mut self, id: u64, new: SState) {
+        let Some(s) = self.socks.get_mut(&id) else {
+            return;
+        };
+        match s.state {
+            SState::Listening { lid, .. } => {
+                self.by_lid.remove(&lid);
+            }
+            SState::Connecting { token } => {
+                self.by_token.remove(&token);
+            }
+            SState::Connected { sid } | SState::Udp { sid } => {
+                self.by_sess.remove(&sid);
+            }
+            _ => {}
+        }
+        s.state = new;
+        self.index(id);
+    }
+
+    pub fn sock_of(&self, fd: c_int) -> Option<u64> {
+        self.fds.get(&fd).copied()
+    }
+
+    /// Map another fd (a dup) to the same socket.
+    pub fn add_fd(&mut self, fd: c_int, id: u64) {
+        if let Some(s) = self.socks.get_mut(&id) {
+            s.refs += 1;
+            self.fds.insert(fd, id);
+            set_flag(&BYPASS, fd, true);
+        }
+    }
+
+    /// Forget `fd` (the caller closes the kernel fd); the socket is released
+    /// when its last fd goes.
+    pub fn drop_fd(&mut self, fd: c_int) {
+        let Some(id) = self.fds.remove(&fd) else {
+            return;
+        };
+        set_flag(&BYPASS, fd, false);
+        let last = match self.socks.get_mut(&id) {
+            Some(s) => {
+                s.refs = s.refs.saturating_sub(1);
+                s.refs == 0
+            }
+            None => false,
+        };
+        if last {
+            self.release(id);
+        }
+    }
+
+    /// Give a Fresh socket back to the kernel: its placeholder *is* a kernel
+    /// socket of the right type, so the app's fd simply stops being special.
+    /// Epoll registrations move into the kernel sets.
+    pub fn to_kernel(&mut self, id: u64) {
+        let fds: Vec<c_int> = self
+            .fds
+            .iter()
+            .filter(|(_, v)| **v == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for fd in &fds {
+            self.fds.remove(fd);
+            set_flag(&BYPASS, *fd, false);
+        }
+        if let Some(s) = self.socks.remove(&id) {
+            for (epfd, fd) in s.regs {
+                if let Some(ep) = self.eps.get_mut(&epfd) {
+                    if let Some(r) = ep.regs.remove(&fd) {
+                        let mut ev = libc::epoll_event {
+                            events: r.events,
+                            u64: r.data,
+                        };
+                        // SAFETY: valid epoll_event.
+                        unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+                    }
+                }
+            }
+            if let Some(fd) = fds.first() {
+                // Mirror the emulated O_NONBLOCK onto the kernel socket.
+                // SAFETY: fcntl on the app's own fd.
+                unsafe {
+                    let fl = real::fcntl(*fd, libc::F_GETFL, 0);
+                    if fl >= 0 {
+                        let nfl = if s.nonblock {
+                            fl | libc::O_NONBLOCK
+                        } else {
+                            fl & !libc::O_NONBLOCK
+                        };
+                        real::fcntl(*fd, libc::F_SETFL, nfl as usize);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The last fd of a socket is gone: close its session.
+    fn release(&mut self, id: u64) {
+        let Some(s) = self.socks.remove(&id) else {
+            return;
+        };
+        for (epfd, fd) in &s.regs {
+            if let Some(ep) = self.eps.get_mut(epfd) {
+                if ep.regs.get(fd).is_some_and(|r| r.sock == id) {
+                    ep.regs.remove(fd);
+                }
+            }
+        }
+        let abort = s
+            .opts
+            .linger
+            .is_some_and(|l| l.l_onoff != 0 && l.l_linger == 0);
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        match s.state {
+            SState::Listening { lid, .. } => {
+                self.by_lid.remove(&lid);
+                let _ = w.unlisten(lid);
+            }
+            SState::Connected { sid } | SState::Udp { sid } => {
+                self.by_sess.remove(&sid);
+                let _ = if abort { w.abort(sid) } else { w.close(sid) };
+            }
+            SState::Connecting { token } => {
+                self.by_token.remove(&token);
+                self.abandoned.insert(token);
+            }
+            _ => {}
+        }
+    }
+
+    /// Drain daemon events and queue the sockets they concern on the epoll
+    /// instances they are registered with; wake sleeping threads.
+    pub fn pump(&mut self) {
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        let mut notes = std::mem::take(&mut self.notes);
+        notes.clear();
+        let dead = w.poll_events(&mut notes, Some(Duration::ZERO)).is_err();
+        let mut touched = dead;
+        for n in notes.drain(..) {
+            let id = match n {
+                Notify::Readable(s) | Notify::Writable(s) => self.by_sess.get(&s).copied(),
+                Notify::Accept(l) => self.by_lid.get(&l).copied(),
+                Notify::Connected(t) => {
+                    if self.abandoned.remove(&t) {
+                        if let Some(w) = self.worker.as_mut() {
+                            if let Ok(Some(s)) = w.connect_finish(t) {
+                                let _ = w.close(s);
+                            }
+                        }
+                        None
+                    } else {
+                        self.by_token.get(&t).copied()
+                    }
+                }
+            };
+            if let Some(id) = id {
+                touched = true;
+                self.touch(id);
+            }
+        }
+        self.notes = notes;
+        if dead {
+            // Every socket may have changed (all fail now).
+            let ids: Vec<u64> = self.socks.keys().copied().collect();
+            for id in ids {
+                self.touch(id);
+            }
+        }
+        if touched {
+            for &fd in &self.waiters {
+                efd_signal(fd);
+            }
+        }
+    }
+
+    /// Queue `id` on its epoll instances.
+    pub fn touch(&mut self, id: u64) {
+        let Some(s) = self.socks.get(&id) else { return };
+        for &(epfd, fd) in &s.regs {
+            if let Some(ep) = self.eps.get_mut(&epfd) {
+                if let Some(r) = ep.regs.get_mut(&fd) {
+                    if r.sock == id && !r.queued && !r.disabled {
+                        r.queued = true;
+                        ep.ready.push_back(fd);
+                        if ep.nested && !ep.signaled {
+                            ep.signaled = true;
+                            efd_signal(ep.wake);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finish a pending connect if its reply arrived.
+    pub fn finish_connect(&mut self, id: u64) {
+        let Some(SState::Connecting { token }) = self.socks.get(&id).map(|s| s.state) else {
+            return;
+        };
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        match w.connect_finish(token) {
+            Ok(Some(sid)) => {
+                self.set_state(id, SState::Connected { sid });
+                self.apply_opts(id);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let e = api_errno(&e);
+                self.set_state(id, SState::Failed);
+                if let Some(s) = self.socks.get_mut(&id) {
+                    s.so_error = e;
+                }
+            }
+        }
+    }
+
+    /// Push remembered TCP options to a new session.
+    pub fn apply_opts(&mut self, id: u64) {
+        let Some(s) = self.socks.get(&id) else { return };
+        let SState::Connected { sid } = s.state else {
+            return;
+        };
+        let (nodelay, ka, idle) = (s.opts.nodelay, s.opts.keepalive, s.opts.keepidle);
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        if nodelay {
+            let _ = w.set_nodelay(sid, true);
+        }
+        if ka {
+            let secs = if idle > 0 { idle as u64 } else { 7200 };
+            let _ = w.set_keepalive(sid, Some(Duration::from_secs(secs)));
+        }
+    }
+
+    /// Re-create a dormant listener in this process (joining the group the
+    /// parent or siblings serve).
+    pub fn wake_listener(&mut self, id: u64) -> R<()> {
+        let Some(s) = self.socks.get(&id) else {
+            return Err(libc::EBADF);
+        };
+        let SState::Dormant { local } = s.state else {
+            return Ok(());
+        };
+        let backlog = s.backlog;
+        let w = self.worker()?;
+        let (lid, local) = w
+            .listen_with(
+                local,
+                backlog,
+                session_api::msg::LISTEN_JOIN | session_api::msg::LISTEN_SHARED,
+            )
+            .map_err(|e| api_errno(&e))?;
+        self.set_state(id, SState::Listening { lid, local });
+        Ok(())
+    }
+
+    /// Epoll/poll readiness of a socket (EPOLL* bits), finishing pending
+    /// connects; `want_out` asks for a writable notification if not writable.
+    pub fn events_of(&mut self, id: u64, want_out: bool) -> u32 {
+        self.finish_connect(id);
+        let Some(s) = self.socks.get(&id) else {
+            return 0;
+        };
+        let (state, stype, rd_shut, wr_shut, so_error, reset_seen) = (
+            s.state,
+            s.stype,
+            s.rd_shut,
+            s.wr_shut,
+            s.so_error,
+            s.reset_seen,
+        );
+        let (i, o, e, h, rh) = (
+            libc::EPOLLIN as u32,
+            libc::EPOLLOUT as u32,
+            libc::EPOLLERR as u32,
+            libc::EPOLLHUP as u32,
+            libc::EPOLLRDHUP as u32,
+        );
+        match state {
+            SState::Fresh => {
+                if stype == libc::SOCK_STREAM {
+                    o | h
+                } else {
+                    o
+                }
+            }
+            SState::Listening { lid, .. } => {
+                match self.worker.as_mut().map(|w| w.accept_ready(lid)) {
+                    Some(Ok(true)) => i,
+                    _ => 0,
+                }
+            }
+            SState::Dormant { .. } | SState::Connecting { .. } => 0,
+            SState::Connected { sid } | SState::Udp { sid } => {
+                let Some(w) = self.worker.as_mut() else {
+                    return e | h;
+                };
+                let Ok(mut r) = w.ready(sid) else {
+                    return e | h;
+                };
+                if want_out && !r.writable {
+                    r.writable = w.want_writable(sid).unwrap_or(true);
+                }
+                let mut m = 0;
+                if r.readable || rd_shut {
+                    m |= i;
+                }
+                if r.writable {
+                    m |= o;
+                }
+                if matches!(state, SState::Connected { .. }) {
+                    if r.hup {
+                        m |= rh | i;
+                        if wr_shut {
+                            m |= h;
+                        }
+                    }
+                    if r.error.is_some() {
+                        m |= i | o | h | rh;
+                        if !reset_seen {
+                            m |= e;
+                        }
+                    }
+                }
+                m
+            }
+            SState::Failed => i | o | h | rh | if so_error != 0 { e } else { 0 },
+            SState::Orphan => o | h,
+        }
+    }
+
+    /// A fork child: drop the parent's worker without telling the daemon;
+    /// listeners go dormant, inherited connections become orphans.
+    pub fn after_fork_child(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.detach_after_fork();
+        }
+        self.mode = Mode::Unattached;
+        self.sleepers = 0;
+        self.waiters.clear();
+        self.by_sess.clear();
+        self.by_lid.clear();
+        self.by_token.clear();
+        self.abandoned.clear();
+        for s in self.socks.values_mut() {
+            s.state = match s.state {
+                SState::Listening { local, .. } | SState::Dormant { local } => {
+                    s.used = false;
+                    SState::Dormant { local }
+                }
+                SState::Fresh => SState::Fresh,
+                SState::Failed => SState::Failed,
+                _ => SState::Orphan,
+            };
+        }
+        for ep in self.eps.values_mut() {
+            ep.magic_gen = 0;
+        }
+    }
+
+    /// In the parent after fork: listeners this process never served are
+    /// handed to the children (nginx's master never accepts).
+    pub fn after_fork_parent(&mut self) {
+        let idle: Vec<u64> = self
+            .socks
+            .iter()
+            .filter(|(_, s)| matches!(s.state, SState::Listening { .. }) && !s.used)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            let Some(SState::Listening { lid, local }) = self.socks.get(&id).map(|s| s.state)
+            else {
+                continue;
+            };
+            if let Some(w) = self.worker.as_mut() {
+                let _ = w.unlisten(lid);
+            }
+            self.set_state(id, SState::Dormant { local });
+        }
+    }
+
+    /// Make sure the kernel epoll set `epfd` holds this process's wake fds.
+    pub fn ep_arm(&mut self, epfd: c_int) {
+        let gen = self.gen;
+        let fds = self.worker.as_ref().map(|w| w.wait_fds());
+        let Some(ep) = self.eps.get_mut(&epfd) else {
+            return;
+        };
+        if ep.magic_gen == gen {
+            return;
+        }
+        let add = |fd: c_int, tag: u64| {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: tag,
+            };
+            // SAFETY: valid epoll_event; EEXIST is fine.
+            unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        };
+        if ep.magic_gen == 0 && ep.wake >= 0 {
+            add(ep.wake, MAGIC_WAKE);
+        }
+        if let Some([wake, ctrl]) = fds {
+            add(wake, MAGIC_MQ);
+            add(ctrl, MAGIC_CTRL);
+            ep.magic_gen = gen;
+        }
+    }
+
+    pub fn ep_new(&mut self, epfd: c_int) -> &mut Ep {
+        set_flag(&EPOLL, epfd, true);
+        self.eps.entry(epfd).or_insert_with(|| Ep {
+            regs: HashMap::new(),
+            ready: VecDeque::new(),
+            wake: sys::eventfd(),
+            magic_gen: 0,
+            nested: false,
+            signaled: false,
+        })
+    }
+
+    pub fn ep_close(&mut self, epfd: c_int) {
+        if let Some(ep) = self.eps.remove(&epfd) {
+            set_flag(&EPOLL, epfd, false);
+            for (fd, r) in &ep.regs {
+                if let Some(s) = self.socks.get_mut(&r.sock) {
+                    s.regs.retain(|&(e, f)| !(e == epfd && f == *fd));
+                }
+            }
+            if ep.wake >= 0 {
+                // SAFETY: our eventfd.
+                unsafe { real::close(ep.wake) };
+            }
+        }
+    }
+}
+
+/// Sleep until daemon events, a waiter signal, one of `extra` or the
+/// deadline. Takes the locked state and returns it locked again.
+pub fn block(
+    mut g: G,
+    deadline: Option<Instant>,
+    extra: &mut [libc::pollfd],
+    sigmask: *const libc::sigset_t,
+) -> (G, Woke) {
+    let s = st(&mut g);
+    let tefd = thread_efd();
+    let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(3 + extra.len());
+    let mut base = 0;
+    if let Some(w) = s.worker.as_mut() {
+        if !w.prepare_sleep() {
+            if s.sleepers == 0 {
+                w.cancel_sleep();
+            }
+            s.pump();
+            return (g, Woke::Again);
+        }
+        let [wake, ctrl] = w.wait_fds();
+        for fd in [wake, ctrl, tefd] {
+            pfds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        base = 3;
+        s.sleepers += 1;
+        s.waiters.push(tefd);
+    }
+    pfds.extend_from_slice(extra);
+    let ts = deadline.map(sys::ts_left);
+    drop(g);
+    // SAFETY: pfds is a valid array; ts and sigmask are null or valid.
+    let r = unsafe {
+        real::ppoll(
+            pfds.as_mut_ptr(),
+            pfds.len() as libc::nfds_t,
+            ts.as_ref().map_or(std::ptr::null(), |t| t as *const _),
+            sigmask,
+        )
+    };
+    let err = sys::errno();
+    let mut g = lock();
+    let s = st(&mut g);
+    if base == 3 {
+        s.sleepers = s.sleepers.saturating_sub(1);
+        if let Some(p) = s.waiters.iter().position(|&f| f == tefd) {
+            s.waiters.swap_remove(p);
+        }
+        if pfds[2].revents != 0 {
+            efd_drain(tefd);
+        }
+        let sleepers = s.sleepers;
+        if let Some(w) = s.worker.as_mut() {
+            if sleepers == 0 {
+                w.cancel_sleep();
+            }
+            let _ = w.after_wake(pfds[0].revents != 0, pfds[1].revents != 0);
+        }
+        s.pump();
+    }
+    for (e, p) in extra.iter_mut().zip(&pfds[base..]) {
+        e.revents = p.revents;
+    }
+    let woke = if r < 0 && err == libc::EINTR {
+        Woke::Intr
+    } else if r == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+        Woke::Timeout
+    } else {
+        Woke::Again
+    };
+    (g, woke)
+}
+
+impl State {
+    /// A thread is about to sleep in the kernel on its own set that holds
+    /// `wake` (signalled by whoever drains events meanwhile).
+    pub fn sleep_begin(&mut self, wake: c_int) {
+        self.sleepers += 1;
+        if wake >= 0 {
+            self.waiters.push(wake);
+        }
+    }
+
+    /// The thread is back (lock held).
+    pub fn sleep_end(&mut self, wake: c_int) {
+        self.sleepers = self.sleepers.saturating_sub(1);
+        if let Some(p) = self.waiters.iter().position(|&f| f == wake) {
+            self.waiters.swap_remove(p);
+        }
+        if self.sleepers == 0 {
+            if let Some(w) = self.worker.as_mut() {
+                w.cancel_sleep();
+            }
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Small OS helpers: the process-wide futex lock (fork-safe: it can be
+//! taken in a `pthread_atfork` prepare handler and released in the parent
+//! and child handlers), errno, eventfds and sockaddr conversion.
+
+use crate::real;
+use libc::{c_int, sockaddr, socklen_t};
+use std::cell::UnsafeCell;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A futex mutex (0 free, 1 locked, 2 locked with waiters).
+pub struct Lock<T> {
+    state: AtomicU32,
+    val: UnsafeCell<T>,
+}
+
+// SAFETY: access to `val` is serialised by `state`.
+unsafe impl<T: Send> Sync for Lock<T> {}
+
+impl<T> Lock<T> {
+    pub const fn new(v: T) -> Self {
+        Lock {
+            state: AtomicU32::new(0),
+            val: UnsafeCell::new(v),
+        }
+    }
+
+    pub fn lock(&self) -> Guard<'_, T> {
+        self.raw_lock();
+        Guard { l: self }
+    }
+
+    /// Take the lock without a guard (fork prepare handler).
+    pub fn raw_lock(&self) {
+        if self
+            .state
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
+        while self.state.swap(2, Ordering::Acquire) != 0 {
+            futex(&self.state, libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, 2);
+        }
+    }
+
+    /// Release a lock taken with [`Lock::raw_lock`].
+    ///
+    /// # Safety
+    /// The caller holds the lock and has no guard for it.
+    pub unsafe fn raw_unlock(&self) {
+        if self.state.swap(0, Ordering::Release) == 2 {
+            futex(&self.state, libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, 1);
+        }
+    }
+
+    /// In a forked child: the only thread left; whoever held the lock in
+    /// the parent is gone.
+    ///
+    /// # Safety
+    /// Only in a child right after fork, before other threads exist.
+    pub unsafe fn force_unlock(&self) {
+        self.state.store(0, Ordering::Release);
+    }
+
+    /// Access while the lock is held without a guard (fork handlers).
+    ///
+    /// # Safety
+    /// The caller holds the lock (raw_lock) and no guard exists.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn get_locked(&self) -> &mut T {
+        &mut *self.val.get()
+    }
+}
+
+fn futex(a: &AtomicU32, op: c_int, val: u32) {
+    // SAFETY: a valid futex word; the kernel only reads it.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            a.as_ptr(),
+            op,
+            val,
+            std::ptr::null::<libc::timespec>(),
+        );
+    }
+}
+
+pub struct Guard<'a, T> {
+    l: &'a Lock<T>,
+}
+
+impl<T> Deref for Guard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard proves the lock is held.
+        unsafe { &*self.l.val.get() }
+    }
+}
+
+impl<T> DerefMut for Guard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: the guard proves the lock is held.
+        unsafe { &mut *self.l.val.get() }
+    }
+}
+
+impl<T> Drop for Guard<'_, T> {
+    fn drop(&mut self) {
+        // SAFETY: this guard holds the lock.
+        unsafe { self.l.raw_unlock() }
+    }
+}
+
+pub fn errno() -> c_int {
+    // SAFETY: errno location is always valid for this thread.
+    unsafe { *libc::__errno_location() }
+}
+
+pub fn set_errno(e: c_int) {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = e }
+}
+
+/// A non-blocking, close-on-exec eventfd.
+pub fn eventfd() -> c_int {
+    // SAFETY: no pointers.
+    unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) }
+}
+
+pub fn efd_signal(fd: c_int) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a valid u64.
+    unsafe { real::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+}
+
+pub fn efd_drain(fd: c_int) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a valid u64 (non-blocking fd).
+    unsafe { real::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+}
+
+/// Parse a sockaddr from the app. EINVAL/EAFNOSUPPORT like the kernel.
+///
+/// # Safety
+/// `addr` points to `len` readable bytes (or is null).
+pub unsafe fn read_sockaddr(addr: *const sockaddr, len: socklen_t) -> Result<SocketAddr, c_int> {
+    if addr.is_null() {
+        return Err(libc::EFAULT);
+    }
+    if (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
+        return Err(libc::EINVAL);
+    }
+    match (*addr).sa_family as c_int {
+        libc::AF_INET => {
+            if (len as usize) < std::mem::size_of::<libc::sockaddr_in>() {
+                return Err(libc::EINVAL);
+            }
+            let a = std::ptr::read_unaligned(addr as *const libc::sockaddr_in);
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            if (len as usize) < std::mem::size_of::<libc::sockaddr_in6>() {
+                return Err(libc::EINVAL);
+            }
+            let a = std::ptr::read_unaligned(addr as *const libc::sockaddr_in6);
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        libc::AF_UNSPEC => Err(libc::EAFNOSUPPORT),
+        _ => Err(libc::EAFNOSUPPORT),
+    }
+}
+
+/// A v4-mapped v6 address back to v4 (the daemon speaks plain v4).
+pub fn unmap(a: SocketAddr) -> SocketAddr {
+    if let SocketAddr::V6(v6) = a {
+        if let Some(v4) = v6.ip().to_ipv4_mapped() {
+            return SocketAddr::new(IpAddr::V4(v4), v6.port());
+        }
+    }
+    a
+}
+
+/// Write `a` for a socket of `domain` (v4 addresses become v4-mapped for
+/// AF_INET6 sockets), truncating to `*len` like the kernel and storing the
+/// full size in `*len`.
+///
+/// # Safety
+/// `addr`/`len` are null or point to app memory of `*len` bytes.
+pub unsafe fn write_sockaddr(
+    domain: c_int,
+    a: SocketAddr,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+) {
+    if addr.is_null() || len.is_null() {
+        return;
+    }
+    let mut st: libc::sockaddr_storage = std::mem::zeroed();
+    let size = match (domain, a) {
+        (libc::AF_INET6, a) => {
+            let (ip, port, flow, scope) = match a {
+                SocketAddr::V4(v4) => (v4.ip().to_ipv6_mapped(), v4.port(), 0, 0),
+                SocketAddr::V6(v6) => (*v6.ip(), v6.port(), v6.flowinfo(), v6.scope_id()),
+            };
+            let s = &mut *(&mut st as *mut _ as *mut libc::sockaddr_in6);
+            s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            s.sin6_port = port.to_be();
+            s.sin6_addr.s6_addr = ip.octets();
+            s.sin6_flowinfo = flow;
+            s.sin6_scope_id = scope;
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+        (_, a) => {
+            let ip = match a.ip() {
+                IpAddr::V4(v4) => v4,
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
+            };
+            let s = &mut *(&mut st as *mut _ as *mut libc::sockaddr_in);
+            s.sin_family = libc::AF_INET as libc::sa_family_t;
+            s.sin_port = a.port().to_be();
+            s.sin_addr.s_addr = u32::from(ip).to_be();
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+    };
+    let n = (*len as usize).min(size);
+    std::ptr::copy_nonoverlapping(&st as *const _ as *const u8, addr as *mut u8, n);
+    *len = size as socklen_t;
+}
+
+/// The unspecified address of a domain.
+pub fn any_addr(domain: c_int) -> SocketAddr {
+    if domain == libc::AF_INET6 {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)
+    } else {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+    }
+}
+
+/// Write raw bytes to stderr without going through the hooks.
+pub fn stderr(msg: &str) {
+    // SAFETY: writes a valid buffer to fd 2.
+    unsafe { real::write(2, msg.as_ptr() as *const libc::c_void, msg.len()) };
+}
+
+/// Milliseconds until `deadline` for poll (-1 = forever).
+pub fn ms_left(deadline: Option<std::time::Instant>) -> c_int {
+    match deadline {
+        None => -1,
+        Some(d) => {
+            let left = d.saturating_duration_since(std::time::Instant::now());
+            left.as_millis().min(i32::MAX as u128) as c_int
+                + if left.subsec_nanos() % 1_000_000 != 0 {
+                    1
+                } else {
+                    0
+                }
+        }
+    }
+}
+
+/// A timespec for `deadline` (None = null pointer semantics handled by caller).
+pub fn ts_left(deadline: std::time::Instant) -> libc::timespec {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    libc::timespec {
+        tv_sec: left.as_secs() as libc::time_t,
+        tv_nsec: left.subsec_nanos() as libc::c_long,
+    }
+}
