@@ -370,20 +370,25 @@ impl Daemon {
             self.engine.poll_timers(now, &mut self.tx);
             for app in self.engine.take_broken() {
                 self.engine.stats.apps_killed += 1;
-                self.drop_app(app, now);
+                self.drop_app_with(app, false, now);
             }
             self.tx.send(self.uplink.as_mut());
         }
     }
 
+    /// An app went away (its attach socket closed): serve what it queued.
     fn drop_app(&mut self, app: AppId, now: SInstant) {
+        self.drop_app_with(app, true, now)
+    }
+
+    fn drop_app_with(&mut self, app: AppId, drain: bool, now: SInstant) {
         if let Some(a) = self.engine.apps.get(&app) {
             self.epoll.del(a.ctrl.as_raw_fd());
             for w in a.workers.iter().flatten() {
                 self.epoll.del(w.daemon_wake.as_raw_fd());
             }
         }
-        self.engine.remove_app(app, now, &mut self.tx);
+        self.engine.remove_app_with(app, drain, now, &mut self.tx);
     }
 
     fn shutdown(&mut self) {

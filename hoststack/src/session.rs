@@ -477,15 +477,23 @@ impl Engine {
 
     /// Handle every pending request of every worker, bounded per worker.
     pub fn drain_requests(&mut self, now: Instant, tx: &mut dyn FrameTx) -> usize {
-        let mut batch = Vec::new();
         let ids: Vec<AppId> = self.apps.keys().copied().collect();
         let mut total = 0;
         for app in ids {
-            batch.clear();
+            total += self.drain_app(app, 256, now, tx);
+        }
+        total
+    }
+
+    /// Handle up to `limit` pending requests of each worker of `app`.
+    fn drain_app(&mut self, app: AppId, limit: usize, now: Instant, tx: &mut dyn FrameTx) -> usize {
+        let mut batch = Vec::new();
+        let mut total = 0;
+        {
             let mut corrupt = false;
             if let Some(a) = self.apps.get_mut(&app) {
                 for w in a.workers.iter_mut().flatten() {
-                    for _ in 0..256 {
+                    for _ in 0..limit {
                         match w.req.try_recv() {
                             Ok(Some(m)) => {
                                 w.requests += 1;
@@ -502,7 +510,7 @@ impl Engine {
             }
             if corrupt {
                 self.mark_broken(app);
-                continue;
+                return 0;
             }
             total += batch.len();
             for (w, m) in batch.drain(..) {
@@ -1535,6 +1543,19 @@ impl Engine {
     /// Disconnect an app: reset its connections towards their peers, reset
     /// cut-through peers, drop listeners, unmap its segments.
     pub fn remove_app(&mut self, app: AppId, now: Instant, tx: &mut dyn FrameTx) {
+        self.remove_app_with(app, false, now, tx)
+    }
+
+    /// [`Engine::remove_app`]; with `drain`, the requests the app queued
+    /// before it went (typically the close() of its connections on a
+    /// graceful exit) are served first, so a closed session whose data is
+    /// all in the transport finishes with FIN, not RST. Never for an app
+    /// whose queues are corrupt.
+    pub fn remove_app_with(&mut self, app: AppId, drain: bool, now: Instant, tx: &mut dyn FrameTx) {
+        if drain {
+            self.drain_app(app, 4096, now, tx);
+            self.broken.retain(|a| *a != app);
+        }
         let handles: Vec<u64> = self
             .app_sessions
             .get(&app)

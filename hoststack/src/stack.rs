@@ -863,8 +863,15 @@ impl Stack {
     pub fn ingress(&mut self, now: Instant, frame: &[u8], csum_ok: bool, tx: &mut dyn FrameTx) {
         self.stats.rx_frames += 1;
         let target = match demux(frame) {
-            Demux::Tcp { key, syn_only } => match self.tcp.get(&key) {
-                Some(id) => Some(*id),
+            Demux::Tcp { key, syn_only } => match self.tcp.get(&key).copied() {
+                // A new SYN on a 4-tuple whose old connection lingers in
+                // TIME-WAIT (client port reuse): like Linux, end the old one
+                // and accept the new connection.
+                Some(id) if syn_only && self.in_time_wait(id) => {
+                    self.remove_flow(id, now, &mut NullTx(Vec::new()));
+                    self.passive_open(key, now)
+                }
+                Some(id) => Some(id),
                 None if syn_only => self.passive_open(key, now),
                 None => None,
             },
@@ -908,6 +915,14 @@ impl Stack {
                     self.remove_flow(id, now, &mut NullTx(Vec::new()));
                     return;
                 }
+                if self.in_time_wait(id) {
+                    // An orphan reached TIME-WAIT: send the last ACK and free
+                    // it now. Holding 512 KiB of socket buffers per closed
+                    // connection for 10 s would cap short-connection rates
+                    // (Linux likewise keeps only a small time-wait bucket).
+                    self.remove_flow(id, now, tx);
+                    return;
+                }
                 self.touch(id);
             }
             None => {
@@ -917,6 +932,23 @@ impl Stack {
                 self.stats.tx_frames += sent;
             }
         }
+    }
+
+    /// An orphaned TCP flow in TIME-WAIT (or already closed).
+    fn in_time_wait(&mut self, id: FlowId) -> bool {
+        let Some(f) = self
+            .flows
+            .get_mut(id.idx as usize)
+            .and_then(|f| f.as_mut())
+            .filter(|f| f.gen == id.gen && f.owner == 0 && f.kind == FlowKind::Tcp)
+        else {
+            return false;
+        };
+        let h = f.handle;
+        matches!(
+            f.set.get::<tcp::Socket>(h).state(),
+            tcp::State::TimeWait | tcp::State::Closed
+        )
     }
 
     fn passive_open(&mut self, key: TcpKey, _now: Instant) -> Option<FlowId> {

@@ -83,7 +83,7 @@ int main(void)
 	close(c);
 	rev = wait_fd(s, POLLERR, 2000);
 	say("close with unread data, peer poll: %s", pflags(rev));
-	say("peer read: %s", rs(read(s, buf, sizeof buf)));
+	say("peer recv: %s", rs(recv(s, buf, sizeof buf, MSG_DONTWAIT)));
 	close(s);
 
 	/* Plain close, the peer writes, the reset comes back. */
@@ -106,7 +106,7 @@ int main(void)
 	s = accept_to(l, 2000);
 	rev = wait_fd(s, POLLERR, 2000);
 	say("reset before accept, poll: %s", pflags(rev));
-	say("reset before accept, read: %s", rs(read(s, buf, sizeof buf)));
+	say("reset before accept, recv: %s", rs(recv(s, buf, sizeof buf, MSG_DONTWAIT)));
 	close(s);
 	close(l);
 	say("done");

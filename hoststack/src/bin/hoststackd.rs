@@ -89,6 +89,7 @@ struct Cli {
 }
 
 fn main() -> Result<()> {
+    hoststack::sys::tune_malloc();
     let cli = Cli::parse();
     let filter = cli
         .log
