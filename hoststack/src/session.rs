@@ -85,6 +85,8 @@ struct Session {
     pending_connect: Option<(u32, Instant)>,
     rx_bytes: u64,
     tx_bytes: u64,
+    /// The listen group an accepted (network) session came from.
+    group: Option<ListenerId>,
 }
 
 struct AppListener {
@@ -470,6 +472,7 @@ impl Engine {
             pending_connect: None,
             rx_bytes: 0,
             tx_bytes: 0,
+            group: None,
         });
         self.stack.set_owner(flow, h);
         Ok((h, blk, doff))
@@ -630,6 +633,15 @@ impl Engine {
                     return;
                 }
                 self.abort(handle, now, tx);
+            }
+            Request::Requeue { handle } => {
+                if !self.owned(app, handle) {
+                    return;
+                }
+                if self.requeue(handle).is_err() {
+                    self.stats.accept_aborts += 1;
+                    self.abort(handle, now, tx);
+                }
             }
             Request::SetOpt { handle, opt } => {
                 if !self.owned(app, handle) {
@@ -932,6 +944,7 @@ impl Engine {
             pending_connect: None,
             rx_bytes: 0,
             tx_bytes: 0,
+            group: None,
         };
         let ha = self.new_handle(mk(app, worker, client, server));
         let hb = self.new_handle(mk(papp, pworker, server, client));
@@ -999,6 +1012,93 @@ impl Engine {
         self.ct_segments.insert(id, CtSegment { seg, apps: key });
         self.ct_by_pair.insert(key, id);
         Ok(id)
+    }
+
+    /// Move an accepted, never-taken network session to another member of
+    /// its listen group: new FIFOs in that app's segment, received bytes
+    /// copied over, the old block freed, `Accepted` posted.
+    fn requeue(&mut self, h: u64) -> Result<(), i32> {
+        let s = self.sess(h).ok_or(libc::EBADF)?;
+        let (Kind::Net { flow, .. }, Some(gid)) = (&s.kind, s.group) else {
+            return Err(libc::EINVAL);
+        };
+        let (flow, old_app, old_blk, proto, local, remote) =
+            (*flow, s.app, s.blk, s.proto, s.local, s.remote);
+        let lh = self.pick_member(gid).ok_or(libc::ECONNREFUSED)?;
+        let (app, worker) = self
+            .listeners
+            .get(&lh)
+            .map(|l| (l.app, l.worker))
+            .ok_or(libc::ECONNREFUSED)?;
+        // What the peer already sent (the old owner never read it).
+        let pending = {
+            let seg = self
+                .apps
+                .get(&old_app)
+                .and_then(|a| a.segments.get(&old_blk.segment))
+                .ok_or(libc::EFAULT)?;
+            let mut c = consumer(seg, old_blk.fifo_ba, old_blk.cap).ok_or(libc::EFAULT)?;
+            let n = c.len().map_err(|_| libc::EFAULT)? as usize;
+            let mut v = vec![0u8; n];
+            c.dequeue(&mut v).map_err(|_| libc::EFAULT)?;
+            v
+        };
+        let blk = self.alloc_net_block(app)?;
+        let a = self.apps.get_mut(&app).ok_or(libc::EINVAL)?;
+        let seg = a.segments.get(&blk.segment).ok_or(libc::EINVAL)?;
+        let desc = SessionDesc {
+            proto,
+            rx_off: blk.fifo_ba,
+            rx_cap: blk.cap,
+            tx_off: blk.fifo_ab,
+            tx_cap: blk.cap,
+            local,
+            remote,
+            cut_through: false,
+        };
+        let doff = write_desc(seg, &blk, 0, &desc).ok_or(libc::EFAULT)?;
+        let mut rx = producer(seg, blk.fifo_ba, blk.cap).ok_or(libc::EFAULT)?;
+        let txc = consumer(seg, blk.fifo_ab, blk.cap).ok_or(libc::EFAULT)?;
+        rx.enqueue(&pending).map_err(|_| libc::EFAULT)?;
+        if let Some(seg) = self
+            .apps
+            .get_mut(&old_app)
+            .and_then(|a| a.segments.get_mut(&old_blk.segment))
+        {
+            let _ = seg.alloc.free(old_blk.off);
+        }
+        if let Some(set) = self.app_sessions.get_mut(&old_app) {
+            set.remove(&h);
+        }
+        self.app_sessions.entry(app).or_default().insert(h);
+        let s = self.sess(h).ok_or(libc::EBADF)?;
+        s.app = app;
+        s.worker = worker;
+        s.blk = blk;
+        s.kind = Kind::Net { flow, rx, tx: txc };
+        self.post(
+            app,
+            worker,
+            Event::Accepted {
+                listener: lh,
+                handle: h,
+                segment: blk.segment,
+                desc: doff,
+            },
+        );
+        Ok(())
+    }
+
+    /// An accepted network session its app never read from nor wrote to.
+    fn untouched(&mut self, h: u64) -> bool {
+        let Some(s) = self.sess(h) else { return false };
+        let (rx_bytes, tx_bytes, closed) = (s.rx_bytes, s.tx_bytes, s.app_closed);
+        match &s.kind {
+            Kind::Net { rx, tx, .. } if s.group.is_some() && !closed && tx_bytes == 0 => {
+                rx.len().ok() == Some(rx_bytes as u32) && tx.len().ok() == Some(0)
+            }
+            _ => false,
+        }
     }
 
     fn pick_member(&mut self, gid: ListenerId) -> Option<u64> {
@@ -1198,6 +1298,9 @@ impl Engine {
         };
         match self.make_net_session(app, worker, Proto::Tcp, flow, local, remote) {
             Ok((h, blk, doff)) => {
+                if let Some(s) = self.sess(h) {
+                    s.group = Some(lid);
+                }
                 self.stack.accepted(flow);
                 self.post(
                     app,
@@ -1556,12 +1659,29 @@ impl Engine {
             self.drain_app(app, 4096, now, tx);
             self.broken.retain(|a| *a != app);
         }
+        // Leave the listen groups first so nothing new is handed to us.
+        let ls: Vec<u64> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.app == app)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in ls {
+            self.remove_listener(h, now, tx);
+        }
         let handles: Vec<u64> = self
             .app_sessions
             .get(&app)
             .map(|s| s.iter().copied().collect())
             .unwrap_or_default();
+        let mut reset = 0;
         for h in handles {
+            // Connections handed to the app that it never touched (still in
+            // its accept queue when it exited) go to a sibling listener.
+            if drain && self.untouched(h) && self.requeue(h).is_ok() {
+                continue;
+            }
+            reset += 1;
             let net = match self.sess(h).map(|s| &s.kind) {
                 Some(Kind::Net { flow, .. }) => Some(*flow),
                 Some(Kind::Ct { .. }) => None,
@@ -1580,14 +1700,12 @@ impl Engine {
                 None => self.abort(h, now, tx),
             }
         }
-        let ls: Vec<u64> = self
-            .listeners
-            .iter()
-            .filter(|(_, l)| l.app == app)
-            .map(|(h, _)| *h)
-            .collect();
-        for h in ls {
-            self.remove_listener(h, now, tx);
+        if reset > 0 {
+            tracing::debug!(
+                app = app.0,
+                sessions = reset,
+                "reset the sessions of a departed app"
+            );
         }
         let cts: Vec<u32> = self
             .ct_segments

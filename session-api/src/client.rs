@@ -676,8 +676,9 @@ impl Worker {
                         self.notes.push_back(Notify::Accept(ListenerId(listener)));
                     }
                     None => {
-                        // Listener closed meanwhile: refuse the connection.
-                        let _ = self.send_req(Request::Abort { handle });
+                        // Listener closed meanwhile: another listener of
+                        // the address (a sibling process) may take it.
+                        let _ = self.send_req(Request::Requeue { handle });
                     }
                 },
                 Event::Rx { handle } => self.notes.push_back(Notify::Readable(SessionId(handle))),
@@ -877,10 +878,14 @@ impl Worker {
     /// Stop listening.
     pub fn unlisten(&mut self, l: ListenerId) -> Result<()> {
         let lst = self.listeners.remove(&l.0).ok_or(Error::BadHandle)?;
+        // Leave the group first, then hand the connections nobody accepted
+        // to the remaining listeners (nginx reload: old workers close their
+        // listeners while new ones take over).
+        self.send_req(Request::Unlisten { handle: l.0 })?;
         for (h, _, _) in lst.queue {
-            let _ = self.send_req(Request::Abort { handle: h });
+            let _ = self.send_req(Request::Requeue { handle: h });
         }
-        self.send_req(Request::Unlisten { handle: l.0 })
+        Ok(())
     }
 
     /// The address a listener was bound to.

@@ -128,6 +128,13 @@ pub enum Request {
         /// Session handle.
         handle: u64,
     },
+    /// Give back an accepted connection the app never took (its listener
+    /// closed first): the daemon hands it to another listener of the same
+    /// address (bytes already received included), or resets it.
+    Requeue {
+        /// Session handle.
+        handle: u64,
+    },
     /// Set an option.
     SetOpt {
         /// Session handle.
@@ -210,6 +217,7 @@ const K_SHUTDOWN: u16 = 6;
 const K_CLOSE: u16 = 7;
 const K_ABORT: u16 = 8;
 const K_SETOPT: u16 = 9;
+const K_REQUEUE: u16 = 10;
 
 const E_REPLY: u16 = 101;
 const E_ACCEPTED: u16 = 102;
@@ -349,6 +357,7 @@ impl Request {
             }
             Request::Close { handle } => W::new(K_CLOSE, 0, handle).done(),
             Request::Abort { handle } => W::new(K_ABORT, 0, handle).done(),
+            Request::Requeue { handle } => W::new(K_REQUEUE, 0, handle).done(),
             Request::SetOpt { handle, opt } => {
                 let (code, v) = match opt {
                     SessOpt::NoDelay(b) => (1u8, b as u32),
@@ -392,6 +401,7 @@ impl Request {
             },
             K_CLOSE => Request::Close { handle },
             K_ABORT => Request::Abort { handle },
+            K_REQUEUE => Request::Requeue { handle },
             K_SETOPT => Request::SetOpt {
                 handle,
                 opt: match r.u8(0) {
@@ -608,6 +618,7 @@ mod tests {
             },
             Request::Close { handle: 5 },
             Request::Abort { handle: 6 },
+            Request::Requeue { handle: 7 },
             Request::SetOpt {
                 handle: 6,
                 opt: SessOpt::KeepAliveMs(1000),
