@@ -18,7 +18,7 @@ use crate::stack::{FlowId, FlowKind, FrameTx, ListenerId, Stack, StackError};
 use session_api::fifo::{FifoConsumer, FifoProducer};
 use session_api::msg::{
     dgram_header, parse_dgram_header, Event, Proto, Request, SessOpt, SessionDesc, Shut, DGRAM_HDR,
-    LISTEN_JOIN, LISTEN_SHARED,
+    LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED,
 };
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -93,7 +93,13 @@ struct AppListener {
     app: AppId,
     worker: u32,
     group: ListenerId,
+    /// Takes no connections ([`LISTEN_PASSIVE`]).
+    passive: bool,
 }
+
+/// Error value for a cut-through connect parked until an active listener
+/// exists (no reply yet).
+const PARKED: i32 = -1;
 
 struct Group {
     local: SocketAddr,
@@ -101,6 +107,12 @@ struct Group {
     rr: usize,
     /// Created with [`LISTEN_SHARED`]: others may join (SO_REUSEPORT).
     shared: bool,
+    /// Established connections waiting for an active member.
+    parked: Vec<FlowId>,
+    /// Cut-through connects waiting for an active member: (app, worker, req_id, remote).
+    parked_ct: Vec<(AppId, u32, u32, SocketAddr)>,
+    /// No members, kept until then for a forked child to join.
+    linger_until: Option<Instant>,
 }
 
 struct CtSegment {
@@ -176,6 +188,8 @@ pub struct Engine {
     ct_by_pair: HashMap<(AppId, AppId), u32>,
     cfg: SessionConfig,
     broken: Vec<AppId>,
+    /// Groups kept without members (see [`Request::UnlistenLinger`]).
+    lingering: usize,
     /// Counters.
     pub stats: SessionStats,
     scratch: Vec<u8>,
@@ -221,6 +235,7 @@ impl Engine {
             ct_by_pair: HashMap::new(),
             cfg,
             broken: Vec::new(),
+            lingering: 0,
             stats: SessionStats::default(),
             scratch: vec![0; 65536 + DGRAM_HDR],
             touched: Vec::new(),
@@ -561,6 +576,12 @@ impl Engine {
                     Proto::Tcp => self.listen(app, worker, local, backlog, flags),
                     Proto::Udp => self.udp_open(app, worker, local, None),
                 };
+                let joined = match (proto, &r) {
+                    (Proto::Tcp, Ok((h, ..))) if flags & LISTEN_PASSIVE == 0 => {
+                        self.listeners.get(h).map(|l| l.group)
+                    }
+                    _ => None,
+                };
                 let ev = match r {
                     Ok((handle, segment, desc, local)) => Event::Reply {
                         req_id,
@@ -573,8 +594,14 @@ impl Engine {
                     Err(errno) => Event::error_reply(req_id, errno),
                 };
                 self.post(app, worker, ev);
+                // After the reply: the app must know the listener before
+                // connections arrive on it.
+                if let Some(g) = joined {
+                    self.dispatch_parked(g, now, tx);
+                }
             }
-            Request::Unlisten { handle } => self.unlisten(app, handle, now, tx),
+            Request::Unlisten { handle } => self.unlisten(app, handle, false, now, tx),
+            Request::UnlistenLinger { handle } => self.unlisten(app, handle, true, now, tx),
             Request::Connect {
                 req_id,
                 proto,
@@ -604,6 +631,7 @@ impl Engine {
                         },
                     ),
                     Ok(_) => {} // TCP replies when established (or cut-through replied).
+                    Err(PARKED) => {} // replies when a listener takes it
                     Err(errno) => self.post(app, worker, Event::error_reply(req_id, errno)),
                 }
             }
@@ -727,10 +755,14 @@ impl Engine {
                 app,
                 worker,
                 group: gid,
+                passive: flags & LISTEN_PASSIVE != 0,
             },
         );
         if let Some(g) = self.groups.get_mut(&gid) {
             g.members.push(h);
+            if g.linger_until.take().is_some() {
+                self.lingering = self.lingering.saturating_sub(1);
+            }
         }
         Ok((h, 0, 0, local))
     }
@@ -743,6 +775,9 @@ impl Engine {
                 members: Vec::new(),
                 rr: 0,
                 shared,
+                parked: Vec::new(),
+                parked_ct: Vec::new(),
+                linger_until: None,
             },
         );
         gid
@@ -760,7 +795,7 @@ impl Engine {
         Err(libc::EADDRINUSE)
     }
 
-    fn unlisten(&mut self, app: AppId, h: u64, now: Instant, tx: &mut dyn FrameTx) {
+    fn unlisten(&mut self, app: AppId, h: u64, linger: bool, now: Instant, tx: &mut dyn FrameTx) {
         match self.listeners.get(&h) {
             Some(l) if l.app == app => {}
             _ => {
@@ -768,10 +803,24 @@ impl Engine {
                 return;
             }
         }
+        if linger {
+            let Some(gid) = self.listeners.get(&h).map(|l| l.group) else {
+                return;
+            };
+            if let Some(g) = self.groups.get_mut(&gid) {
+                g.members.retain(|m| *m != h);
+                if g.members.is_empty() {
+                    g.linger_until = Some(now + Duration::from_millis(session_api::msg::LINGER_MS));
+                    self.lingering += 1;
+                }
+            }
+            self.listeners.remove(&h);
+            return;
+        }
         self.remove_listener(h, now, tx);
     }
 
-    fn remove_listener(&mut self, h: u64, _now: Instant, _tx: &mut dyn FrameTx) {
+    fn remove_listener(&mut self, h: u64, now: Instant, tx: &mut dyn FrameTx) {
         let Some(l) = self.listeners.remove(&h) else {
             return;
         };
@@ -783,9 +832,69 @@ impl Engine {
             None => false,
         };
         if empty {
-            self.groups.remove(&l.group);
+            if let Some(g) = self.groups.remove(&l.group) {
+                for f in g.parked {
+                    self.stats.accept_aborts += 1;
+                    if let Some(s) = self.stack.tcp(f) {
+                        s.abort();
+                    }
+                    self.stack.remove_flow(f, now, tx);
+                }
+                for (app, worker, req_id, _) in g.parked_ct {
+                    self.post(app, worker, Event::error_reply(req_id, libc::ECONNREFUSED));
+                }
+            }
             if l.group.0 < CT_ONLY_BASE {
                 self.stack.unlisten(l.group);
+            }
+        }
+    }
+
+    /// Close the lingering groups nobody joined in time.
+    fn expire_lingering(&mut self, now: Instant, tx: &mut dyn FrameTx) {
+        let due: Vec<ListenerId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.members.is_empty() && g.linger_until.is_some_and(|t| now >= t))
+            .map(|(id, _)| *id)
+            .collect();
+        for gid in due {
+            self.lingering = self.lingering.saturating_sub(1);
+            if let Some(g) = self.groups.remove(&gid) {
+                for f in g.parked {
+                    self.stats.accept_aborts += 1;
+                    if let Some(s) = self.stack.tcp(f) {
+                        s.abort();
+                    }
+                    self.stack.remove_flow(f, now, tx);
+                }
+                for (app, worker, req_id, _) in g.parked_ct {
+                    self.post(app, worker, Event::error_reply(req_id, libc::ECONNREFUSED));
+                }
+            }
+            if gid.0 < CT_ONLY_BASE {
+                self.stack.unlisten(gid);
+            }
+        }
+    }
+
+    /// An active member joined `gid`: hand it what waited.
+    fn dispatch_parked(&mut self, gid: ListenerId, now: Instant, tx: &mut dyn FrameTx) {
+        let Some(g) = self.groups.get_mut(&gid) else {
+            return;
+        };
+        let flows = std::mem::take(&mut g.parked);
+        let cts = std::mem::take(&mut g.parked_ct);
+        for f in flows {
+            self.service_unaccepted(f, now, tx);
+        }
+        for (app, worker, req_id, remote) in cts {
+            if !self.apps.contains_key(&app) {
+                continue;
+            }
+            match self.connect_cut_through(app, worker, req_id, remote) {
+                Ok(_) | Err(PARKED) => {}
+                Err(e) => self.post(app, worker, Event::error_reply(req_id, e)),
             }
         }
     }
@@ -883,11 +992,17 @@ impl Engine {
                     && (g.local.ip().is_unspecified()
                         || g.local.ip() == rip
                         || (rip.is_loopback() && g.local.ip().is_loopback()))
-                    && !g.members.is_empty()
+                    && (!g.members.is_empty() || g.linger_until.is_some())
             })
             .map(|(id, _)| *id)
             .ok_or(libc::ECONNREFUSED)?;
-        let lh = self.pick_member(gid).ok_or(libc::ECONNREFUSED)?;
+        let Some(lh) = self.pick_member(gid) else {
+            if let Some(g) = self.groups.get_mut(&gid) {
+                g.parked_ct.push((app, worker, req_id, remote));
+                return Err(PARKED);
+            }
+            return Err(libc::ECONNREFUSED);
+        };
         let (papp, pworker) = {
             let l = self.listeners.get(&lh).ok_or(libc::ECONNREFUSED)?;
             (l.app, l.worker)
@@ -1101,13 +1216,18 @@ impl Engine {
         }
     }
 
+    /// Round-robin over the group's active members.
     fn pick_member(&mut self, gid: ListenerId) -> Option<u64> {
         let g = self.groups.get_mut(&gid)?;
-        if g.members.is_empty() {
-            return None;
+        let n = g.members.len();
+        for _ in 0..n {
+            g.rr = (g.rr + 1) % n;
+            let m = g.members[g.rr];
+            if self.listeners.get(&m).is_some_and(|l| !l.passive) {
+                return Some(m);
+            }
         }
-        g.rr = (g.rr + 1) % g.members.len();
-        Some(g.members[g.rr])
+        None
     }
 
     /// Data or space appeared on the app side of `h`.
@@ -1123,6 +1243,22 @@ impl Engine {
                 let Some(p) = *peer else { return };
                 let Some(ps) = self.sess(p) else { return };
                 if ps.app_closed {
+                    // Writing to a closed cut-through peer: the kernel's
+                    // answer would be a RST.
+                    if is_tx {
+                        if let Some(me) = self.sess(h).filter(|m| !m.dead) {
+                            me.dead = true;
+                            let (a, w) = (me.app, me.worker);
+                            self.post(
+                                a,
+                                w,
+                                Event::Reset {
+                                    handle: h,
+                                    errno: libc::ECONNRESET,
+                                },
+                            );
+                        }
+                    }
                     return;
                 }
                 let (pa, pw) = (ps.app, ps.worker);
@@ -1230,6 +1366,9 @@ impl Engine {
 
     /// Run timers.
     pub fn poll_timers(&mut self, now: Instant, tx: &mut dyn FrameTx) {
+        if self.lingering > 0 {
+            self.expire_lingering(now, tx);
+        }
         self.stack.poll_timers(now, tx);
         self.service_touched(now, tx);
     }
@@ -1279,6 +1418,17 @@ impl Engine {
             _ => return,
         }
         let Some(lh) = self.pick_member(lid) else {
+            if let Some(g) = self
+                .groups
+                .get_mut(&lid)
+                .filter(|g| !g.members.is_empty() || g.linger_until.is_some())
+            {
+                // Only passive members: wait in the backlog for an active one.
+                if !g.parked.contains(&flow) {
+                    g.parked.push(flow);
+                }
+                return;
+            }
             self.stats.accept_aborts += 1;
             if let Some(s) = self.stack.tcp(flow) {
                 s.abort();

@@ -39,7 +39,7 @@ use crate::msg::{
 use crate::proto::{AppCtrl, DaemonCtrl, CTRL_MAX};
 use crate::segment::{SegmentHeader, SEGMENT_HEADER_SIZE};
 use crate::shm::{recv_with_fds, send_with_fds, EventFd, ShmRegion};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -407,6 +407,8 @@ impl App {
                     replies: HashMap::new(),
                     sessions: HashMap::new(),
                     listeners: HashMap::new(),
+                    closed_listeners: HashSet::new(),
+                    early_accepts: Vec::new(),
                     notes: VecDeque::new(),
                     dead: false,
                     scratch: Vec::new(),
@@ -490,6 +492,10 @@ pub struct Worker {
     replies: HashMap<u32, Event>,
     sessions: HashMap<u64, Sess>,
     listeners: HashMap<u64, Listen>,
+    /// Listeners this worker closed (late connections go back).
+    closed_listeners: HashSet<u64>,
+    /// Connections that arrived before the listen reply was seen.
+    early_accepts: Vec<(u64, u64, u32, u32)>,
     notes: VecDeque<Notify>,
     dead: bool,
     scratch: Vec<u8>,
@@ -675,10 +681,14 @@ impl Worker {
                         l.queue.push_back((handle, segment, desc));
                         self.notes.push_back(Notify::Accept(ListenerId(listener)));
                     }
-                    None => {
+                    None if self.closed_listeners.contains(&listener) => {
                         // Listener closed meanwhile: another listener of
                         // the address (a sibling process) may take it.
                         let _ = self.send_req(Request::Requeue { handle });
+                    }
+                    None => {
+                        // Ahead of the listen reply (drained in one batch).
+                        self.early_accepts.push((listener, handle, segment, desc));
                     }
                 },
                 Event::Rx { handle } => self.notes.push_back(Notify::Readable(SessionId(handle))),
@@ -693,7 +703,14 @@ impl Worker {
                 }
                 Event::Reset { handle, errno } => {
                     if let Some(s) = self.sessions.get_mut(&handle) {
-                        s.reset = Some(errno);
+                        // Like Linux: a reset after the peer's FIN (our side
+                        // in CLOSE-WAIT) reads as EPIPE.
+                        let e = if s.peer_closed && errno == libc::ECONNRESET {
+                            libc::EPIPE
+                        } else {
+                            errno
+                        };
+                        s.reset = Some(e);
                     }
                     self.notes.push_back(Notify::Readable(SessionId(handle)));
                     self.notes.push_back(Notify::Writable(SessionId(handle)));
@@ -861,13 +878,19 @@ impl Worker {
                 ..
             } => {
                 let local = local.unwrap_or(addr);
-                self.listeners.insert(
-                    handle,
-                    Listen {
-                        queue: VecDeque::new(),
-                        local,
-                    },
-                );
+                let mut queue = VecDeque::new();
+                self.early_accepts.retain(|&(l, h, seg, d)| {
+                    if l == handle {
+                        queue.push_back((h, seg, d));
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if !queue.is_empty() {
+                    self.notes.push_back(Notify::Accept(ListenerId(handle)));
+                }
+                self.listeners.insert(handle, Listen { queue, local });
                 Ok((ListenerId(handle), local))
             }
             Event::Reply { errno, .. } => Err(Error::Errno(errno)),
@@ -878,10 +901,24 @@ impl Worker {
     /// Stop listening.
     pub fn unlisten(&mut self, l: ListenerId) -> Result<()> {
         let lst = self.listeners.remove(&l.0).ok_or(Error::BadHandle)?;
+        self.closed_listeners.insert(l.0);
         // Leave the group first, then hand the connections nobody accepted
         // to the remaining listeners (nginx reload: old workers close their
         // listeners while new ones take over).
         self.send_req(Request::Unlisten { handle: l.0 })?;
+        for (h, _, _) in lst.queue {
+            let _ = self.send_req(Request::Requeue { handle: h });
+        }
+        Ok(())
+    }
+
+    /// Stop listening; if nobody else listens on the address, it stays
+    /// reserved for a short while (connections wait) so a forked child that
+    /// inherited the listener can take over.
+    pub fn unlisten_linger(&mut self, l: ListenerId) -> Result<()> {
+        let lst = self.listeners.remove(&l.0).ok_or(Error::BadHandle)?;
+        self.closed_listeners.insert(l.0);
+        self.send_req(Request::UnlistenLinger { handle: l.0 })?;
         for (h, _, _) in lst.queue {
             let _ = self.send_req(Request::Requeue { handle: h });
         }
@@ -1142,6 +1179,13 @@ impl Worker {
         let n = (sess.rx.len().map_err(|_| Error::Corrupt)? as usize).min(buf.len());
         sess.rx.peek(&mut buf[..n]).map_err(|_| Error::Corrupt)?;
         Ok(n)
+    }
+
+    /// Ask for a new [`Notify::Readable`] on the next arrival even if
+    /// unread data remains (edge-triggered epoll reports every arrival).
+    pub fn rearm_rx(&mut self, s: SessionId) -> Result<()> {
+        self.sess(s)?.rx.clear_event();
+        Ok(())
     }
 
     /// Bytes written but not yet taken by the daemon or peer (TIOCOUTQ).

@@ -128,6 +128,13 @@ pub enum Request {
         /// Session handle.
         handle: u64,
     },
+    /// Stop listening, but if this was the last member keep the address
+    /// for [`LINGER_MS`] (connections wait): a forked child that inherited
+    /// the listener is about to join (the parent closed its copy first).
+    UnlistenLinger {
+        /// The listener's handle.
+        handle: u64,
+    },
     /// Give back an accepted connection the app never took (its listener
     /// closed first): the daemon hands it to another listener of the same
     /// address (bytes already received included), or resets it.
@@ -207,6 +214,11 @@ pub const LISTEN_SHARED: u8 = 1;
 /// Listen flag: join an existing listener on the address whatever its
 /// sharing mode (a forked child taking over its parent's listener).
 pub const LISTEN_JOIN: u8 = 2;
+/// Listen flag: a passive member takes no connections; while a group has
+/// only passive members, new connections wait (in the backlog) for an
+/// active one. A forked server's parent that never accepts (nginx's
+/// master) keeps its listener this way.
+pub const LISTEN_PASSIVE: u8 = 4;
 
 const K_LISTEN: u16 = 1;
 const K_UNLISTEN: u16 = 2;
@@ -218,6 +230,11 @@ const K_CLOSE: u16 = 7;
 const K_ABORT: u16 = 8;
 const K_SETOPT: u16 = 9;
 const K_REQUEUE: u16 = 10;
+const K_UNLISTEN_LINGER: u16 = 11;
+
+/// How long an address closed with [`Request::UnlistenLinger`] waits for a
+/// new member.
+pub const LINGER_MS: u64 = 2000;
 
 const E_REPLY: u16 = 101;
 const E_ACCEPTED: u16 = 102;
@@ -358,6 +375,7 @@ impl Request {
             Request::Close { handle } => W::new(K_CLOSE, 0, handle).done(),
             Request::Abort { handle } => W::new(K_ABORT, 0, handle).done(),
             Request::Requeue { handle } => W::new(K_REQUEUE, 0, handle).done(),
+            Request::UnlistenLinger { handle } => W::new(K_UNLISTEN_LINGER, 0, handle).done(),
             Request::SetOpt { handle, opt } => {
                 let (code, v) = match opt {
                     SessOpt::NoDelay(b) => (1u8, b as u32),
@@ -402,6 +420,7 @@ impl Request {
             K_CLOSE => Request::Close { handle },
             K_ABORT => Request::Abort { handle },
             K_REQUEUE => Request::Requeue { handle },
+            K_UNLISTEN_LINGER => Request::UnlistenLinger { handle },
             K_SETOPT => Request::SetOpt {
                 handle,
                 opt: match r.u8(0) {
@@ -619,6 +638,7 @@ mod tests {
             Request::Close { handle: 5 },
             Request::Abort { handle: 6 },
             Request::Requeue { handle: 7 },
+            Request::UnlistenLinger { handle: 8 },
             Request::SetOpt {
                 handle: 6,
                 opt: SessOpt::KeepAliveMs(1000),

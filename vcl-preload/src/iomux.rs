@@ -21,12 +21,7 @@ const ERR_HUP: u32 = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
 
 /// A listener becomes "used" (and is woken if dormant) when the app waits on it.
 fn touch_listener(s: &mut State, id: u64) -> R<()> {
-    if matches!(
-        s.socks.get(&id).map(|k| k.state),
-        Some(SState::Dormant { .. })
-    ) {
-        s.wake_listener(id)?;
-    }
+    s.wake_listener(id)?;
     if let Some(k) = s.socks.get_mut(&id) {
         if matches!(k.state, SState::Listening { .. }) {
             k.used = true;
@@ -159,6 +154,17 @@ fn collect(s: &mut State, epfd: c_int, out: &mut [epoll_event]) -> usize {
             u64: data,
         };
         n += 1;
+        if events & libc::EPOLLET as u32 != 0 && mask & libc::EPOLLIN as u32 != 0 {
+            // Edge-triggered: the next arrival must report again even if
+            // this data stays unread.
+            if let Some(SState::Connected { sid } | SState::Udp { sid }) =
+                s.socks.get(&sock).map(|k| k.state)
+            {
+                if let Some(w) = s.worker.as_mut() {
+                    let _ = w.rearm_rx(sid);
+                }
+            }
+        }
         let Some(ep) = s.eps.get_mut(&epfd) else {
             break;
         };

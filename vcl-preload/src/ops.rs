@@ -123,6 +123,18 @@ pub fn listen(fd: c_int, backlog: c_int) -> R<()> {
             Ok(())
         }
         SState::Fresh | SState::Udp { .. } => Err(libc::EOPNOTSUPP),
+        // A listener that was shut down may listen again.
+        SState::Failed if k.stype == libc::SOCK_STREAM && k.bound.is_some() => {
+            let local = k.bound.unwrap_or_else(|| any_addr(k.domain));
+            let local = SocketAddr::new(local.ip(), 0);
+            let w = s.worker()?;
+            let (lid, local) = w.listen_with(local, backlog, 0).map_err(|e| e.errno())?;
+            s.set_state(id, SState::Listening { lid, local });
+            if let Some(k) = s.socks.get_mut(&id) {
+                k.bound = Some(local);
+            }
+            Ok(())
+        }
         _ => Err(libc::EINVAL),
     }
 }
@@ -141,10 +153,11 @@ pub fn accept(fd: c_int, flags: c_int) -> R<(c_int, Option<SocketAddr>, c_int)> 
     loop {
         let s = st(&mut g);
         let id = s.sock_of(fd).ok_or(libc::EBADF)?;
-        if matches!(s.socks[&id].state, SState::Dormant { .. }) {
-            s.wake_listener(id)?;
-        }
+        s.wake_listener(id)?;
         let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+        if k.stype == libc::SOCK_DGRAM {
+            return Err(libc::EOPNOTSUPP);
+        }
         let SState::Listening { lid, .. } = k.state else {
             return Err(libc::EINVAL);
         };
@@ -193,7 +206,8 @@ pub fn accept(fd: c_int, flags: c_int) -> R<(c_int, Option<SocketAddr>, c_int)> 
                 let (g2, woke) = block(g, dl, &mut [], std::ptr::null());
                 g = g2;
                 match woke {
-                    Woke::Intr => return Err(libc::EINTR),
+                    Woke::Intr if !sys::restart_after_signal() => return Err(libc::EINTR),
+                    Woke::Intr => {}
                     Woke::Timeout => return Err(libc::EAGAIN),
                     Woke::Again => {}
                 }
@@ -347,6 +361,12 @@ pub fn recv(fd: c_int, buf: &mut [u8], flags: c_int) -> R<(usize, Option<SocketA
                     if r.hup {
                         return Ok((0, None));
                     }
+                } else if buf.is_empty() {
+                    // recv(len 0) on TCP waits for data/EOF like Linux.
+                    let r = w.ready(sid).map_err(|e| e.errno())?;
+                    if r.readable {
+                        return Ok((0, None));
+                    }
                 } else {
                     match w.read(sid, &mut buf[got..], Some(Duration::ZERO)) {
                         Ok(n) => {
@@ -409,7 +429,8 @@ pub fn recv(fd: c_int, buf: &mut [u8], flags: c_int) -> R<(usize, Option<SocketA
         g = g2;
         match woke {
             Woke::Intr if got > 0 => return Ok((got, None)),
-            Woke::Intr => return Err(libc::EINTR),
+            Woke::Intr if !sys::restart_after_signal() => return Err(libc::EINTR),
+            Woke::Intr => {}
             Woke::Timeout if got > 0 => return Ok((got, None)),
             Woke::Timeout => return Err(libc::EAGAIN),
             Woke::Again => {}
@@ -558,7 +579,8 @@ pub fn send(fd: c_int, bufs: &[&[u8]], flags: c_int, to: Option<SocketAddr>) -> 
         g = g2;
         match woke {
             Woke::Intr | Woke::Timeout if sent > 0 => return Ok(Route::Done(sent)),
-            Woke::Intr => return Err(libc::EINTR),
+            Woke::Intr if !sys::restart_after_signal() => return Err(libc::EINTR),
+            Woke::Intr => {}
             Woke::Timeout => return Err(libc::EAGAIN),
             Woke::Again => {}
         }
@@ -659,7 +681,8 @@ pub fn sendfile(out: c_int, inp: c_int, off: Option<&mut i64>, count: usize) -> 
         g = g2;
         match woke {
             Woke::Intr | Woke::Timeout if sent > 0 => return Ok(sent),
-            Woke::Intr => return Err(libc::EINTR),
+            Woke::Intr if !sys::restart_after_signal() => return Err(libc::EINTR),
+            Woke::Intr => {}
             Woke::Timeout => return Err(libc::EAGAIN),
             Woke::Again => {}
         }
@@ -677,6 +700,15 @@ pub fn shutdown(fd: c_int, how: c_int) -> R<()> {
     let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
     match k.state {
         SState::Connected { sid } => {
+            let reset = s
+                .worker
+                .as_mut()
+                .and_then(|w| w.ready(sid).ok())
+                .is_some_and(|r| r.error.is_some());
+            if reset {
+                return Err(libc::ENOTCONN);
+            }
+            let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
             if how != libc::SHUT_WR {
                 k.rd_shut = true;
             }
@@ -689,12 +721,17 @@ pub fn shutdown(fd: c_int, how: c_int) -> R<()> {
                 w.shutdown(sid, Shut::Write).map_err(|e| e.errno())?;
             }
             s.touch(id);
+            // Threads blocked on this socket must see the change.
+            s.wake_all();
             Ok(())
         }
         SState::Listening { lid, .. } if how != libc::SHUT_WR => {
+            // Linux: the listener stops; a blocked accept fails with EINVAL.
             let w = s.worker()?;
             let _ = w.unlisten(lid);
             s.set_state(id, SState::Failed);
+            s.touch(id);
+            s.wake_all();
             Ok(())
         }
         SState::Udp { .. } => {
@@ -717,6 +754,9 @@ pub fn sockname(fd: c_int, peer: bool) -> R<(SocketAddr, c_int)> {
         return match state {
             SState::Connected { sid } => {
                 let w = s.worker()?;
+                if w.ready(sid).is_ok_and(|r| r.error.is_some()) {
+                    return Err(libc::ENOTCONN);
+                }
                 let a = w
                     .peer_addr(sid)
                     .ok()

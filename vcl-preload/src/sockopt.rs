@@ -86,6 +86,9 @@ pub fn set(fd: c_int, level: c_int, name: c_int, val: &[u8]) -> R<Route<()>> {
     let mut g = lock();
     let s = st(&mut g);
     let id = s.sock_of(fd).ok_or(libc::EBADF)?;
+    if level == libc::IPPROTO_TCP && s.socks[&id].stype == libc::SOCK_DGRAM {
+        return Err(libc::EOPNOTSUPP);
+    }
     let fresh = s.socks[&id].state == SState::Fresh;
     let known = matches!(
         (level, name),
@@ -191,6 +194,26 @@ pub fn get(fd: c_int, level: c_int, name: c_int) -> R<Vec<u8>> {
     let s = st(&mut g);
     let id = s.sock_of(fd).ok_or(libc::EBADF)?;
     s.finish_connect(id);
+    if level == libc::IPPROTO_TCP && s.socks[&id].stype == libc::SOCK_DGRAM {
+        return Err(libc::EOPNOTSUPP);
+    }
+    // A pending reset is the socket error until reported once.
+    if let (libc::SOL_SOCKET, libc::SO_ERROR) = (level, name) {
+        let k = &s.socks[&id];
+        if let (SState::Connected { sid }, 0, false) = (k.state, k.so_error, k.reset_seen) {
+            let err = s
+                .worker
+                .as_mut()
+                .and_then(|w| w.ready(sid).ok())
+                .and_then(|r| r.error);
+            if let Some(e) = err {
+                if let Some(k) = s.socks.get_mut(&id) {
+                    k.reset_seen = true;
+                }
+                return Ok(put_int(e));
+            }
+        }
+    }
     let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
     let tv = |d: Option<Duration>| {
         let d = d.unwrap_or_default();

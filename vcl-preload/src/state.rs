@@ -149,6 +149,11 @@ pub struct Sock {
     pub wr_shut: bool,
     /// A listener this process accepted on or waited on.
     pub used: bool,
+    /// A listener kept as a passive member (takes no connections): the
+    /// parent of a fork that never accepted.
+    pub passive: bool,
+    /// The process forked while this listener was open: children share it.
+    pub forked: bool,
     pub backlog: u32,
     pub opts: Opts,
     /// The reset error was reported once (then reads see EOF, like Linux).
@@ -363,6 +368,8 @@ impl State {
                 rd_shut: false,
                 wr_shut: false,
                 used: false,
+                passive: false,
+                forked: false,
                 backlog: 128,
                 opts: Opts {
                     rcvbuf: DEFAULT_SOCKBUF,
@@ -514,11 +521,23 @@ impl State {
         match s.state {
             SState::Listening { lid, .. } => {
                 self.by_lid.remove(&lid);
-                let _ = w.unlisten(lid);
+                // After a fork the children may still be joining: keep the
+                // address for them instead of refusing connections.
+                let _ = if s.forked {
+                    w.unlisten_linger(lid)
+                } else {
+                    w.unlisten(lid)
+                };
             }
             SState::Connected { sid } | SState::Udp { sid } => {
                 self.by_sess.remove(&sid);
-                let _ = if abort { w.abort(sid) } else { w.close(sid) };
+                // Linux resets a connection closed with unread data.
+                let unread = s.state != SState::Udp { sid } && w.nread(sid).unwrap_or(0) > 0;
+                let _ = if abort || unread {
+                    w.abort(sid)
+                } else {
+                    w.close(sid)
+                };
             }
             SState::Connecting { token } => {
                 self.by_token.remove(&token);
@@ -572,6 +591,13 @@ impl State {
             for &fd in &self.waiters {
                 efd_signal(fd);
             }
+        }
+    }
+
+    /// Wake every sleeping thread (a local state change such as shutdown).
+    pub fn wake_all(&mut self) {
+        for &fd in &self.waiters {
+            efd_signal(fd);
         }
     }
 
@@ -637,25 +663,33 @@ impl State {
         }
     }
 
-    /// Re-create a dormant listener in this process (joining the group the
-    /// parent or siblings serve).
+    /// This process is about to accept on a listener: re-create a dormant
+    /// one (joining the group the parent or siblings serve) or turn a
+    /// passive membership active. The new membership exists before the old
+    /// one goes, so waiting connections are never refused.
     pub fn wake_listener(&mut self, id: u64) -> R<()> {
+        use session_api::msg::{LISTEN_JOIN, LISTEN_SHARED};
         let Some(s) = self.socks.get(&id) else {
             return Err(libc::EBADF);
         };
-        let SState::Dormant { local } = s.state else {
-            return Ok(());
+        let (local, old) = match s.state {
+            SState::Dormant { local } => (local, None),
+            SState::Listening { lid, local } if s.passive => (local, Some(lid)),
+            _ => return Ok(()),
         };
         let backlog = s.backlog;
         let w = self.worker()?;
         let (lid, local) = w
-            .listen_with(
-                local,
-                backlog,
-                session_api::msg::LISTEN_JOIN | session_api::msg::LISTEN_SHARED,
-            )
+            .listen_with(local, backlog, LISTEN_JOIN | LISTEN_SHARED)
             .map_err(|e| api_errno(&e))?;
+        if let Some(old) = old {
+            let _ = w.unlisten(old);
+        }
+        log_debug(&self.cfg, || format!("listener {local} active"));
         self.set_state(id, SState::Listening { lid, local });
+        if let Some(k) = self.socks.get_mut(&id) {
+            k.passive = false;
+        }
         Ok(())
     }
 
@@ -710,6 +744,9 @@ impl State {
                 if r.readable || rd_shut {
                     m |= i;
                 }
+                if rd_shut {
+                    m |= rh;
+                }
                 if r.writable {
                     m |= o;
                 }
@@ -751,6 +788,7 @@ impl State {
             s.state = match s.state {
                 SState::Listening { local, .. } | SState::Dormant { local } => {
                     s.used = false;
+                    s.passive = false;
                     SState::Dormant { local }
                 }
                 SState::Fresh => SState::Fresh,
@@ -761,26 +799,70 @@ impl State {
         for ep in self.eps.values_mut() {
             ep.magic_gen = 0;
         }
+        // Inherited listeners stay open in the child even if the parent
+        // closes them: join their groups now, passive until this process
+        // accepts on them.
+        use session_api::msg::{LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED};
+        let inherited: Vec<(u64, SocketAddr, u32)> = self
+            .socks
+            .iter()
+            .filter_map(|(id, s)| match s.state {
+                SState::Dormant { local } => Some((*id, local, s.backlog)),
+                _ => None,
+            })
+            .collect();
+        for (id, local, backlog) in inherited {
+            let Ok(w) = self.worker() else { return };
+            if let Ok((lid, local)) =
+                w.listen_with(local, backlog, LISTEN_JOIN | LISTEN_SHARED | LISTEN_PASSIVE)
+            {
+                self.set_state(id, SState::Listening { lid, local });
+                if let Some(k) = self.socks.get_mut(&id) {
+                    k.passive = true;
+                }
+            }
+        }
     }
 
-    /// In the parent after fork: listeners this process never served are
-    /// handed to the children (nginx's master never accepts).
+    /// In the parent after fork: listeners this process never served
+    /// become passive members, so connections go to the children (nginx's
+    /// master never accepts) and wait in the backlog until one of them
+    /// joins; the parent turns active again if it accepts after all.
     pub fn after_fork_parent(&mut self) {
+        use session_api::msg::{LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED};
+        for s in self.socks.values_mut() {
+            if matches!(s.state, SState::Listening { .. } | SState::Dormant { .. }) {
+                s.forked = true;
+            }
+        }
         let idle: Vec<u64> = self
             .socks
             .iter()
-            .filter(|(_, s)| matches!(s.state, SState::Listening { .. }) && !s.used)
+            .filter(|(_, s)| matches!(s.state, SState::Listening { .. }) && !s.used && !s.passive)
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
-            let Some(SState::Listening { lid, local }) = self.socks.get(&id).map(|s| s.state)
+            let Some((SState::Listening { lid, local }, backlog)) =
+                self.socks.get(&id).map(|s| (s.state, s.backlog))
             else {
                 continue;
             };
-            if let Some(w) = self.worker.as_mut() {
-                let _ = w.unlisten(lid);
+            let Some(w) = self.worker.as_mut() else {
+                return;
+            };
+            let Ok((nlid, local)) =
+                w.listen_with(local, backlog, LISTEN_JOIN | LISTEN_SHARED | LISTEN_PASSIVE)
+            else {
+                continue;
+            };
+            let _ = w.unlisten(lid);
+            log_debug(&self.cfg, || {
+                format!("fork: listener {local} passive in the parent")
+            });
+            self.set_state(id, SState::Listening { lid: nlid, local });
+            if let Some(k) = self.socks.get_mut(&id) {
+                k.passive = true;
             }
-            self.set_state(id, SState::Dormant { local });
         }
     }
 

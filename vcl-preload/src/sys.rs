@@ -276,3 +276,24 @@ pub fn ts_left(deadline: std::time::Instant) -> libc::timespec {
         tv_nsec: left.subsec_nanos() as libc::c_long,
     }
 }
+
+/// After a blocking call was interrupted: would the kernel have restarted
+/// it? (SA_RESTART on the handler.) We cannot tell which signal arrived, so
+/// restart only if every installed handler asks for it.
+pub fn restart_after_signal() -> bool {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: querying only (null new action).
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+            continue;
+        }
+        let h = old.sa_sigaction;
+        if h != libc::SIG_DFL && h != libc::SIG_IGN && old.sa_flags & libc::SA_RESTART == 0 {
+            return false;
+        }
+    }
+    true
+}
