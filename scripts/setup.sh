@@ -10,6 +10,13 @@ need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
 command -v pkill >/dev/null || need+=(procps)
+# Real programs the shim tests and the demo run.
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v curl >/dev/null || need+=(curl)
+command -v gcc >/dev/null || need+=(gcc)
+command -v unshare >/dev/null || need+=(util-linux)
 if ((${#need[@]})); then
     echo "setup.sh: installing ${need[*]}"
     apt-get update -qq

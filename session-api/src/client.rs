@@ -409,6 +409,7 @@ impl App {
                     listeners: HashMap::new(),
                     closed_listeners: HashSet::new(),
                     early_accepts: Vec::new(),
+                    early_state: HashMap::new(),
                     notes: VecDeque::new(),
                     dead: false,
                     scratch: Vec::new(),
@@ -496,6 +497,8 @@ pub struct Worker {
     closed_listeners: HashSet<u64>,
     /// Connections that arrived before the listen reply was seen.
     early_accepts: Vec<(u64, u64, u32, u32)>,
+    /// FIN/reset seen for sessions not yet accepted: (peer closed, reset).
+    early_state: HashMap<u64, (bool, Option<i32>)>,
     notes: VecDeque<Notify>,
     dead: bool,
     scratch: Vec<u8>,
@@ -698,6 +701,9 @@ impl Worker {
                 Event::PeerClosed { handle } => {
                     if let Some(s) = self.sessions.get_mut(&handle) {
                         s.peer_closed = true;
+                    } else if self.early_state.len() < 65536 {
+                        // Not accepted yet: remember for accept().
+                        self.early_state.entry(handle).or_default().0 = true;
                     }
                     self.notes.push_back(Notify::Readable(SessionId(handle)));
                 }
@@ -711,6 +717,8 @@ impl Worker {
                             errno
                         };
                         s.reset = Some(e);
+                    } else if self.early_state.len() < 65536 {
+                        self.early_state.entry(handle).or_default().1 = Some(errno);
                     }
                     self.notes.push_back(Notify::Readable(SessionId(handle)));
                     self.notes.push_back(Notify::Writable(SessionId(handle)));
@@ -836,6 +844,12 @@ impl Worker {
                 cut_through: d.cut_through,
             },
         );
+        if let Some((fin, reset)) = self.early_state.remove(&handle) {
+            if let Some(s) = self.sessions.get_mut(&handle) {
+                s.peer_closed = fin;
+                s.reset = reset;
+            }
+        }
         Ok(())
     }
 

@@ -101,7 +101,7 @@ fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
 /// # Safety
 /// iov/cnt from the app.
 unsafe fn iovs<'a>(iov: *const iovec, cnt: c_int) -> R<Vec<&'a [u8]>> {
-    if cnt < 0 || cnt > libc::UIO_MAXIOV {
+    if !(0..=libc::UIO_MAXIOV).contains(&cnt) {
         return Err(libc::EINVAL);
     }
     if cnt > 0 && iov.is_null() {
@@ -133,7 +133,7 @@ unsafe fn recv_iov(
     cnt: c_int,
     flags: c_int,
 ) -> R<(usize, Option<SocketAddr>)> {
-    if cnt < 0 || cnt > libc::UIO_MAXIOV || (cnt > 0 && iov.is_null()) {
+    if !(0..=libc::UIO_MAXIOV).contains(&cnt) || (cnt > 0 && iov.is_null()) {
         return Err(libc::EINVAL);
     }
     let parts: Vec<iovec> = (0..cnt as usize).map(|i| *iov.add(i)).collect();
@@ -966,7 +966,7 @@ pub unsafe extern "C" fn epoll_pwait(
         } else {
             let out = std::slice::from_raw_parts_mut(ev, n as usize);
             let (dl, zero) = iomux::deadline_ms(timeout);
-            ri(iomux::wait(epfd, out, dl, zero, sig).map(|k| k as c_int))
+            ri(iomux::wait(epfd, out, dl, zero, sig.as_ref()).map(|k| k as c_int))
         }
     })
 }
@@ -999,7 +999,7 @@ pub unsafe extern "C" fn epoll_pwait2(
             match iomux::deadline_ts(t) {
                 Ok((dl, zero)) => {
                     let out = std::slice::from_raw_parts_mut(ev, n as usize);
-                    ri(iomux::wait(epfd, out, dl, zero, sig).map(|k| k as c_int))
+                    ri(iomux::wait(epfd, out, dl, zero, sig.as_ref()).map(|k| k as c_int))
                 }
                 Err(e) => ri(Err(e)),
             }
@@ -1027,7 +1027,7 @@ pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: 
     hook!(real::poll(fds, n, timeout), {
         let v = std::slice::from_raw_parts_mut(fds, n as usize);
         let (dl, zero) = iomux::deadline_ms(timeout);
-        ri(iomux::poll(v, dl, zero, std::ptr::null()).map(|k| k as c_int))
+        ri(iomux::poll(v, dl, zero, None).map(|k| k as c_int))
     })
 }
 
@@ -1058,7 +1058,7 @@ pub unsafe extern "C" fn ppoll(
         match iomux::deadline_ts(t) {
             Ok((dl, zero)) => {
                 let v = std::slice::from_raw_parts_mut(fds, n as usize);
-                ri(iomux::poll(v, dl, zero, sig).map(|k| k as c_int))
+                ri(iomux::poll(v, dl, zero, sig.as_ref()).map(|k| k as c_int))
             }
             Err(e) => ri(Err(e)),
         }
@@ -1102,7 +1102,7 @@ pub unsafe extern "C" fn select(
                 + std::time::Duration::from_micros(t.tv_usec as u64);
             (Some(std::time::Instant::now() + d), d.is_zero())
         };
-        let res = iomux::select(nfds, [r, w, e], dl, zero, std::ptr::null());
+        let res = iomux::select(nfds, [r, w, e], dl, zero, None);
         if let (false, Some(d)) = (tv.is_null(), dl) {
             // Linux reports the time left.
             let left = d.saturating_duration_since(std::time::Instant::now());
@@ -1127,7 +1127,9 @@ pub unsafe extern "C" fn pselect(
     }
     hook!(real::pselect(nfds, r, w, e, t, sig), {
         match iomux::deadline_ts(t) {
-            Ok((dl, zero)) => ri(iomux::select(nfds, [r, w, e], dl, zero, sig).map(|k| k as c_int)),
+            Ok((dl, zero)) => {
+                ri(iomux::select(nfds, [r, w, e], dl, zero, sig.as_ref()).map(|k| k as c_int))
+            }
             Err(err) => ri(Err(err)),
         }
     })

@@ -217,7 +217,16 @@ fn filter_magic(s: &mut State, epfd: c_int, ev: &mut [epoll_event], n: usize) ->
     }
     if mq || ctrl {
         if let Some(w) = s.worker.as_mut() {
-            let _ = w.after_wake(mq, ctrl);
+            if w.after_wake(mq, ctrl).is_err() {
+                // The daemon is gone: its fds would stay readable (HUP)
+                // forever; take them out of this set. Calls on hoststack
+                // sockets now fail (ENETDOWN), kernel fds keep working.
+                for fd in w.wait_fds() {
+                    // SAFETY: removing our own fds from the app's epoll set.
+                    unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+                }
+                s.daemon_gone = true;
+            }
         }
     }
     k
@@ -227,10 +236,18 @@ fn kernel_wait(
     epfd: c_int,
     out: &mut [epoll_event],
     timeout: c_int,
-    sig: *const libc::sigset_t,
+    sig: Option<&libc::sigset_t>,
 ) -> (c_int, c_int) {
     // SAFETY: out is a valid array of out.len() events.
-    let r = unsafe { real::epoll_pwait(epfd, out.as_mut_ptr(), out.len() as c_int, timeout, sig) };
+    let r = unsafe {
+        real::epoll_pwait(
+            epfd,
+            out.as_mut_ptr(),
+            out.len() as c_int,
+            timeout,
+            sig.map_or(std::ptr::null(), |p| p as *const _),
+        )
+    };
     (r, sys::errno())
 }
 
@@ -240,7 +257,7 @@ pub fn wait(
     out: &mut [epoll_event],
     deadline: Option<Instant>,
     zero: bool,
-    sig: *const libc::sigset_t,
+    sig: Option<&libc::sigset_t>,
 ) -> R<usize> {
     let mut g: G = lock();
     loop {
@@ -257,7 +274,7 @@ pub fn wait(
         let expired = zero || deadline.is_some_and(|d| Instant::now() >= d);
         if n > 0 || expired {
             // Kernel fds too, without blocking.
-            let (r, e) = kernel_wait(epfd, &mut out[n..], 0, std::ptr::null());
+            let (r, e) = kernel_wait(epfd, &mut out[n..], 0, None);
             if r < 0 {
                 return if n > 0 { Ok(n) } else { Err(e) };
             }
@@ -267,7 +284,7 @@ pub fn wait(
             }
             return Ok(n + k);
         }
-        let sleepers_ok = s.worker.as_mut().map_or(true, |w| w.prepare_sleep());
+        let sleepers_ok = s.worker.as_mut().is_none_or(|w| w.prepare_sleep());
         if !sleepers_ok {
             continue;
         }
@@ -310,7 +327,7 @@ pub fn poll(
     fds: &mut [pollfd],
     deadline: Option<Instant>,
     zero: bool,
-    sig: *const libc::sigset_t,
+    sig: Option<&libc::sigset_t>,
 ) -> R<usize> {
     for p in fds.iter() {
         if is_epoll(p.fd) {
@@ -436,7 +453,7 @@ pub fn select(
     sets: [*mut libc::fd_set; 3],
     deadline: Option<Instant>,
     zero: bool,
-    sig: *const libc::sigset_t,
+    sig: Option<&libc::sigset_t>,
 ) -> R<usize> {
     if nfds < 0 {
         return Err(libc::EINVAL);

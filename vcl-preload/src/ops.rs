@@ -203,7 +203,7 @@ pub fn accept(fd: c_int, flags: c_int) -> R<(c_int, Option<SocketAddr>, c_int)> 
                 if nonblock {
                     return Err(libc::EAGAIN);
                 }
-                let (g2, woke) = block(g, dl, &mut [], std::ptr::null());
+                let (g2, woke) = block(g, dl, &mut [], None);
                 g = g2;
                 match woke {
                     Woke::Intr if !sys::restart_after_signal() => return Err(libc::EINTR),
@@ -312,7 +312,7 @@ pub fn connect(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
             }
             _ => {}
         }
-        let (g2, woke) = block(g, dl, &mut [], std::ptr::null());
+        let (g2, woke) = block(g, dl, &mut [], None);
         g = g2;
         match woke {
             Woke::Intr => return Err(libc::EINTR),
@@ -425,7 +425,7 @@ pub fn recv(fd: c_int, buf: &mut [u8], flags: c_int) -> R<(usize, Option<SocketA
         if nonblock {
             return Err(libc::EAGAIN);
         }
-        let (g2, woke) = block(g, dl, &mut [], std::ptr::null());
+        let (g2, woke) = block(g, dl, &mut [], None);
         g = g2;
         match woke {
             Woke::Intr if got > 0 => return Ok((got, None)),
@@ -575,7 +575,7 @@ pub fn send(fd: c_int, bufs: &[&[u8]], flags: c_int, to: Option<SocketAddr>) -> 
                 return Err(libc::EPIPE);
             }
         }
-        let (g2, woke) = block(g, dl, &mut [], std::ptr::null());
+        let (g2, woke) = block(g, dl, &mut [], None);
         g = g2;
         match woke {
             Woke::Intr | Woke::Timeout if sent > 0 => return Ok(Route::Done(sent)),
@@ -677,7 +677,7 @@ pub fn sendfile(out: c_int, inp: c_int, off: Option<&mut i64>, count: usize) -> 
                 Err(libc::EAGAIN)
             };
         }
-        let (g2, woke) = block(g, dl, &mut [], std::ptr::null());
+        let (g2, woke) = block(g, dl, &mut [], None);
         g = g2;
         match woke {
             Woke::Intr | Woke::Timeout if sent > 0 => return Ok(sent),

@@ -213,6 +213,8 @@ pub struct State {
     waiters: Vec<c_int>,
     notes: Vec<Notify>,
     warned: bool,
+    /// The daemon died: never wait on its fds again (they stay readable).
+    pub daemon_gone: bool,
 }
 
 pub fn api_errno(e: &ApiError) -> c_int {
@@ -284,6 +286,7 @@ impl State {
             waiters: Vec::new(),
             notes: Vec::new(),
             warned: false,
+            daemon_gone: false,
         }
     }
 
@@ -868,6 +871,9 @@ impl State {
 
     /// Make sure the kernel epoll set `epfd` holds this process's wake fds.
     pub fn ep_arm(&mut self, epfd: c_int) {
+        if self.daemon_gone {
+            return;
+        }
         let gen = self.gen;
         let fds = self.worker.as_ref().map(|w| w.wait_fds());
         let Some(ep) = self.eps.get_mut(&epfd) else {
@@ -928,13 +934,13 @@ pub fn block(
     mut g: G,
     deadline: Option<Instant>,
     extra: &mut [libc::pollfd],
-    sigmask: *const libc::sigset_t,
+    sigmask: Option<&libc::sigset_t>,
 ) -> (G, Woke) {
     let s = st(&mut g);
     let tefd = thread_efd();
     let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(3 + extra.len());
     let mut base = 0;
-    if let Some(w) = s.worker.as_mut() {
+    if let Some(w) = s.worker.as_mut().filter(|_| !s.daemon_gone) {
         if !w.prepare_sleep() {
             if s.sleepers == 0 {
                 w.cancel_sleep();
@@ -963,7 +969,7 @@ pub fn block(
             pfds.as_mut_ptr(),
             pfds.len() as libc::nfds_t,
             ts.as_ref().map_or(std::ptr::null(), |t| t as *const _),
-            sigmask,
+            sigmask.map_or(std::ptr::null(), |m| m as *const _),
         )
     };
     let err = sys::errno();
@@ -982,7 +988,11 @@ pub fn block(
             if sleepers == 0 {
                 w.cancel_sleep();
             }
-            let _ = w.after_wake(pfds[0].revents != 0, pfds[1].revents != 0);
+            if w.after_wake(pfds[0].revents != 0, pfds[1].revents != 0)
+                .is_err()
+            {
+                s.daemon_gone = true;
+            }
         }
         s.pump();
     }

@@ -1,0 +1,482 @@
+//! Real programs under the LD_PRELOAD shim (`hoststack run`): nginx with 1
+//! and 4 workers serving kernel curl/wrk in the peer namespace, nginx
+//! reload under load, curl and wrk under the shim as clients (uplink and
+//! cut-through), iperf3 TCP/UDP both ways, and name resolution through the
+//! kernel. Responses are compared byte for byte.
+
+use anyhow::{bail, ensure, Context, Result};
+use hoststack_tests::daemon::{bin, Daemon, Proc};
+use hoststack_tests::{run, unique_tag, wait_for, Testbed};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+fn have(prog: &str) -> Result<()> {
+    if run(&["sh", "-c", &format!("command -v {prog}")]).is_err() {
+        bail!("{prog} is not installed: run scripts/setup.sh (installs nginx, wrk, iperf3, curl)");
+    }
+    Ok(())
+}
+
+/// A private nginx document root and config.
+struct Site {
+    dir: PathBuf,
+    small: Vec<u8>,
+    big: Vec<u8>,
+}
+
+impl Site {
+    fn new() -> Result<Site> {
+        let dir = std::env::temp_dir().join(format!("hs-nginx-{}", unique_tag()));
+        std::fs::create_dir_all(dir.join("www"))?;
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let small: Vec<u8> = (0..64).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut big = vec![0u8; 10 << 20];
+        let mut x = 0x12345678u32;
+        for b in big.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        std::fs::write(dir.join("www/small"), &small)?;
+        std::fs::write(dir.join("www/big"), &big)?;
+        // nginx workers run as nobody: the tree must be readable.
+        run(&["chmod", "-R", "a+rX", &dir.display().to_string()])?;
+        Ok(Site { dir, small, big })
+    }
+
+    /// Write nginx.conf for `listen` with `workers` worker processes.
+    fn conf(&self, name: &str, listen: &str, workers: u32) -> Result<PathBuf> {
+        let d = self.dir.display();
+        let conf = format!(
+            "worker_processes {workers};\ndaemon off;\nerror_log {d}/logs/{name}.err warn;\n\
+             pid {d}/{name}.pid;\nevents {{ worker_connections 4096; }}\n\
+             http {{ access_log off; sendfile on; keepalive_requests 1000000;\n\
+             server {{ listen {listen}; root {d}/www; }} }}\n"
+        );
+        let p = self.dir.join(format!("{name}.conf"));
+        std::fs::write(&p, conf)?;
+        Ok(p)
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `hoststack run -- args...` with the daemon's attach settings.
+fn shim(d: &Daemon, args: &[&str]) -> Result<Command> {
+    let mut c = Command::new(bin("hoststack")?);
+    c.arg("run")
+        .arg("--strict")
+        .arg("--")
+        .args(args)
+        .envs(d.env());
+    Ok(c)
+}
+
+fn sha(b: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(b))
+}
+
+/// Fetch `url` with kernel curl in the peer namespace.
+fn peer_get(tb: &Testbed, url: &str) -> Result<Vec<u8>> {
+    let out = tb
+        .peer_cmd("curl", &["-sS", "--max-time", "20", url])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+fn wait_http(tb: &Testbed, url: &str) -> Result<()> {
+    wait_for(&format!("{url} to answer"), T, || {
+        Ok(peer_get(tb, url).is_ok())
+    })
+}
+
+/// Parse wrk's output: (requests, socket errors + non-2xx).
+fn wrk_result(out: &str) -> Result<(u64, u64)> {
+    let req = out
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no request count in wrk output:\n{out}"))?;
+    let mut bad = 0;
+    for l in out.lines() {
+        if let Some(rest) = l.trim().strip_prefix("Socket errors:") {
+            bad += rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        if let Some(rest) = l.trim().strip_prefix("Non-2xx or 3xx responses:") {
+            bad += rest.trim().parse::<u64>().unwrap_or(1);
+        }
+    }
+    Ok((req, bad))
+}
+
+fn nginx_under_shim(d: &Daemon, site: &Site, conf: &Path) -> Result<Proc> {
+    let c = shim(
+        d,
+        &[
+            "nginx",
+            "-c",
+            &conf.display().to_string(),
+            "-p",
+            &site.dir.display().to_string(),
+        ],
+    )?;
+    Proc::spawn(c, "nginx")
+}
+
+#[test]
+fn nginx_with_1_and_4_workers_serves_kernel_curl_and_wrk() -> Result<()> {
+    have("nginx")?;
+    have("wrk")?;
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let site = Site::new()?;
+    for (i, workers) in [1u32, 4].into_iter().enumerate() {
+        let port = 8080 + i;
+        let conf = site.conf(
+            &format!("w{workers}"),
+            &format!("{}:{port}", tb.daemon_ip4),
+            workers,
+        )?;
+        let mut ng = nginx_under_shim(&d, &site, &conf)?;
+        let base = format!("http://{}:{port}", tb.daemon_ip4);
+        wait_http(&tb, &format!("{base}/small"))?;
+        ensure!(
+            peer_get(&tb, &format!("{base}/small"))? == site.small,
+            "64 B body differs"
+        );
+        let big = peer_get(&tb, &format!("{base}/big"))?;
+        ensure!(
+            sha(&big) == sha(&site.big),
+            "10 MiB body differs ({} bytes)",
+            big.len()
+        );
+        let out = tb
+            .peer_cmd("wrk", &["-t1", "-c16", "-d2s", &format!("{base}/small")])
+            .output()?;
+        let (reqs, bad) = wrk_result(&String::from_utf8_lossy(&out.stdout))?;
+        ensure!(reqs > 100 && bad == 0, "wrk: {reqs} requests, {bad} errors");
+        // Each worker served through hoststack (one app per process).
+        let apps = d.ctl("apps")?;
+        let n = apps["apps"].as_array().map_or(0, |a| a.len());
+        ensure!(
+            n > workers as usize,
+            "{n} apps attached for {workers} workers: {apps}"
+        );
+        ng.signal(libc::SIGQUIT);
+        ng.wait(T)?;
+    }
+    ensure!(
+        d.counter(&["stack", "passive_opens"])? >= 34,
+        "16 wrk connections and 2 curls per run"
+    );
+    Ok(())
+}
+
+#[test]
+fn nginx_reload_under_load_loses_no_request() -> Result<()> {
+    have("nginx")?;
+    have("wrk")?;
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let site = Site::new()?;
+    let conf = site.conf("reload", &format!("{}:8090", tb.daemon_ip4), 4)?;
+    let mut ng = nginx_under_shim(&d, &site, &conf)?;
+    let url = format!("http://{}:8090/small", tb.daemon_ip4);
+    wait_http(&tb, &url)?;
+    // A new connection per request: every reload races new connections
+    // against the old workers closing their listeners.
+    let wrk = tb
+        .peer_cmd(
+            "wrk",
+            &["-t2", "-c32", "-d5s", "-H", "Connection: close", &url],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = || -> Result<i32> {
+        Ok(std::fs::read_to_string(site.dir.join("reload.pid"))?
+            .trim()
+            .parse()?)
+    };
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1200));
+        // SAFETY: kill(2) on nginx's master.
+        unsafe { libc::kill(pid()?, libc::SIGHUP) };
+    }
+    let out = wrk.wait_with_output()?;
+    let (reqs, bad) = wrk_result(&String::from_utf8_lossy(&out.stdout))?;
+    ensure!(reqs > 500, "only {reqs} requests");
+    ensure!(
+        bad == 0,
+        "{bad} failed requests during reloads: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(peer_get(&tb, &url)? == site.small);
+    ng.signal(libc::SIGQUIT);
+    ng.wait(T)?;
+    Ok(())
+}
+
+/// A kernel nginx in the peer namespace.
+fn peer_nginx(tb: &Testbed, site: &Site, port: u16) -> Result<Proc> {
+    let conf = site.conf("peer", &format!("{}:{port}", tb.peer_ip4), 1)?;
+    let c = tb.peer_cmd(
+        "nginx",
+        &[
+            "-c",
+            &conf.display().to_string(),
+            "-p",
+            &site.dir.display().to_string(),
+        ],
+    );
+    let p = Proc::spawn(c, "peer nginx")?;
+    wait_http(tb, &format!("http://{}:{port}/small", tb.peer_ip4))?;
+    Ok(p)
+}
+
+#[test]
+fn curl_and_wrk_under_the_shim_over_the_uplink_and_cut_through() -> Result<()> {
+    have("nginx")?;
+    have("wrk")?;
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let site = Site::new()?;
+    let mut kernel_nginx = peer_nginx(&tb, &site, 8081)?;
+    // curl (shim) -> kernel nginx in the peer namespace: active opens.
+    let url = format!("http://{}:8081/big", tb.peer_ip4);
+    let out = shim(&d, &["curl", "-sS", "--max-time", "20", &url])?.output()?;
+    ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        sha(&out.stdout) == sha(&site.big),
+        "body differs ({} bytes)",
+        out.stdout.len()
+    );
+    ensure!(d.counter(&["stack", "active_opens"])? >= 1);
+    // wrk (shim) -> kernel nginx.
+    let small = format!("http://{}:8081/small", tb.peer_ip4);
+    let out = shim(&d, &["wrk", "-t1", "-c8", "-d2s", &small])?.output()?;
+    let (reqs, bad) = wrk_result(&String::from_utf8_lossy(&out.stdout))?;
+    ensure!(
+        reqs > 100 && bad == 0,
+        "wrk under the shim: {reqs} requests, {bad} errors"
+    );
+    ensure!(d.counter(&["stack", "active_opens"])? >= 9);
+    // curl (shim) -> nginx (shim) on the same node: cut-through.
+    let conf = site.conf("ct", &format!("{}:8082", tb.daemon_ip4), 1)?;
+    let mut ng = nginx_under_shim(&d, &site, &conf)?;
+    wait_http(&tb, &format!("http://{}:8082/small", tb.daemon_ip4))?;
+    let before = d.counter(&["session", "cut_through_opened"])?;
+    let out = shim(
+        &d,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            &format!("http://{}:8082/big", tb.daemon_ip4),
+        ],
+    )?
+    .output()?;
+    ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        sha(&out.stdout) == sha(&site.big),
+        "cut-through body differs"
+    );
+    ensure!(
+        d.counter(&["session", "cut_through_opened"])? > before,
+        "not cut-through"
+    );
+    ng.signal(libc::SIGQUIT);
+    ng.wait(T)?;
+    kernel_nginx.signal(libc::SIGQUIT);
+    kernel_nginx.wait(T)?;
+    Ok(())
+}
+
+fn iperf_bytes(json: &[u8], udp: bool) -> Result<u64> {
+    let v: serde_json::Value = serde_json::from_slice(json)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(json)))?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3: {e}");
+    }
+    let end = &v["end"];
+    let b = if udp {
+        &end["sum"]["bytes"]
+    } else {
+        &end["sum_received"]["bytes"]
+    };
+    b.as_u64().context("no byte count in iperf3 output")
+}
+
+#[test]
+fn iperf3_tcp_and_udp_as_client_and_server() -> Result<()> {
+    have("iperf3")?;
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let peer = tb.peer_ip4.to_string();
+    let me = tb.daemon_ip4.to_string();
+    for udp in [false, true] {
+        let mut extra: Vec<&str> = vec!["-t", "2", "-J"];
+        if udp {
+            extra.extend(["-u", "-b", "200M"]);
+        }
+        // Client under the shim, kernel server in the peer namespace.
+        let mut srv = Proc::spawn(
+            tb.peer_cmd("iperf3", &["-s", "-1", "-B", &peer, "-p", "5201"]),
+            "iperf3 -s",
+        )?;
+        std::thread::sleep(Duration::from_millis(300));
+        let mut args = vec!["iperf3", "-c", &peer, "-p", "5201"];
+        args.extend(&extra);
+        let out = shim(&d, &args)?.output()?;
+        let n = iperf_bytes(&out.stdout, udp)?;
+        ensure!(
+            n > 1_000_000,
+            "iperf3 client (udp={udp}) moved only {n} bytes"
+        );
+        srv.wait(T)?;
+        if udp {
+            // Known gap: iperf3's UDP server binds a second socket to the
+            // port it connected the first one on; the daemon allows one
+            // UDP socket per port (see README, Limits).
+            continue;
+        }
+        // Server under the shim, kernel client.
+        let mut srv = Proc::spawn(
+            shim(&d, &["iperf3", "-s", "-1", "-B", &me, "-p", "5202"])?,
+            "iperf3 -s (shim)",
+        )?;
+        wait_for("iperf3 server under the shim", T, || {
+            Ok(d.ctl("sessions")?.to_string().contains(":5202"))
+        })?;
+        let mut args = vec!["-c", me.as_str(), "-p", "5202"];
+        args.extend(&extra);
+        let out = tb.peer_cmd("iperf3", &args).output()?;
+        let n = iperf_bytes(&out.stdout, udp)?;
+        ensure!(
+            n > 1_000_000,
+            "iperf3 server under the shim (udp={udp}) moved only {n} bytes"
+        );
+        srv.wait(T)?;
+    }
+    Ok(())
+}
+
+/// A second veth pair for kernel traffic between the root namespace and the
+/// peer (DNS stays in the kernel); removed on drop.
+struct KernelLink {
+    name: String,
+}
+
+impl Drop for KernelLink {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "link", "del", &self.name]);
+    }
+}
+
+#[test]
+fn names_resolve_through_the_kernel_under_the_shim() -> Result<()> {
+    have("nginx")?;
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let site = Site::new()?;
+    let mut kernel_nginx = peer_nginx(&tb, &site, 8083)?;
+    let tag = unique_tag();
+    let link = KernelLink {
+        name: format!("hsk{tag}a"),
+    };
+    let peer_if = format!("hsk{tag}b");
+    run(&[
+        "ip",
+        "link",
+        "add",
+        &link.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &peer_if,
+        "netns",
+        &tb.peer_ns,
+    ])?;
+    let k = tb.daemon_ip4.octets()[2];
+    let (kip, pip) = (format!("198.19.{k}.1"), format!("198.19.{k}.2"));
+    run(&["ip", "addr", "add", &format!("{kip}/24"), "dev", &link.name])?;
+    run(&["ip", "link", "set", &link.name, "up"])?;
+    tb.peer_ip(&["addr", "add", &format!("{pip}/24"), "dev", &peer_if])?;
+    tb.peer_ip(&["link", "set", &peer_if, "up"])?;
+    let dns_py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py/dns.py");
+    let mut dns = Proc::spawn(
+        tb.peer_cmd(
+            "python3",
+            &[
+                &dns_py.display().to_string(),
+                &pip,
+                "53",
+                &format!("web.test={}", tb.peer_ip4),
+            ],
+        ),
+        "dns",
+    )?;
+    dns.expect("ready", T)?;
+    // A private /etc/resolv.conf and /etc/hosts in a mount namespace.
+    let resolv = site.dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {pip}\noptions timeout:2 attempts:2\n"),
+    )?;
+    let hosts = site.dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{} hosts.test\n", tb.peer_ip4),
+    )?;
+    let hs = bin("hoststack")?;
+    for name in ["web.test", "hosts.test"] {
+        let script = format!(
+            "mount --bind {} /etc/resolv.conf && mount --bind {} /etc/hosts && exec {} run --strict -- curl -sS --max-time 20 http://{name}:8083/small",
+            resolv.display(),
+            hosts.display(),
+            hs.display()
+        );
+        let out = Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .envs(d.env())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "curl {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(out.stdout == site.small, "{name}: body differs");
+    }
+    // The HTTP connections went through hoststack, the DNS query did not.
+    ensure!(d.counter(&["stack", "active_opens"])? >= 2);
+    kernel_nginx.signal(libc::SIGQUIT);
+    kernel_nginx.wait(T)?;
+    Ok(())
+}
