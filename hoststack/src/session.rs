@@ -662,6 +662,19 @@ impl Engine {
                 }
                 self.abort(handle, now, tx);
             }
+            Request::UdpConnect { handle, remote } => {
+                if !self.owned(app, handle) {
+                    return;
+                }
+                if let Some(Kind::Net { flow, .. }) = self.sess(handle).map(|s| &s.kind) {
+                    let flow = *flow;
+                    if self.stack.udp_connect(flow, sa_to_ep(remote)).is_ok() {
+                        if let Some(s) = self.sess(handle) {
+                            s.remote = Some(remote);
+                        }
+                    }
+                }
+            }
             Request::Requeue { handle } => {
                 if !self.owned(app, handle) {
                     return;

@@ -152,6 +152,8 @@ struct Flow {
     handle: SocketHandle,
     key: Option<TcpKey>,
     udp_port: Option<u16>,
+    /// Set once the UDP socket is connected: (remote, local port).
+    udp_remote: Option<(IpEndpoint, u16)>,
     listener: Option<ListenerId>,
     /// Opaque owner token (the session id), set by the session layer.
     owner: u64,
@@ -198,6 +200,9 @@ pub struct Stack {
     nflows: usize,
     tcp: HashMap<TcpKey, FlowId>,
     udp: HashMap<u16, FlowId>,
+    /// Connected UDP sockets by (remote, local port): they take their
+    /// peer's datagrams before the port's unconnected socket does.
+    udp_conn: HashMap<(IpEndpoint, u16), FlowId>,
     listeners: Vec<Option<Listener>>,
     listen_ports: HashMap<u16, Vec<ListenerId>>,
     used_ports: HashSet<u16>,
@@ -287,7 +292,7 @@ impl Device for OneShot<'_> {
 /// The parsed demultiplexing key of one frame.
 enum Demux {
     Tcp { key: TcpKey, syn_only: bool },
-    Udp { port: u16 },
+    Udp { port: u16, src: IpEndpoint },
     Neighbor,
     Other,
 }
@@ -344,7 +349,10 @@ fn demux(frame: &[u8]) -> Demux {
             Err(_) => Demux::Other,
         },
         IpProtocol::Udp => match UdpPacket::new_checked(payload) {
-            Ok(u) => Demux::Udp { port: u.dst_port() },
+            Ok(u) => Demux::Udp {
+                port: u.dst_port(),
+                src: IpEndpoint::new(src, u.src_port()),
+            },
             Err(_) => Demux::Other,
         },
         _ => Demux::Other,
@@ -474,6 +482,7 @@ impl Stack {
             nflows: 0,
             tcp: HashMap::new(),
             udp: HashMap::new(),
+            udp_conn: HashMap::new(),
             listeners: Vec::new(),
             listen_ports: HashMap::new(),
             used_ports: HashSet::new(),
@@ -540,6 +549,7 @@ impl Stack {
             handle,
             key: None,
             udp_port: None,
+            udp_remote: None,
             listener: None,
             owner: 0,
             timer: None,
@@ -669,6 +679,7 @@ impl Stack {
             if !self.used_ports.contains(&p)
                 && !self.listen_ports.contains_key(&p)
                 && !self.udp.contains_key(&p)
+                && !self.udp_conn.keys().any(|k| k.1 == p)
             {
                 return Ok(p);
             }
@@ -802,6 +813,34 @@ impl Stack {
     }
 
     /// Access the UDP socket of a flow.
+    /// Connect a bound UDP flow to `remote`: its peer's datagrams go to it,
+    /// and the port is free for another (unconnected) socket, as in Linux
+    /// (iperf3's UDP server does this).
+    pub fn udp_connect(&mut self, id: FlowId, remote: IpEndpoint) -> Result<(), StackError> {
+        let f = self
+            .flows
+            .get_mut(id.idx as usize)
+            .and_then(|f| f.as_mut())
+            .filter(|f| f.gen == id.gen && f.kind == FlowKind::Udp)
+            .ok_or(StackError::Invalid)?;
+        let port = f
+            .udp_port
+            .or(f.udp_remote.map(|r| r.1))
+            .ok_or(StackError::Invalid)?;
+        if self.udp_conn.contains_key(&(remote, port)) {
+            return Err(StackError::AddrInUse);
+        }
+        if let Some(old) = f.udp_remote.take() {
+            self.udp_conn.remove(&old);
+        }
+        if f.udp_port.take().is_some() && self.udp.get(&port) == Some(&id) {
+            self.udp.remove(&port);
+        }
+        f.udp_remote = Some((remote, port));
+        self.udp_conn.insert((remote, port), id);
+        Ok(())
+    }
+
     pub fn udp(&mut self, id: FlowId) -> Option<&mut udp::Socket<'static>> {
         let f = self.flow_mut(id)?;
         if f.kind != FlowKind::Udp {
@@ -835,6 +874,11 @@ impl Stack {
         if let Some(p) = f.udp_port {
             if self.udp.get(&p) == Some(&id) {
                 self.udp.remove(&p);
+            }
+        }
+        if let Some(k) = f.udp_remote {
+            if self.udp_conn.get(&k) == Some(&id) {
+                self.udp_conn.remove(&k);
             }
         }
         if let Some(lid) = f.listener {
@@ -875,7 +919,11 @@ impl Stack {
                 None if syn_only => self.passive_open(key, now),
                 None => None,
             },
-            Demux::Udp { port } => self.udp.get(&port).copied(),
+            Demux::Udp { port, src } => self
+                .udp_conn
+                .get(&(src, port))
+                .or_else(|| self.udp.get(&port))
+                .copied(),
             Demux::Neighbor => {
                 self.neighbor_changed = true;
                 None

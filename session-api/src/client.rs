@@ -1319,6 +1319,20 @@ impl Worker {
         }
     }
 
+    /// Connect a UDP session to `remote` (datagrams from that peer come to
+    /// it first; the port can be bound again by another socket).
+    pub fn udp_set_peer(&mut self, s: SessionId, remote: SocketAddr) -> Result<()> {
+        let sess = self.sess(s)?;
+        if sess.proto != Proto::Udp {
+            return Err(Error::Errno(libc::EOPNOTSUPP));
+        }
+        sess.remote = Some(remote);
+        self.send_req(Request::UdpConnect {
+            handle: s.0,
+            remote,
+        })
+    }
+
     /// Send one datagram (to `to`, or the connected peer).
     pub fn send_to(
         &mut self,

@@ -135,6 +135,14 @@ pub enum Request {
         /// The listener's handle.
         handle: u64,
     },
+    /// Connect a bound UDP socket to `remote`: it receives that peer's
+    /// datagrams, and its port may be bound again by another socket.
+    UdpConnect {
+        /// Session handle.
+        handle: u64,
+        /// The peer.
+        remote: SocketAddr,
+    },
     /// Give back an accepted connection the app never took (its listener
     /// closed first): the daemon hands it to another listener of the same
     /// address (bytes already received included), or resets it.
@@ -231,6 +239,7 @@ const K_ABORT: u16 = 8;
 const K_SETOPT: u16 = 9;
 const K_REQUEUE: u16 = 10;
 const K_UNLISTEN_LINGER: u16 = 11;
+const K_UDP_CONNECT: u16 = 12;
 
 /// How long an address closed with [`Request::UnlistenLinger`] waits for a
 /// new member.
@@ -376,6 +385,9 @@ impl Request {
             Request::Abort { handle } => W::new(K_ABORT, 0, handle).done(),
             Request::Requeue { handle } => W::new(K_REQUEUE, 0, handle).done(),
             Request::UnlistenLinger { handle } => W::new(K_UNLISTEN_LINGER, 0, handle).done(),
+            Request::UdpConnect { handle, remote } => W::new(K_UDP_CONNECT, 0, handle)
+                .addr(4, Some(remote))
+                .done(),
             Request::SetOpt { handle, opt } => {
                 let (code, v) = match opt {
                     SessOpt::NoDelay(b) => (1u8, b as u32),
@@ -421,6 +433,10 @@ impl Request {
             K_ABORT => Request::Abort { handle },
             K_REQUEUE => Request::Requeue { handle },
             K_UNLISTEN_LINGER => Request::UnlistenLinger { handle },
+            K_UDP_CONNECT => Request::UdpConnect {
+                handle,
+                remote: r.addr(4)?.ok_or(MsgError::BadField("remote address"))?,
+            },
             K_SETOPT => Request::SetOpt {
                 handle,
                 opt: match r.u8(0) {
@@ -639,6 +655,10 @@ mod tests {
             Request::Abort { handle: 6 },
             Request::Requeue { handle: 7 },
             Request::UnlistenLinger { handle: 8 },
+            Request::UdpConnect {
+                handle: 9,
+                remote: a4,
+            },
             Request::SetOpt {
                 handle: 6,
                 opt: SessOpt::KeepAliveMs(1000),

@@ -252,7 +252,9 @@ pub fn connect(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
                 k.bound = local;
                 return Ok(Route::Done(()));
             }
-            SState::Udp { .. } => {
+            SState::Udp { sid } => {
+                let w = s.worker()?;
+                w.udp_set_peer(sid, a).map_err(|e| e.errno())?;
                 s.socks.get_mut(&id).ok_or(libc::EBADF)?.peer = Some(a);
                 return Ok(Route::Done(()));
             }
