@@ -414,6 +414,8 @@ impl App {
                     dead: false,
                     scratch: Vec::new(),
                     busy: false,
+                    defer_wake: false,
+                    wake_pending: false,
                     spins: 0,
                     stats: WorkerStats::default(),
                 })
@@ -503,6 +505,9 @@ pub struct Worker {
     dead: bool,
     scratch: Vec<u8>,
     busy: bool,
+    /// Defer daemon wake-ups to [`Worker::flush_wake`] (event loops).
+    defer_wake: bool,
+    wake_pending: bool,
     spins: u32,
     stats: WorkerStats,
 }
@@ -557,6 +562,7 @@ impl Worker {
     /// already pending (process them with [`Worker::poll_events`] with a zero
     /// timeout instead of sleeping).
     pub fn prepare_external_wait(&mut self) -> bool {
+        self.flush_wake();
         if self.evt.prepare_sleep() {
             true
         } else {
@@ -572,7 +578,31 @@ impl Worker {
     /// stays until [`Worker::cancel_sleep`], so several sleeping threads can
     /// share it.
     pub fn prepare_sleep(&mut self) -> bool {
+        self.flush_wake();
         self.evt.prepare_sleep()
+    }
+
+    /// Event-loop mode: requests do not wake a sleeping daemon one by one;
+    /// [`Worker::flush_wake`] (also done by [`Worker::prepare_sleep`] and
+    /// before any blocking call) wakes it once for the whole batch. Saves a
+    /// wake-up (and often a context switch) per request when the app and the
+    /// daemon share a CPU.
+    pub fn set_defer_wake(&mut self, on: bool) {
+        self.defer_wake = on;
+        if !on {
+            self.flush_wake();
+        }
+    }
+
+    /// Wake the daemon if requests were queued since the last flush.
+    pub fn flush_wake(&mut self) {
+        if self.wake_pending {
+            self.wake_pending = false;
+            if self.req.wake_needed() {
+                self.stats.syscalls += 1;
+                self.daemon_wake.notify();
+            }
+        }
     }
 
     /// Withdraw [`Worker::prepare_sleep`] (when no thread sleeps any more).
@@ -628,7 +658,9 @@ impl Worker {
             }
         }
         self.stats.requests += 1;
-        if self.req.wake_needed() {
+        if self.defer_wake {
+            self.wake_pending = true;
+        } else if self.req.wake_needed() {
             self.stats.syscalls += 1;
             self.daemon_wake.notify();
         }
@@ -733,6 +765,7 @@ impl Worker {
 
     /// Sleep until an event arrives or `deadline`; Err(TimedOut) on timeout.
     fn wait_until(&mut self, deadline: Option<Instant>) -> Result<()> {
+        self.flush_wake();
         if self.process_events()? > 0 {
             return Ok(());
         }

@@ -259,6 +259,25 @@ pub fn wait(
     zero: bool,
     sig: Option<&libc::sigset_t>,
 ) -> R<usize> {
+    let r = wait_inner(epfd, out, deadline, zero, sig);
+    // Between this return and the app's next epoll_wait it handles the
+    // events: requests it makes meanwhile wake the daemon once, at the
+    // next wait (one wake-up per batch, not per request; a blocking call
+    // or any other wait flushes too).
+    let mut g = lock();
+    if let Some(w) = st(&mut g).worker.as_mut() {
+        w.set_defer_wake(matches!(r, Ok(n) if n > 0));
+    }
+    r
+}
+
+fn wait_inner(
+    epfd: c_int,
+    out: &mut [epoll_event],
+    deadline: Option<Instant>,
+    zero: bool,
+    sig: Option<&libc::sigset_t>,
+) -> R<usize> {
     let mut g: G = lock();
     loop {
         let s = st(&mut g);

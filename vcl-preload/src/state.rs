@@ -556,6 +556,8 @@ impl State {
         let Some(w) = self.worker.as_mut() else {
             return;
         };
+        // Requests deferred during an epoll batch go out now.
+        w.flush_wake();
         let mut notes = std::mem::take(&mut self.notes);
         notes.clear();
         let dead = w.poll_events(&mut notes, Some(Duration::ZERO)).is_err();
