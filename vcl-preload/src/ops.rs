@@ -327,6 +327,9 @@ pub fn connect(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
 
 /// One receive. Returns (bytes, source address).
 pub fn recv(fd: c_int, buf: &mut [u8], flags: c_int) -> R<(usize, Option<SocketAddr>)> {
+    if flags & libc::MSG_OOB != 0 {
+        return Err(libc::EOPNOTSUPP);
+    }
     let dontwait = flags & libc::MSG_DONTWAIT != 0;
     let peek = flags & libc::MSG_PEEK != 0;
     let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
@@ -449,6 +452,9 @@ fn sigpipe(flags: c_int) {
 
 /// Send from `bufs` (gathered). `to` for unconnected UDP.
 pub fn send(fd: c_int, bufs: &[&[u8]], flags: c_int, to: Option<SocketAddr>) -> R<Route<usize>> {
+    if flags & libc::MSG_OOB != 0 {
+        return Err(libc::EOPNOTSUPP);
+    }
     let dontwait = flags & libc::MSG_DONTWAIT != 0;
     let total: usize = bufs.iter().map(|b| b.len()).sum();
     let mut sent = 0usize;
