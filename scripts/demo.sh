@@ -10,7 +10,7 @@ if [[ $EUID -ne 0 ]]; then
 fi
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-step "1/7 installing what is missing and building (release)"
+step "1/8 installing what is missing and building (release)"
 scripts/setup.sh
 cargo build --release --workspace --bins --examples 2>&1 | tail -n 2
 BIN=target/release
@@ -38,7 +38,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-step "2/7 testbed: veth $DIF (daemon, no kernel IP) <-> $PIF in netns $NS (198.18.0.2)"
+step "2/8 testbed: veth $DIF (daemon, no kernel IP) <-> $PIF in netns $NS (198.18.0.2)"
 ip netns add "$NS"
 ip link add "$DIF" type veth peer name "$PIF"
 ip link set "$PIF" netns "$NS"
@@ -49,21 +49,21 @@ ip -n "$NS" addr add 2001:2::2/64 dev "$PIF" nodad
 ip -n "$NS" link set "$PIF" up
 ip -n "$NS" link set lo up
 
-step "3/7 starting hoststackd on $DIF as 198.18.0.1 / 2001:2::1"
+step "3/8 starting hoststackd on $DIF as 198.18.0.1 / 2001:2::1"
 $BIN/hoststackd --interface "$DIF" --ipv4 198.18.0.1/24 --ipv6 2001:2::1/64 \
     --socket-dir "$DIR" --namespace "default=$SECRET" --log warn &
 PIDS+=($!)
 for _ in $(seq 100); do [[ -S $DIR/ctl.sock ]] && break; sleep 0.05; done
 export HOSTSTACK_SOCKET_DIR=$DIR HOSTSTACK_SECRET=$SECRET
 
-step "4/7 native echo server (TCP+UDP :7000) <- kernel clients in the peer namespace"
+step "4/8 native echo server (TCP+UDP :7000) <- kernel clients in the peer namespace"
 $EX/echo_server --listen 0.0.0.0:7000 --udp > "$DIR/echo.log" &
 PIDS+=($!)
 sleep 0.3
 ip netns exec "$NS" python3 tests/py/peer.py echo-client 198.18.0.1 7000 --count 2000 --size 64
 ip netns exec "$NS" python3 tests/py/peer.py udp-echo-client 198.18.0.1 7000 --count 200 --size 512
 
-step "5/7 bulk: kernel sender in the peer namespace -> native receiver (512 MiB), hoststackctl while it runs"
+step "5/8 bulk: kernel sender in the peer namespace -> native receiver (512 MiB), hoststackctl while it runs"
 $EX/throughput recv --listen 0.0.0.0:9000 > "$DIR/recv.log" &
 PIDS+=($!)
 sleep 0.3
@@ -76,7 +76,7 @@ wait $SENDER || true
 sleep 0.5
 cat "$DIR/recv.log" | grep received || true
 
-step "6/7 cut-through: two native apps through a shared FIFO pair (1 GiB; both ends compute SHA-256, which bounds this rate)"
+step "6/8 cut-through: two native apps through a shared FIFO pair (1 GiB; both ends compute SHA-256, which bounds this rate)"
 $EX/throughput recv --listen 127.0.0.1:9100 > "$DIR/ct.log" &
 PIDS+=($!)
 sleep 0.3
@@ -84,12 +84,31 @@ $EX/throughput send --connect 127.0.0.1:9100 --bytes $((1 << 30))
 sleep 0.3
 grep received "$DIR/ct.log" || true
 
-step "7/7 final hoststackctl view"
+step "7/8 unmodified nginx under the shim (hoststack run), kernel curl + wrk in the peer namespace"
+mkdir -p "$DIR/www" && head -c 64 /dev/urandom | base64 | head -c 64 > "$DIR/www/index.html"
+chmod -R a+rX "$DIR"
+cat > "$DIR/nginx.conf" <<EOF2
+worker_processes 2; daemon off; pid $DIR/nginx.pid; error_log $DIR/nginx.err warn;
+events { worker_connections 1024; }
+http { access_log off; server { listen 198.18.0.1:8080; root $DIR/www; } }
+EOF2
+$BIN/hoststack run -- nginx -c "$DIR/nginx.conf" -p "$DIR" &
+PIDS+=($!)
+for _ in $(seq 100); do ip netns exec "$NS" curl -s -o /dev/null --max-time 1 http://198.18.0.1:8080/ && break; sleep 0.1; done
+if ip netns exec "$NS" curl -s http://198.18.0.1:8080/ | cmp -s - "$DIR/www/index.html"; then
+    echo "curl from the peer namespace: body matches"
+else
+    echo "curl from the peer namespace: body DIFFERS" >&2
+fi
+ip netns exec "$NS" wrk -t1 -c16 -d2s http://198.18.0.1:8080/ | grep -E "Requests/sec|errors" || true
+$BIN/hoststackctl --socket-dir "$DIR" apps
+
+step "8/8 final hoststackctl view"
 $BIN/hoststackctl --socket-dir "$DIR" all | head -40
 
 step "kernel vs hoststack, side by side (quick run of target/release/hoststack-bench)"
 cleanup
 trap - EXIT
-$BIN/hoststack-bench --quick --reps 1
+$BIN/hoststack-bench --quick --reps 1 --nginx-secs 2
 echo
 echo "demo finished"
