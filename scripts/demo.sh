@@ -12,7 +12,7 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 step "1/8 installing what is missing and building (release)"
 scripts/setup.sh
-cargo build --release --workspace --bins --examples 2>&1 | tail -n 2
+cargo build --release --workspace --lib --bins --examples 2>&1 | tail -n 2
 BIN=target/release
 EX=target/release/examples
 

@@ -9,6 +9,6 @@ export CARGO_TERM_COLOR=never
 echo "== fmt"; cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --release --workspace --all-targets -- -D warnings
 echo "== build (release: the integration tests run these binaries)"
-cargo build --release --workspace --bins --examples
+cargo build --release --workspace --lib --bins --examples
 echo "== tests"
 cargo test --release --workspace -- --test-threads=2

@@ -99,55 +99,6 @@ fn conf(s: &Site, name: &str, listen: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// The kernel's own path to the peer: a second veth pair; removed on drop.
-pub struct KernelLink {
-    name: String,
-    /// Root-namespace address.
-    pub local: String,
-}
-
-impl Drop for KernelLink {
-    fn drop(&mut self) {
-        let _ = run(&["ip", "link", "del", &self.name]);
-    }
-}
-
-pub fn kernel_link(tb: &Testbed) -> Result<KernelLink> {
-    let tag = unique_tag();
-    let name = format!("hsk{tag}a");
-    let peer_if = format!("hsk{tag}b");
-    run(&[
-        "ip",
-        "link",
-        "add",
-        &name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &peer_if,
-        "netns",
-        &tb.peer_ns,
-    ])?;
-    let k = tb.daemon_ip4.octets()[2];
-    let link = KernelLink {
-        name,
-        local: format!("198.19.{k}.1"),
-    };
-    run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{}/24", link.local),
-        "dev",
-        &link.name,
-    ])?;
-    run(&["ip", "link", "set", &link.name, "up"])?;
-    tb.peer_ip(&["addr", "add", &format!("198.19.{k}.2/24"), "dev", &peer_if])?;
-    tb.peer_ip(&["link", "set", &peer_if, "up"])?;
-    Ok(link)
-}
-
 fn parse_wrk(out: &str) -> Result<(f64, f64, u64)> {
     let rps = out
         .lines()
@@ -287,7 +238,7 @@ pub fn run_pair(tb: &Testbed, d: &Daemon, reps: usize, secs: u64) -> Result<(Sam
         bail!("nginx and wrk are needed: run scripts/setup.sh");
     }
     let s = site()?;
-    let link = kernel_link(tb)?;
+    let link = tb.kernel_link()?;
     let conns = 32;
     let kurl = format!("http://{}:8400/small", link.local);
     let kconf = conf(&s, "kernel", &format!("{}:8400", link.local))?;

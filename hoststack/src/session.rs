@@ -445,16 +445,15 @@ impl Engine {
         Ok(b)
     }
 
-    /// Make a network session on a fresh block; writes its descriptor.
-    fn make_net_session(
+    /// A fresh block in `app`'s segment with its descriptor written: the
+    /// daemon's ends of the rx and tx FIFOs.
+    fn net_fifos(
         &mut self,
         app: AppId,
-        worker: u32,
         proto: Proto,
-        flow: FlowId,
         local: Option<SocketAddr>,
         remote: Option<SocketAddr>,
-    ) -> Result<(u64, SessionBlock, u32), i32> {
+    ) -> Result<(SessionBlock, u32, FifoProducer, FifoConsumer), i32> {
         let blk = self.alloc_net_block(app)?;
         let a = self.apps.get_mut(&app).ok_or(libc::EINVAL)?;
         let seg = a.segments.get(&blk.segment).ok_or(libc::EINVAL)?;
@@ -471,6 +470,20 @@ impl Engine {
         let doff = write_desc(seg, &blk, 0, &desc).ok_or(libc::EFAULT)?;
         let rx = producer(seg, blk.fifo_ba, blk.cap).ok_or(libc::EFAULT)?;
         let tx = consumer(seg, blk.fifo_ab, blk.cap).ok_or(libc::EFAULT)?;
+        Ok((blk, doff, rx, tx))
+    }
+
+    /// Make a network session on a fresh block; writes its descriptor.
+    fn make_net_session(
+        &mut self,
+        app: AppId,
+        worker: u32,
+        proto: Proto,
+        flow: FlowId,
+        local: Option<SocketAddr>,
+        remote: Option<SocketAddr>,
+    ) -> Result<(u64, SessionBlock, u32), i32> {
+        let (blk, doff, rx, tx) = self.net_fifos(app, proto, local, remote)?;
         let h = self.new_handle(Session {
             app,
             worker,
@@ -1171,22 +1184,7 @@ impl Engine {
             c.dequeue(&mut v).map_err(|_| libc::EFAULT)?;
             v
         };
-        let blk = self.alloc_net_block(app)?;
-        let a = self.apps.get_mut(&app).ok_or(libc::EINVAL)?;
-        let seg = a.segments.get(&blk.segment).ok_or(libc::EINVAL)?;
-        let desc = SessionDesc {
-            proto,
-            rx_off: blk.fifo_ba,
-            rx_cap: blk.cap,
-            tx_off: blk.fifo_ab,
-            tx_cap: blk.cap,
-            local,
-            remote,
-            cut_through: false,
-        };
-        let doff = write_desc(seg, &blk, 0, &desc).ok_or(libc::EFAULT)?;
-        let mut rx = producer(seg, blk.fifo_ba, blk.cap).ok_or(libc::EFAULT)?;
-        let txc = consumer(seg, blk.fifo_ab, blk.cap).ok_or(libc::EFAULT)?;
+        let (blk, doff, mut rx, txc) = self.net_fifos(app, proto, local, remote)?;
         rx.enqueue(&pending).map_err(|_| libc::EFAULT)?;
         if let Some(seg) = self
             .apps

@@ -28,7 +28,7 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     let p = bin_dir().join(name);
     if !p.exists() {
         bail!(
-            "{} is missing: build it first with `cargo build --release --workspace --bins --examples` (scripts/test.sh does)",
+            "{} is missing: build it first with `cargo build --release --workspace --lib --bins --examples` (scripts/test.sh does)",
             p.display()
         );
     }

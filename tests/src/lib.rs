@@ -145,6 +145,21 @@ pub struct Testbed {
     ns: Netns,
 }
 
+/// See [`Testbed::kernel_link`].
+pub struct KernelLink {
+    name: String,
+    /// Root-namespace (kernel) address.
+    pub local: Ipv4Addr,
+    /// Peer-namespace address.
+    pub peer: Ipv4Addr,
+}
+
+impl Drop for KernelLink {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "link", "del", &self.name]);
+    }
+}
+
 /// Write a per-interface sysctl (absent files, e.g. IPv6 off, are fine).
 fn if_sysctl(path: &str, value: &str) {
     let _ = std::fs::write(path, value);
@@ -211,6 +226,46 @@ impl Testbed {
         ])?;
         tb.ns.ip(&["link", "set", p, "up"])?;
         Ok(tb)
+    }
+
+    /// A second veth pair with kernel addresses on both ends (198.19.k.1 in
+    /// the root namespace, 198.19.k.2 in the peer's): the kernel's own path
+    /// to the peer, for traffic that stays in the kernel (DNS) and for
+    /// kernel-side baselines. Removed on drop (and with the namespace).
+    pub fn kernel_link(&self) -> Result<KernelLink> {
+        let tag = unique_tag();
+        let peer_if = format!("hsk{tag}b");
+        let k = self.daemon_ip4.octets()[2];
+        let link = KernelLink {
+            name: format!("hsk{tag}a"),
+            local: Ipv4Addr::new(198, 19, k, 1),
+            peer: Ipv4Addr::new(198, 19, k, 2),
+        };
+        run(&[
+            "ip",
+            "link",
+            "add",
+            &link.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer_if,
+            "netns",
+            &self.peer_ns,
+        ])?;
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", link.local),
+            "dev",
+            &link.name,
+        ])?;
+        run(&["ip", "link", "set", &link.name, "up"])?;
+        self.peer_ip(&["addr", "add", &format!("{}/24", link.peer), "dev", &peer_if])?;
+        self.peer_ip(&["link", "set", &peer_if, "up"])?;
+        Ok(link)
     }
 
     /// A command that runs `program args` inside the peer namespace.

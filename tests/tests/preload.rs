@@ -381,18 +381,6 @@ fn iperf3_tcp_and_udp_as_client_and_server() -> Result<()> {
     Ok(())
 }
 
-/// A second veth pair for kernel traffic between the root namespace and the
-/// peer (DNS stays in the kernel); removed on drop.
-struct KernelLink {
-    name: String,
-}
-
-impl Drop for KernelLink {
-    fn drop(&mut self) {
-        let _ = run(&["ip", "link", "del", &self.name]);
-    }
-}
-
 #[test]
 fn names_resolve_through_the_kernel_under_the_shim() -> Result<()> {
     have("nginx")?;
@@ -400,30 +388,8 @@ fn names_resolve_through_the_kernel_under_the_shim() -> Result<()> {
     let d = Daemon::start(&tb, &[])?;
     let site = Site::new()?;
     let mut kernel_nginx = peer_nginx(&tb, &site, 8083)?;
-    let tag = unique_tag();
-    let link = KernelLink {
-        name: format!("hsk{tag}a"),
-    };
-    let peer_if = format!("hsk{tag}b");
-    run(&[
-        "ip",
-        "link",
-        "add",
-        &link.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &peer_if,
-        "netns",
-        &tb.peer_ns,
-    ])?;
-    let k = tb.daemon_ip4.octets()[2];
-    let (kip, pip) = (format!("198.19.{k}.1"), format!("198.19.{k}.2"));
-    run(&["ip", "addr", "add", &format!("{kip}/24"), "dev", &link.name])?;
-    run(&["ip", "link", "set", &link.name, "up"])?;
-    tb.peer_ip(&["addr", "add", &format!("{pip}/24"), "dev", &peer_if])?;
-    tb.peer_ip(&["link", "set", &peer_if, "up"])?;
+    let link = tb.kernel_link()?;
+    let pip = link.peer.to_string();
     let dns_py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py/dns.py");
     let mut dns = Proc::spawn(
         tb.peer_cmd(
