@@ -440,3 +440,46 @@ fn names_resolve_through_the_kernel_under_the_shim() -> Result<()> {
     kernel_nginx.wait(T)?;
     Ok(())
 }
+
+#[test]
+fn a_loopback_listener_under_the_shim_serves_kernel_and_shim_clients() -> Result<()> {
+    have("nginx")?;
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let site = Site::new()?;
+    let port = 18000 + (std::process::id() % 2000) as u16;
+    let conf = site.conf("lo", &format!("127.0.0.1:{port}"), 2)?;
+    let mut ng = nginx_under_shim(&d, &site, &conf)?;
+    let url = format!("http://127.0.0.1:{port}/small");
+    // A kernel client on this host (health checks, admin endpoints): the
+    // listener's kernel side.
+    let kernel_get = || -> Result<Vec<u8>> {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", &url])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out.stdout)
+    };
+    wait_for("nginx on loopback", T, || Ok(kernel_get().is_ok()))?;
+    for _ in 0..20 {
+        ensure!(kernel_get()? == site.small, "kernel client: body differs");
+    }
+    // A client under the shim: cut-through.
+    let before = d.counter(&["session", "cut_through_opened"])?;
+    let out = shim(&d, &["curl", "-sS", "--max-time", "5", &url])?.output()?;
+    ensure!(
+        out.status.success() && out.stdout == site.small,
+        "shim client"
+    );
+    ensure!(
+        d.counter(&["session", "cut_through_opened"])? > before,
+        "not cut-through"
+    );
+    ng.signal(libc::SIGQUIT);
+    ng.wait(T)?;
+    Ok(())
+}

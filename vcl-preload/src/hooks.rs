@@ -220,12 +220,14 @@ pub unsafe extern "C" fn accept4(
     }
     hook!(real::accept4(fd, addr, len, flags), {
         match ops::accept(fd, flags) {
-            Ok((nfd, peer, domain)) => {
+            Ok(ops::Accepted::Bypass(nfd, peer, domain)) => {
                 if let Some(p) = peer {
                     write_sockaddr(domain, p, addr, len);
                 }
                 nfd
             }
+            // A kernel client of the listener's kernel side: a plain kernel socket.
+            Ok(ops::Accepted::Kernel) => real::accept4(fd, addr, len, flags),
             Err(e) => ri(Err(e)),
         }
     })

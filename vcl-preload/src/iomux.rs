@@ -58,6 +58,13 @@ pub fn ctl(epfd: c_int, op: c_int, fd: c_int, ev: Option<epoll_event>) -> R<()> 
     if op != libc::EPOLL_CTL_DEL {
         touch_listener(s, id)?;
     }
+    if s.socks.get(&id).is_some_and(|k| k.klisten) {
+        // Kernel clients of the listener's kernel side: the kernel set
+        // watches the placeholder itself, with the app's data.
+        let mut e = ev.unwrap_or(epoll_event { events: 0, u64: 0 });
+        // SAFETY: valid epoll_event; errors (ENOENT/EEXIST) are harmless here.
+        unsafe { real::epoll_ctl(epfd, op, fd, &mut e) };
+    }
     s.ep_arm(epfd);
     let ep = s.eps.get_mut(&epfd).ok_or(libc::EBADF)?;
     match op {
@@ -353,8 +360,31 @@ pub fn poll(
             mark_nested(p.fd);
         }
     }
-    let kidx: Vec<usize> = (0..fds.len()).filter(|&i| !is_bypass(fds[i].fd)).collect();
-    let mut kfds: Vec<pollfd> = kidx.iter().map(|&i| fds[i]).collect();
+    // Kernel fds, plus the kernel side of listening hoststack sockets.
+    let klisten: Vec<usize> = {
+        let mut g = lock();
+        let s = st(&mut g);
+        (0..fds.len())
+            .filter(|&i| {
+                is_bypass(fds[i].fd)
+                    && s.sock_of(fds[i].fd)
+                        .and_then(|id| s.socks.get(&id))
+                        .is_some_and(|k| k.klisten)
+            })
+            .collect()
+    };
+    let kidx: Vec<usize> = (0..fds.len())
+        .filter(|&i| !is_bypass(fds[i].fd))
+        .chain(klisten.iter().copied())
+        .collect();
+    let mut kfds: Vec<pollfd> = kidx
+        .iter()
+        .map(|&i| pollfd {
+            fd: fds[i].fd,
+            events: fds[i].events,
+            revents: 0,
+        })
+        .collect();
     let mut g = lock();
     loop {
         let s = st(&mut g);
@@ -406,23 +436,20 @@ pub fn poll(
                 g = lock();
             }
             for (j, &i) in kidx.iter().enumerate() {
-                fds[i].revents = kfds[j].revents;
-                if kfds[j].revents != 0 {
-                    n += 1;
+                if is_bypass(fds[i].fd) {
+                    // A listener's kernel side adds to its hoststack readiness.
+                    fds[i].revents |= kfds[j].revents & libc::POLLIN;
+                } else {
+                    fds[i].revents = kfds[j].revents;
                 }
             }
             drop(g);
+            n = fds.iter().filter(|p| p.revents != 0).count();
             return Ok(n);
         }
         let (g2, woke) = block(g, deadline, &mut kfds, sig);
         g = g2;
-        let mut kn = 0;
-        for (j, &i) in kidx.iter().enumerate() {
-            fds[i].revents = kfds[j].revents;
-            if kfds[j].revents != 0 {
-                kn += 1;
-            }
-        }
+        let mut kn = kfds.iter().filter(|p| p.revents != 0).count();
         match woke {
             Woke::Intr => return Err(libc::EINTR),
             Woke::Timeout if kn == 0 => {
@@ -439,12 +466,17 @@ pub fn poll(
                     if let Some(id) = s.sock_of(p.fd) {
                         let m = s.events_of(id, false);
                         p.revents = epoll_to_poll(m) & (p.events | ERR_HUP as i16);
-                        if p.revents != 0 {
-                            kn += 1;
-                        }
                     }
                 }
             }
+            for (j, &i) in kidx.iter().enumerate() {
+                if is_bypass(fds[i].fd) {
+                    fds[i].revents |= kfds[j].revents & libc::POLLIN;
+                } else {
+                    fds[i].revents = kfds[j].revents;
+                }
+            }
+            kn = fds.iter().filter(|p| p.revents != 0).count();
             return Ok(kn);
         }
     }

@@ -117,8 +117,10 @@ pub fn listen(fd: c_int, backlog: c_int) -> R<()> {
                 .listen_with(local, backlog, flags)
                 .map_err(|e| e.errno())?;
             s.set_state(id, SState::Listening { lid, local });
+            let klisten = kernel_listen(fd, local, backlog);
             if let Some(k) = s.socks.get_mut(&id) {
                 k.bound = Some(local);
+                k.klisten = klisten;
             }
             Ok(())
         }
@@ -139,11 +141,68 @@ pub fn listen(fd: c_int, backlog: c_int) -> R<()> {
     }
 }
 
+/// Also listen on the placeholder kernel socket (same address) when the
+/// address is loopback or a wildcard, so that kernel clients on this host
+/// (health checks, admin endpoints on 127.0.0.1) reach the app too. Best
+/// effort: a kernel-side conflict just leaves it hoststack-only.
+fn kernel_listen(fd: c_int, local: SocketAddr, backlog: u32) -> bool {
+    if !(local.ip().is_loopback() || local.ip().is_unspecified()) {
+        return false;
+    }
+    let mut st: libc::sockaddr_storage = unsafe_zeroed();
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let domain = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: st is a sockaddr_storage of `len` bytes.
+    unsafe {
+        sys::write_sockaddr(
+            domain,
+            local,
+            &mut st as *mut _ as *mut libc::sockaddr,
+            &mut len,
+        );
+        real::bind(fd, &st as *const _ as *const libc::sockaddr, len) == 0
+            && real::listen(fd, backlog as c_int) == 0
+    }
+}
+
+fn unsafe_zeroed() -> libc::sockaddr_storage {
+    // SAFETY: sockaddr_storage is plain data; all-zero is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Is a kernel connection waiting on the placeholder of a listener?
+fn kernel_pending(fd: c_int) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { real::ppoll(&mut p, 1, &zero, std::ptr::null()) };
+    r > 0 && p.revents & libc::POLLIN != 0
+}
+
+/// What accept() found.
+pub enum Accepted {
+    /// A hoststack connection: (fd, peer, domain).
+    Bypass(c_int, Option<SocketAddr>, c_int),
+    /// A kernel connection waits on the placeholder: accept it there.
+    Kernel,
+}
+
 fn deadline(t: Option<Duration>) -> Option<Instant> {
     t.map(|t| Instant::now() + t)
 }
 
-pub fn accept(fd: c_int, flags: c_int) -> R<(c_int, Option<SocketAddr>, c_int)> {
+pub fn accept(fd: c_int, flags: c_int) -> R<Accepted> {
     if flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0 {
         return Err(libc::EINVAL);
     }
@@ -197,13 +256,23 @@ pub fn accept(fd: c_int, flags: c_int) -> R<(c_int, Option<SocketAddr>, c_int)> 
                     n.peer = peer;
                 }
                 s.apply_opts(nid);
-                return Ok((nfd, peer, domain));
+                return Ok(Accepted::Bypass(nfd, peer, domain));
             }
             Err(ApiError::WouldBlock) => {
+                let klisten = s.socks.get(&id).is_some_and(|k| k.klisten);
+                if klisten && kernel_pending(fd) {
+                    return Ok(Accepted::Kernel);
+                }
                 if nonblock {
                     return Err(libc::EAGAIN);
                 }
-                let (g2, woke) = block(g, dl, &mut [], None);
+                let mut kp = [libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                let extra: &mut [libc::pollfd] = if klisten { &mut kp } else { &mut [] };
+                let (g2, woke) = block(g, dl, extra, None);
                 g = g2;
                 match woke {
                     Woke::Intr if !sys::restart_after_signal() => return Err(libc::EINTR),
@@ -735,6 +804,10 @@ pub fn shutdown(fd: c_int, how: c_int) -> R<()> {
         }
         SState::Listening { lid, .. } if how != libc::SHUT_WR => {
             // Linux: the listener stops; a blocked accept fails with EINVAL.
+            if std::mem::take(&mut k.klisten) {
+                // SAFETY: the app's own fd; stops the kernel side too.
+                unsafe { real::shutdown(fd, libc::SHUT_RD) };
+            }
             let w = s.worker()?;
             let _ = w.unlisten(lid);
             s.set_state(id, SState::Failed);

@@ -149,6 +149,9 @@ pub struct Sock {
     pub wr_shut: bool,
     /// A listener this process accepted on or waited on.
     pub used: bool,
+    /// The placeholder also listens in the kernel (loopback or wildcard
+    /// listeners): kernel clients on this host can connect too.
+    pub klisten: bool,
     /// A listener kept as a passive member (takes no connections): the
     /// parent of a fork that never accepted.
     pub passive: bool,
@@ -371,6 +374,7 @@ impl State {
                 rd_shut: false,
                 wr_shut: false,
                 used: false,
+                klisten: false,
                 passive: false,
                 forked: false,
                 backlog: 128,
