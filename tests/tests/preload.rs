@@ -483,3 +483,43 @@ fn a_loopback_listener_under_the_shim_serves_kernel_and_shim_clients() -> Result
     ng.wait(T)?;
     Ok(())
 }
+
+#[test]
+fn listen_with_a_negative_backlog_queues_like_linux() -> Result<()> {
+    // Envoy calls listen(fd, -1): Linux reads that as SOMAXCONN. 64
+    // connections arriving before the first accept must all be queued, none
+    // of their SYNs dropped.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("c/backlog_echo.c");
+    let exe = std::env::temp_dir().join(format!("hs-backlog-echo-{}", unique_tag()));
+    let exe_s = exe.display().to_string();
+    run(&[
+        "gcc",
+        "-O1",
+        "-Wall",
+        "-Werror",
+        "-o",
+        &exe_s,
+        &src.display().to_string(),
+    ])?;
+    let ip = tb.daemon_ip4.to_string();
+    let mut srv = Proc::spawn(shim(&d, &[&exe_s, &ip, "7400", "64"])?, "backlog_echo")?;
+    srv.expect("listening", T)?;
+    let py = hoststack_tests::daemon::peer_py().display().to_string();
+    let out = tb
+        .peer_cmd("python3", &[&py, "many", &ip, "7400", "--count", "64"])
+        .output()?;
+    let _ = std::fs::remove_file(&exe);
+    ensure!(
+        out.status.success(),
+        "peer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    srv.expect("echoed 64", T)?;
+    ensure!(
+        d.counter(&["stack", "syn_backlog_drops"])? == 0,
+        "SYNs dropped: the backlog was not SOMAXCONN"
+    );
+    Ok(())
+}

@@ -105,7 +105,13 @@ pub fn listen(fd: c_int, backlog: c_int) -> R<()> {
     let s = st(&mut g);
     let id = s.sock_of(fd).ok_or(libc::EBADF)?;
     let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
-    let backlog = backlog.clamp(1, 65535) as u32;
+    // Like Linux: the backlog is capped at SOMAXCONN (4096), and a negative
+    // one (Envoy passes -1) means the cap.
+    let backlog = if backlog < 0 {
+        4096
+    } else {
+        backlog.clamp(1, 4096)
+    } as u32;
     k.backlog = backlog;
     match k.state {
         SState::Listening { .. } | SState::Dormant { .. } => Ok(()),
