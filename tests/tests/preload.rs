@@ -523,3 +523,49 @@ fn listen_with_a_negative_backlog_queues_like_linux() -> Result<()> {
     );
     Ok(())
 }
+
+/// user + system CPU seconds of a process and its children so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |x| x.1)
+        .split_whitespace()
+        .collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (t(11) + t(12)) / hz
+}
+
+#[test]
+fn when_the_daemon_dies_nginx_fails_cleanly_and_does_not_spin() -> Result<()> {
+    have("nginx")?;
+    let tb = Testbed::new()?;
+    let mut d = Daemon::start(&tb, &[])?;
+    let site = Site::new()?;
+    let conf = site.conf("dies", &format!("{}:8096", tb.daemon_ip4), 1)?;
+    let mut ng = nginx_under_shim(&d, &site, &conf)?;
+    let url = format!("http://{}:8096/small", tb.daemon_ip4);
+    wait_http(&tb, &url)?;
+    let master = ng.pid();
+    let worker = run(&["pgrep", "-P", &master.to_string()])?
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok())
+        .context("no nginx worker")?;
+    d.kill(libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    // The worker's epoll set held the daemon's fds: they hang up forever,
+    // which must not turn epoll_wait into a busy loop.
+    let before = cpu_secs(worker);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_secs(worker) - before;
+    ensure!(
+        used < 0.2,
+        "nginx worker used {used:.2} s of CPU in 2 s with the daemon gone"
+    );
+    ng.signal(libc::SIGQUIT);
+    ng.wait(T)?;
+    Ok(())
+}
