@@ -190,6 +190,12 @@ pub struct Engine {
     broken: Vec<AppId>,
     /// Groups kept without members (see [`Request::UnlistenLinger`]).
     lingering: usize,
+    /// Blocks of sessions adopted by a child, kept until the parent closes
+    /// its copy (it may still touch them): (parent app, handle) -> block.
+    retired: HashMap<(AppId, u64), SessionBlock>,
+    /// Sessions closed by a parent that forked: (app, handle, deadline);
+    /// a child may adopt them until the deadline, then they close.
+    close_lingering: Vec<(AppId, u64, Instant)>,
     /// Counters.
     pub stats: SessionStats,
     scratch: Vec<u8>,
@@ -236,6 +242,8 @@ impl Engine {
             cfg,
             broken: Vec::new(),
             lingering: 0,
+            retired: HashMap::new(),
+            close_lingering: Vec::new(),
             stats: SessionStats::default(),
             scratch: vec![0; 65536 + DGRAM_HDR],
             touched: Vec::new(),
@@ -664,16 +672,42 @@ impl Engine {
                 }
             }
             Request::Close { handle } => {
-                if !self.owned(app, handle) {
+                if self.release_retired(app, handle) || !self.owned(app, handle) {
                     return;
                 }
                 self.close(handle, now, tx);
             }
             Request::Abort { handle } => {
-                if !self.owned(app, handle) {
+                if self.release_retired(app, handle) || !self.owned(app, handle) {
                     return;
                 }
                 self.abort(handle, now, tx);
+            }
+            Request::CloseLinger { handle } => {
+                if !self.owned(app, handle) {
+                    return;
+                }
+                let until = now + Duration::from_millis(session_api::msg::LINGER_MS);
+                self.close_lingering.push((app, handle, until));
+            }
+            Request::Adopt { req_id, handle } => {
+                let ev = match self.adopt(app, worker, handle) {
+                    Ok((segment, desc, local)) => Event::Reply {
+                        req_id,
+                        errno: 0,
+                        handle,
+                        segment,
+                        desc,
+                        local,
+                    },
+                    Err(e) => Event::error_reply(req_id, e),
+                };
+                let ok = matches!(ev, Event::Reply { errno: 0, .. });
+                self.post(app, worker, ev);
+                if ok {
+                    // Unsent bytes moved along: send them.
+                    self.kick(handle, true, now, tx);
+                }
             }
             Request::UdpConnect { handle, remote } => {
                 if !self.owned(app, handle) {
@@ -1215,6 +1249,117 @@ impl Engine {
         Ok(())
     }
 
+    /// The parent of a fork closes its copy of a session its child adopted:
+    /// free the old FIFO block now.
+    fn release_retired(&mut self, app: AppId, h: u64) -> bool {
+        let Some(blk) = self.retired.remove(&(app, h)) else {
+            return false;
+        };
+        if let Some(seg) = self
+            .apps
+            .get_mut(&app)
+            .and_then(|a| a.segments.get_mut(&blk.segment))
+        {
+            let _ = seg.alloc.free(blk.off);
+        }
+        true
+    }
+
+    /// Move network session `h` from the requesting app's parent process to
+    /// the requesting app (a socket inherited over fork).
+    fn adopt(
+        &mut self,
+        app: AppId,
+        worker: u32,
+        h: u64,
+    ) -> Result<(u32, u32, Option<SocketAddr>), i32> {
+        let s = self.sess(h).ok_or(libc::EBADF)?;
+        let (Kind::Net { flow, .. }, false) = (&s.kind, s.app_closed) else {
+            // Cut-through sessions live in a segment of the app pair.
+            return Err(libc::EOPNOTSUPP);
+        };
+        let (flow, old_app, old_worker, old_blk, proto, local, remote) =
+            (*flow, s.app, s.worker, s.blk, s.proto, s.local, s.remote);
+        if old_app == app {
+            return Err(libc::EINVAL);
+        }
+        // Only the parent process's sessions (the kernel's fd inheritance).
+        let child_pid = self.apps.get(&app).map(|a| a.pid).ok_or(libc::EINVAL)?;
+        let parent_pid = self.apps.get(&old_app).map(|a| a.pid).ok_or(libc::EBADF)?;
+        if parent_of(child_pid) != Some(parent_pid) {
+            return Err(libc::EPERM);
+        }
+        // Bytes in flight in both FIFOs move along.
+        let (rx_data, tx_data) = {
+            let seg = self
+                .apps
+                .get(&old_app)
+                .and_then(|a| a.segments.get(&old_blk.segment))
+                .ok_or(libc::EFAULT)?;
+            let take = |off: u32| -> Result<Vec<u8>, i32> {
+                let c = consumer(seg, off, old_blk.cap).ok_or(libc::EFAULT)?;
+                let n = c.len().map_err(|_| libc::EFAULT)? as usize;
+                let mut v = vec![0u8; n];
+                c.peek(&mut v).map_err(|_| libc::EFAULT)?;
+                Ok(v)
+            };
+            (take(old_blk.fifo_ba)?, take(old_blk.fifo_ab)?)
+        };
+        let (blk, doff, mut rx, txc) = self.net_fifos(app, proto, local, remote)?;
+        {
+            let seg = self
+                .apps
+                .get(&app)
+                .and_then(|a| a.segments.get(&blk.segment))
+                .ok_or(libc::EFAULT)?;
+            rx.enqueue(&rx_data).map_err(|_| libc::EFAULT)?;
+            let mut txp = producer(seg, blk.fifo_ab, blk.cap).ok_or(libc::EFAULT)?;
+            txp.enqueue(&tx_data).map_err(|_| libc::EFAULT)?;
+        }
+        // A lingering close of the parent is cancelled; the parent's handle
+        // is gone already then, so the old block can go too.
+        let lingering = self
+            .close_lingering
+            .iter()
+            .position(|&(a, x, _)| a == old_app && x == h);
+        match lingering {
+            Some(i) => {
+                self.close_lingering.swap_remove(i);
+                if let Some(seg) = self
+                    .apps
+                    .get_mut(&old_app)
+                    .and_then(|a| a.segments.get_mut(&old_blk.segment))
+                {
+                    let _ = seg.alloc.free(old_blk.off);
+                }
+            }
+            None => {
+                self.retired.insert((old_app, h), old_blk);
+            }
+        }
+        if let Some(set) = self.app_sessions.get_mut(&old_app) {
+            set.remove(&h);
+        }
+        self.app_sessions.entry(app).or_default().insert(h);
+        let s = self.sess(h).ok_or(libc::EBADF)?;
+        s.app = app;
+        s.worker = worker;
+        s.blk = blk;
+        s.kind = Kind::Net { flow, rx, tx: txc };
+        // The parent's copy (if it still has one) is dead from now on.
+        if lingering.is_none() {
+            self.post(
+                old_app,
+                old_worker,
+                Event::Reset {
+                    handle: h,
+                    errno: libc::ECONNABORTED,
+                },
+            );
+        }
+        Ok((blk.segment, doff, local))
+    }
+
     /// An accepted network session its app never read from nor wrote to.
     fn untouched(&mut self, h: u64) -> bool {
         let Some(s) = self.sess(h) else { return false };
@@ -1379,6 +1524,23 @@ impl Engine {
     pub fn poll_timers(&mut self, now: Instant, tx: &mut dyn FrameTx) {
         if self.lingering > 0 {
             self.expire_lingering(now, tx);
+        }
+        if !self.close_lingering.is_empty() {
+            let mut due = Vec::new();
+            self.close_lingering.retain(|&(a, h, t)| {
+                if now >= t {
+                    due.push((a, h));
+                    false
+                } else {
+                    true
+                }
+            });
+            for (a, h) in due {
+                // Still the parent's (no child adopted it): close it now.
+                if self.sess(h).is_some_and(|s| s.app == a && !s.app_closed) {
+                    self.close(h, now, tx);
+                }
+            }
         }
         self.stack.poll_timers(now, tx);
         self.service_touched(now, tx);
@@ -1991,6 +2153,13 @@ fn unspecified_like(a: SocketAddr) -> SocketAddr {
         IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
         IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0),
     }
+}
+
+/// The parent pid of `pid` (from /proc).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -1173,6 +1173,14 @@ impl Worker {
         self.send_req(Request::Close { handle: s.0 })
     }
 
+    /// Close a session a forked child may take over ([`Worker::adopt`]):
+    /// the daemon keeps it for a moment, then closes it like
+    /// [`Worker::close`] if no child did.
+    pub fn close_linger(&mut self, s: SessionId) -> Result<()> {
+        self.sessions.remove(&s.0).ok_or(Error::BadHandle)?;
+        self.send_req(Request::CloseLinger { handle: s.0 })
+    }
+
     /// Abort with RST; queued data is discarded. The handle is dead.
     pub fn abort(&mut self, s: SessionId) -> Result<()> {
         self.sessions.remove(&s.0).ok_or(Error::BadHandle)?;
@@ -1350,6 +1358,14 @@ impl Worker {
             Event::Reply { errno, .. } => Err(Error::Errno(errno)),
             _ => Err(Error::Protocol("bad reply".into())),
         }
+    }
+
+    /// Take over session `handle` of the parent process (a socket inherited
+    /// over fork). See [`Request::Adopt`].
+    pub fn adopt(&mut self, handle: u64) -> Result<SessionId> {
+        let req_id = self.req_id();
+        self.send_req(Request::Adopt { req_id, handle })?;
+        self.finish_open(req_id)
     }
 
     /// Connect a UDP session to `remote` (datagrams from that peer come to

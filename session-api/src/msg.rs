@@ -143,6 +143,23 @@ pub enum Request {
         /// The peer.
         remote: SocketAddr,
     },
+    /// Take over a network session of the parent process (after fork, the
+    /// child uses an inherited connected socket). Allowed only when the
+    /// session's app is this app's parent process; its FIFOs (and unread or
+    /// unsent bytes) move into this app's segment, the parent gets `Reset`.
+    Adopt {
+        /// Correlates the reply.
+        req_id: u32,
+        /// The parent's session handle.
+        handle: u64,
+    },
+    /// Close a session a forked child may still adopt: it stays open for
+    /// [`LINGER_MS`] (a child's [`Request::Adopt`] takes it over), then
+    /// closes like [`Request::Close`].
+    CloseLinger {
+        /// Session handle.
+        handle: u64,
+    },
     /// Give back an accepted connection the app never took (its listener
     /// closed first): the daemon hands it to another listener of the same
     /// address (bytes already received included), or resets it.
@@ -240,6 +257,8 @@ const K_SETOPT: u16 = 9;
 const K_REQUEUE: u16 = 10;
 const K_UNLISTEN_LINGER: u16 = 11;
 const K_UDP_CONNECT: u16 = 12;
+const K_ADOPT: u16 = 13;
+const K_CLOSE_LINGER: u16 = 14;
 
 /// How long an address closed with [`Request::UnlistenLinger`] waits for a
 /// new member.
@@ -385,6 +404,8 @@ impl Request {
             Request::Abort { handle } => W::new(K_ABORT, 0, handle).done(),
             Request::Requeue { handle } => W::new(K_REQUEUE, 0, handle).done(),
             Request::UnlistenLinger { handle } => W::new(K_UNLISTEN_LINGER, 0, handle).done(),
+            Request::Adopt { req_id, handle } => W::new(K_ADOPT, req_id, handle).done(),
+            Request::CloseLinger { handle } => W::new(K_CLOSE_LINGER, 0, handle).done(),
             Request::UdpConnect { handle, remote } => W::new(K_UDP_CONNECT, 0, handle)
                 .addr(4, Some(remote))
                 .done(),
@@ -433,6 +454,11 @@ impl Request {
             K_ABORT => Request::Abort { handle },
             K_REQUEUE => Request::Requeue { handle },
             K_UNLISTEN_LINGER => Request::UnlistenLinger { handle },
+            K_CLOSE_LINGER => Request::CloseLinger { handle },
+            K_ADOPT => Request::Adopt {
+                req_id: r.req_id(),
+                handle,
+            },
             K_UDP_CONNECT => Request::UdpConnect {
                 handle,
                 remote: r.addr(4)?.ok_or(MsgError::BadField("remote address"))?,
@@ -655,6 +681,11 @@ mod tests {
             Request::Abort { handle: 6 },
             Request::Requeue { handle: 7 },
             Request::UnlistenLinger { handle: 8 },
+            Request::Adopt {
+                req_id: 5,
+                handle: 10,
+            },
+            Request::CloseLinger { handle: 11 },
             Request::UdpConnect {
                 handle: 9,
                 remote: a4,

@@ -569,3 +569,46 @@ fn when_the_daemon_dies_nginx_fails_cleanly_and_does_not_spin() -> Result<()> {
     ng.wait(T)?;
     Ok(())
 }
+
+#[test]
+fn a_forking_server_hands_accepted_connections_to_its_children() -> Result<()> {
+    // The inetd / ForkingTCPServer pattern: the parent accepts, forks, the
+    // child serves the connection and the parent closes its copy.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let ip = tb.daemon_ip4.to_string();
+    let server = format!(
+        "import socketserver, sys\n\
+         class H(socketserver.StreamRequestHandler):\n\
+         \x20   def handle(self):\n\
+         \x20       while True:\n\
+         \x20           line = self.rfile.readline()\n\
+         \x20           if not line: break\n\
+         \x20           self.wfile.write(line.upper())\n\
+         s = socketserver.ForkingTCPServer(('{ip}', 7500), H)\n\
+         print('listening', flush=True)\n\
+         s.timeout = 20\n\
+         for _ in range(3): s.handle_request()\n"
+    );
+    let mut srv = Proc::spawn(shim(&d, &["python3", "-c", &server])?, "forking server")?;
+    srv.expect("listening", T)?;
+    for i in 0..3 {
+        let client = format!(
+            "import socket\n\
+             s = socket.create_connection(('{ip}', 7500), timeout=20)\n\
+             f = s.makefile('rwb')\n\
+             for j in range(50):\n\
+             \x20   f.write(b'conn {i} line %d\\n' % j); f.flush()\n\
+             \x20   assert f.readline() == (b'CONN {i} LINE %d\\n' % j), j\n\
+             print('ok', flush=True)\n"
+        );
+        let out = tb.peer_cmd("python3", &["-c", &client]).output()?;
+        ensure!(
+            String::from_utf8_lossy(&out.stdout).contains("ok"),
+            "client {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    srv.success(T)?;
+    Ok(())
+}

@@ -346,7 +346,9 @@ pub fn connect(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
         SState::Connected { .. } | SState::Listening { .. } | SState::Dormant { .. } => {
             return Err(libc::EISCONN)
         }
-        SState::Orphan | SState::Udp { .. } => return Err(libc::EISCONN),
+        SState::Orphan | SState::Udp { .. } | SState::Inherited { .. } => {
+            return Err(libc::EISCONN)
+        }
     }
     if matches!(state, SState::Fresh | SState::Failed) {
         if kernel && state == SState::Fresh {
@@ -680,6 +682,7 @@ pub fn sendfile(out: c_int, inp: c_int, off: Option<&mut i64>, count: usize) -> 
     loop {
         let s = st(&mut g);
         let id = s.sock_of(out).ok_or(libc::EBADF)?;
+        s.adopt(id);
         let k = s.socks.get(&id).ok_or(libc::EBADF)?;
         let nonblock = k.nonblock;
         let dl = deadline(k.opts.sndtimeo);
@@ -872,6 +875,7 @@ pub fn queued(fd: c_int, outq: bool) -> R<c_int> {
     let mut g = lock();
     let s = st(&mut g);
     let id = s.sock_of(fd).ok_or(libc::EBADF)?;
+    s.adopt(id);
     let k = s.socks.get(&id).ok_or(libc::EBADF)?;
     match k.state {
         SState::Connected { sid } | SState::Udp { sid } => {

@@ -111,7 +111,13 @@ pub enum SState {
     },
     /// Connect failed (`so_error`).
     Failed,
-    /// A connection inherited over fork: it belongs to the parent.
+    /// A connection inherited over fork: still the parent's session; the
+    /// first use in this process adopts it ([`State::adopt`]).
+    Inherited {
+        handle: u64,
+        udp: bool,
+    },
+    /// A connection this process cannot use (adoption failed).
     Orphan,
 }
 
@@ -540,8 +546,11 @@ impl State {
                 self.by_sess.remove(&sid);
                 // Linux resets a connection closed with unread data.
                 let unread = s.state != SState::Udp { sid } && w.nread(sid).unwrap_or(0) > 0;
-                let _ = if abort || unread {
+                let _ = if abort || unread && !s.forked {
                     w.abort(sid)
+                } else if s.forked {
+                    // A child may be about to use its copy (inetd style).
+                    w.close_linger(sid)
                 } else {
                     w.close(sid)
                 };
@@ -629,8 +638,31 @@ impl State {
         }
     }
 
+    /// First use of a socket inherited over fork: take the session over
+    /// from the parent (the daemon checks that it is our parent's).
+    pub fn adopt(&mut self, id: u64) {
+        let Some(SState::Inherited { handle, udp }) = self.socks.get(&id).map(|s| s.state) else {
+            return;
+        };
+        let new = match self
+            .worker()
+            .and_then(|w| w.adopt(handle).map_err(|e| api_errno(&e)))
+        {
+            Ok(sid) if udp => SState::Udp { sid },
+            Ok(sid) => SState::Connected { sid },
+            Err(e) => {
+                log_debug(&self.cfg, || {
+                    format!("cannot adopt an inherited connection: errno {e}")
+                });
+                SState::Orphan
+            }
+        };
+        self.set_state(id, new);
+    }
+
     /// Finish a pending connect if its reply arrived.
     pub fn finish_connect(&mut self, id: u64) {
+        self.adopt(id);
         let Some(SState::Connecting { token }) = self.socks.get(&id).map(|s| s.state) else {
             return;
         };
@@ -705,6 +737,7 @@ impl State {
     /// Epoll/poll readiness of a socket (EPOLL* bits), finishing pending
     /// connects; `want_out` asks for a writable notification if not writable.
     pub fn events_of(&mut self, id: u64, want_out: bool) -> u32 {
+        self.adopt(id);
         self.finish_connect(id);
         let Some(s) = self.socks.get(&id) else {
             return 0;
@@ -776,7 +809,7 @@ impl State {
                 m
             }
             SState::Failed => i | o | h | rh | if so_error != 0 { e } else { 0 },
-            SState::Orphan => o | h,
+            SState::Orphan | SState::Inherited { .. } => o | h,
         }
     }
 
@@ -802,6 +835,15 @@ impl State {
                 }
                 SState::Fresh => SState::Fresh,
                 SState::Failed => SState::Failed,
+                SState::Connected { sid } => SState::Inherited {
+                    handle: sid.0,
+                    udp: false,
+                },
+                SState::Udp { sid } => SState::Inherited {
+                    handle: sid.0,
+                    udp: true,
+                },
+                SState::Inherited { handle, udp } => SState::Inherited { handle, udp },
                 _ => SState::Orphan,
             };
         }
@@ -840,7 +882,13 @@ impl State {
     pub fn after_fork_parent(&mut self) {
         use session_api::msg::{LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED};
         for s in self.socks.values_mut() {
-            if matches!(s.state, SState::Listening { .. } | SState::Dormant { .. }) {
+            if matches!(
+                s.state,
+                SState::Listening { .. }
+                    | SState::Dormant { .. }
+                    | SState::Connected { .. }
+                    | SState::Udp { .. }
+            ) {
                 s.forked = true;
             }
         }
