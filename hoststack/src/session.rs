@@ -892,21 +892,27 @@ impl Engine {
             None => false,
         };
         if empty {
-            if let Some(g) = self.groups.remove(&l.group) {
-                for f in g.parked {
-                    self.stats.accept_aborts += 1;
-                    if let Some(s) = self.stack.tcp(f) {
-                        s.abort();
-                    }
-                    self.stack.remove_flow(f, now, tx);
+            self.destroy_group(l.group, now, tx);
+        }
+    }
+
+    /// Remove a listen group: what waited in it is refused, the transport
+    /// listener closed.
+    fn destroy_group(&mut self, gid: ListenerId, now: Instant, tx: &mut dyn FrameTx) {
+        if let Some(g) = self.groups.remove(&gid) {
+            for f in g.parked {
+                self.stats.accept_aborts += 1;
+                if let Some(s) = self.stack.tcp(f) {
+                    s.abort();
                 }
-                for (app, worker, req_id, _) in g.parked_ct {
-                    self.post(app, worker, Event::error_reply(req_id, libc::ECONNREFUSED));
-                }
+                self.stack.remove_flow(f, now, tx);
             }
-            if l.group.0 < CT_ONLY_BASE {
-                self.stack.unlisten(l.group);
+            for (app, worker, req_id, _) in g.parked_ct {
+                self.post(app, worker, Event::error_reply(req_id, libc::ECONNREFUSED));
             }
+        }
+        if gid.0 < CT_ONLY_BASE {
+            self.stack.unlisten(gid);
         }
     }
 
@@ -920,21 +926,7 @@ impl Engine {
             .collect();
         for gid in due {
             self.lingering = self.lingering.saturating_sub(1);
-            if let Some(g) = self.groups.remove(&gid) {
-                for f in g.parked {
-                    self.stats.accept_aborts += 1;
-                    if let Some(s) = self.stack.tcp(f) {
-                        s.abort();
-                    }
-                    self.stack.remove_flow(f, now, tx);
-                }
-                for (app, worker, req_id, _) in g.parked_ct {
-                    self.post(app, worker, Event::error_reply(req_id, libc::ECONNREFUSED));
-                }
-            }
-            if gid.0 < CT_ONLY_BASE {
-                self.stack.unlisten(gid);
-            }
+            self.destroy_group(gid, now, tx);
         }
     }
 
