@@ -56,7 +56,7 @@ struct RunArgs {
     kernel_prefixes: String,
     /// Fail socket() with ENETDOWN instead of falling back to kernel sockets
     /// when hoststackd is unreachable.
-    #[arg(long)]
+    #[arg(long, env = "HOSTSTACK_STRICT")]
     strict: bool,
     /// Shim log level on stderr: off, warn, debug.
     #[arg(long, env = "HOSTSTACK_PRELOAD_LOG", default_value = "warn")]
