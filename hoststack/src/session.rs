@@ -683,6 +683,25 @@ impl Engine {
                 }
                 self.abort(handle, now, tx);
             }
+            Request::BindCheck {
+                req_id,
+                local,
+                flags,
+            } => {
+                let errno = self.bind_check(local, flags).err().unwrap_or(0);
+                self.post(
+                    app,
+                    worker,
+                    Event::Reply {
+                        req_id,
+                        errno,
+                        handle: 0,
+                        segment: 0,
+                        desc: 0,
+                        local: Some(local),
+                    },
+                );
+            }
             Request::CloseLinger { handle } => {
                 if !self.owned(app, handle) {
                     return;
@@ -841,6 +860,29 @@ impl Engine {
             },
         );
         gid
+    }
+
+    /// The kernel's bind() checks for a TCP address.
+    fn bind_check(&mut self, local: SocketAddr, flags: u8) -> Result<(), i32> {
+        let ip = local.ip();
+        if !(ip.is_unspecified() || ip.is_loopback() || self.stack.is_local(ip.into())) {
+            return Err(libc::EADDRNOTAVAIL);
+        }
+        if local.port() == 0 {
+            return Ok(());
+        }
+        let shared = flags & LISTEN_SHARED != 0;
+        for g in self.groups.values() {
+            if g.local.port() != local.port() || g.local.is_ipv4() != local.is_ipv4() {
+                continue;
+            }
+            let overlap =
+                g.local.ip() == ip || g.local.ip().is_unspecified() || ip.is_unspecified();
+            if overlap && !(shared && g.shared && g.local == local) {
+                return Err(libc::EADDRINUSE);
+            }
+        }
+        Ok(())
     }
 
     /// A port for `listen` on port 0: free in the stack (no connection,

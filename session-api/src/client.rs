@@ -1365,6 +1365,22 @@ impl Worker {
         }
     }
 
+    /// Would binding a TCP socket to `local` succeed? (kernel bind() errors;
+    /// see [`Request::BindCheck`]).
+    pub fn bind_check(&mut self, local: SocketAddr, flags: u8) -> Result<()> {
+        let req_id = self.req_id();
+        self.send_req(Request::BindCheck {
+            req_id,
+            local,
+            flags,
+        })?;
+        match self.await_reply(req_id, deadline_of(Some(Duration::from_secs(10))))? {
+            Event::Reply { errno: 0, .. } => Ok(()),
+            Event::Reply { errno, .. } => Err(Error::Errno(errno)),
+            _ => Err(Error::Protocol("bad reply".into())),
+        }
+    }
+
     /// Take over session `handle` of the parent process (a socket inherited
     /// over fork). See [`Request::Adopt`].
     pub fn adopt(&mut self, handle: u64) -> Result<SessionId> {

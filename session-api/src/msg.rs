@@ -160,6 +160,18 @@ pub enum Request {
         /// Session handle.
         handle: u64,
     },
+    /// Check that a TCP socket may bind `local` (kernel bind() errors):
+    /// EADDRNOTAVAIL for an address that is not the daemon's, EADDRINUSE
+    /// for a port someone listens on (unless both share it). Reserves
+    /// nothing.
+    BindCheck {
+        /// Correlates the reply.
+        req_id: u32,
+        /// The address.
+        local: SocketAddr,
+        /// [`LISTEN_SHARED`] if the socket has SO_REUSEPORT.
+        flags: u8,
+    },
     /// Give back an accepted connection the app never took (its listener
     /// closed first): the daemon hands it to another listener of the same
     /// address (bytes already received included), or resets it.
@@ -259,6 +271,7 @@ const K_UNLISTEN_LINGER: u16 = 11;
 const K_UDP_CONNECT: u16 = 12;
 const K_ADOPT: u16 = 13;
 const K_CLOSE_LINGER: u16 = 14;
+const K_BIND_CHECK: u16 = 15;
 
 /// How long an address closed with [`Request::UnlistenLinger`] waits for a
 /// new member.
@@ -406,6 +419,14 @@ impl Request {
             Request::UnlistenLinger { handle } => W::new(K_UNLISTEN_LINGER, 0, handle).done(),
             Request::Adopt { req_id, handle } => W::new(K_ADOPT, req_id, handle).done(),
             Request::CloseLinger { handle } => W::new(K_CLOSE_LINGER, 0, handle).done(),
+            Request::BindCheck {
+                req_id,
+                local,
+                flags,
+            } => W::new(K_BIND_CHECK, req_id, 0)
+                .u8(1, flags)
+                .addr(8, Some(local))
+                .done(),
             Request::UdpConnect { handle, remote } => W::new(K_UDP_CONNECT, 0, handle)
                 .addr(4, Some(remote))
                 .done(),
@@ -455,6 +476,11 @@ impl Request {
             K_REQUEUE => Request::Requeue { handle },
             K_UNLISTEN_LINGER => Request::UnlistenLinger { handle },
             K_CLOSE_LINGER => Request::CloseLinger { handle },
+            K_BIND_CHECK => Request::BindCheck {
+                req_id: r.req_id(),
+                flags: r.u8(1),
+                local: r.addr(8)?.ok_or(MsgError::BadField("local address"))?,
+            },
             K_ADOPT => Request::Adopt {
                 req_id: r.req_id(),
                 handle,
@@ -686,6 +712,11 @@ mod tests {
                 handle: 10,
             },
             Request::CloseLinger { handle: 11 },
+            Request::BindCheck {
+                req_id: 12,
+                local: a6,
+                flags: LISTEN_SHARED,
+            },
             Request::UdpConnect {
                 handle: 9,
                 remote: a4,

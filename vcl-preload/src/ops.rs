@@ -95,6 +95,14 @@ pub fn bind(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
         s.set_state(id, SState::Udp { sid });
         s.socks.get_mut(&id).ok_or(libc::EBADF)?.bound = Some(local);
     } else {
+        // Kernel-exact errors (EADDRNOTAVAIL, EADDRINUSE) at bind() time.
+        let flags = if s.socks[&id].opts.reuseport {
+            LISTEN_SHARED
+        } else {
+            0
+        };
+        let w = s.worker()?;
+        w.bind_check(a, flags).map_err(|e| e.errno())?;
         s.socks.get_mut(&id).ok_or(libc::EBADF)?.bound = Some(a);
     }
     Ok(Route::Done(()))
