@@ -10,7 +10,7 @@
 
 use anyhow::{bail, Context, Result};
 use hoststack_tests::daemon::{bin, Daemon, Proc};
-use hoststack_tests::{run, unique_tag, wait_for, Testbed};
+use hoststack_tests::{child_pids, clock_ticks, proc_cpu, run, unique_tag, wait_for, Testbed};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -28,21 +28,6 @@ pub struct Sample {
     pub syscalls_per_req: Option<f64>,
 }
 
-fn ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
-}
-
-/// (user, sys) seconds of a process.
-fn proc_cpu(pid: u32) -> (f64, f64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields after the name: state(0) ... utime(11) stime(12).
-    (get(11) / ticks(), get(12) / ticks())
-}
-
 /// irq + softirq seconds of one CPU.
 fn cpu_irq(cpu: usize) -> f64 {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -55,17 +40,9 @@ fn cpu_irq(cpu: usize) -> f64 {
                 .skip(1)
                 .filter_map(|v| v.parse().ok())
                 .collect();
-            (f.get(5).copied().unwrap_or(0.0) + f.get(6).copied().unwrap_or(0.0)) / ticks()
+            (f.get(5).copied().unwrap_or(0.0) + f.get(6).copied().unwrap_or(0.0)) / clock_ticks()
         })
         .unwrap_or(0.0)
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    run(&["pgrep", "-P", &pid.to_string()])
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
 }
 
 struct Site {
@@ -168,7 +145,7 @@ fn measure(
     secs: u64,
     conns: u32,
 ) -> Result<Sample> {
-    let workers = children(master);
+    let workers = child_pids(master);
     let worker = *workers.first().context("nginx has no worker")?;
     let mut pids = vec![master];
     pids.extend(&workers);

@@ -528,50 +528,48 @@ impl Engine {
     fn drain_app(&mut self, app: AppId, limit: usize, now: Instant, tx: &mut dyn FrameTx) -> usize {
         let mut batch = Vec::new();
         let mut total = 0;
-        {
-            let mut corrupt = false;
-            if let Some(a) = self.apps.get_mut(&app) {
-                for w in a.workers.iter_mut().flatten() {
-                    for _ in 0..limit {
-                        match w.req.try_recv() {
-                            Ok(Some(m)) => {
-                                w.requests += 1;
-                                batch.push((w.index, m))
-                            }
-                            Ok(None) => break,
-                            Err(_) => {
-                                corrupt = true;
-                                break;
-                            }
+        let mut corrupt = false;
+        if let Some(a) = self.apps.get_mut(&app) {
+            for w in a.workers.iter_mut().flatten() {
+                for _ in 0..limit {
+                    match w.req.try_recv() {
+                        Ok(Some(m)) => {
+                            w.requests += 1;
+                            batch.push((w.index, m))
+                        }
+                        Ok(None) => break,
+                        Err(_) => {
+                            corrupt = true;
+                            break;
                         }
                     }
                 }
             }
-            if corrupt {
-                self.mark_broken(app);
-                return 0;
-            }
-            total += batch.len();
-            for (w, m) in batch.drain(..) {
-                match Request::decode(&m) {
-                    Ok(r) => self.handle_request(app, w, r, now, tx),
-                    Err(e) => {
-                        tracing::warn!(app = app.0, error = %e, "malformed request");
-                        self.mark_broken(app);
-                        break;
-                    }
+        }
+        if corrupt {
+            self.mark_broken(app);
+            return 0;
+        }
+        total += batch.len();
+        for (w, m) in batch.drain(..) {
+            match Request::decode(&m) {
+                Ok(r) => self.handle_request(app, w, r, now, tx),
+                Err(e) => {
+                    tracing::warn!(app = app.0, error = %e, "malformed request");
+                    self.mark_broken(app);
+                    break;
                 }
             }
-            if let Some(a) = self.apps.get_mut(&app) {
-                for w in a.workers.iter_mut().flatten() {
-                    if w.flush_backlog().is_err() {
-                        corrupt = true;
-                    }
+        }
+        if let Some(a) = self.apps.get_mut(&app) {
+            for w in a.workers.iter_mut().flatten() {
+                if w.flush_backlog().is_err() {
+                    corrupt = true;
                 }
             }
-            if corrupt {
-                self.mark_broken(app);
-            }
+        }
+        if corrupt {
+            self.mark_broken(app);
         }
         total
     }
@@ -1223,6 +1221,28 @@ impl Engine {
         Ok(id)
     }
 
+    /// Point session `h` at its new owner and FIFO block.
+    fn rehome(
+        &mut self,
+        h: u64,
+        old_app: AppId,
+        app: AppId,
+        worker: u32,
+        blk: SessionBlock,
+        kind: Kind,
+    ) -> Result<(), i32> {
+        if let Some(set) = self.app_sessions.get_mut(&old_app) {
+            set.remove(&h);
+        }
+        self.app_sessions.entry(app).or_default().insert(h);
+        let s = self.sess(h).ok_or(libc::EBADF)?;
+        s.app = app;
+        s.worker = worker;
+        s.blk = blk;
+        s.kind = kind;
+        Ok(())
+    }
+
     /// Move an accepted, never-taken network session to another member of
     /// its listen group: new FIFOs in that app's segment, received bytes
     /// copied over, the old block freed, `Accepted` posted.
@@ -1261,15 +1281,14 @@ impl Engine {
         {
             let _ = seg.alloc.free(old_blk.off);
         }
-        if let Some(set) = self.app_sessions.get_mut(&old_app) {
-            set.remove(&h);
-        }
-        self.app_sessions.entry(app).or_default().insert(h);
-        let s = self.sess(h).ok_or(libc::EBADF)?;
-        s.app = app;
-        s.worker = worker;
-        s.blk = blk;
-        s.kind = Kind::Net { flow, rx, tx: txc };
+        self.rehome(
+            h,
+            old_app,
+            app,
+            worker,
+            blk,
+            Kind::Net { flow, rx, tx: txc },
+        )?;
         self.post(
             app,
             worker,
@@ -1371,15 +1390,14 @@ impl Engine {
                 self.retired.insert((old_app, h), old_blk);
             }
         }
-        if let Some(set) = self.app_sessions.get_mut(&old_app) {
-            set.remove(&h);
-        }
-        self.app_sessions.entry(app).or_default().insert(h);
-        let s = self.sess(h).ok_or(libc::EBADF)?;
-        s.app = app;
-        s.worker = worker;
-        s.blk = blk;
-        s.kind = Kind::Net { flow, rx, tx: txc };
+        self.rehome(
+            h,
+            old_app,
+            app,
+            worker,
+            blk,
+            Kind::Net { flow, rx, tx: txc },
+        )?;
         // The parent's copy (if it still has one) is dead from now on.
         if lingering.is_none() {
             self.post(

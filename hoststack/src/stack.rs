@@ -203,6 +203,8 @@ pub struct Stack {
     /// Connected UDP sockets by (remote, local port): they take their
     /// peer's datagrams before the port's unconnected socket does.
     udp_conn: HashMap<(IpEndpoint, u16), FlowId>,
+    /// Local ports of `udp_conn` entries, with their counts.
+    udp_conn_ports: HashMap<u16, usize>,
     listeners: Vec<Option<Listener>>,
     listen_ports: HashMap<u16, Vec<ListenerId>>,
     used_ports: HashSet<u16>,
@@ -483,6 +485,7 @@ impl Stack {
             tcp: HashMap::new(),
             udp: HashMap::new(),
             udp_conn: HashMap::new(),
+            udp_conn_ports: HashMap::new(),
             listeners: Vec::new(),
             listen_ports: HashMap::new(),
             used_ports: HashSet::new(),
@@ -679,7 +682,7 @@ impl Stack {
             if !self.used_ports.contains(&p)
                 && !self.listen_ports.contains_key(&p)
                 && !self.udp.contains_key(&p)
-                && !self.udp_conn.keys().any(|k| k.1 == p)
+                && !self.udp_conn_ports.contains_key(&p)
             {
                 return Ok(p);
             }
@@ -831,13 +834,16 @@ impl Stack {
             return Err(StackError::AddrInUse);
         }
         if let Some(old) = f.udp_remote.take() {
-            self.udp_conn.remove(&old);
+            if self.udp_conn.remove(&old).is_some() {
+                release_port(&mut self.udp_conn_ports, old.1);
+            }
         }
         if f.udp_port.take().is_some() && self.udp.get(&port) == Some(&id) {
             self.udp.remove(&port);
         }
         f.udp_remote = Some((remote, port));
         self.udp_conn.insert((remote, port), id);
+        *self.udp_conn_ports.entry(port).or_default() += 1;
         Ok(())
     }
 
@@ -879,6 +885,7 @@ impl Stack {
         if let Some(k) = f.udp_remote {
             if self.udp_conn.get(&k) == Some(&id) {
                 self.udp_conn.remove(&k);
+                release_port(&mut self.udp_conn_ports, k.1);
             }
         }
         if let Some(lid) = f.listener {
@@ -1177,6 +1184,16 @@ impl FrameTx for VecTx {
     fn tx_frame(&mut self, len: usize) -> &mut [u8] {
         self.0.push(vec![0; len]);
         self.0.last_mut().expect("just pushed")
+    }
+}
+
+/// One user of `port` fewer in a port -> count map.
+fn release_port(ports: &mut HashMap<u16, usize>, port: u16) {
+    if let Some(n) = ports.get_mut(&port) {
+        *n -= 1;
+        if *n == 0 {
+            ports.remove(&port);
+        }
     }
 }
 

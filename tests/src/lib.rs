@@ -145,6 +145,31 @@ pub struct Testbed {
     ns: Netns,
 }
 
+/// Clock ticks per second (/proc times are in ticks).
+pub fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
+}
+
+/// (user, system) CPU seconds a process has used so far.
+pub fn proc_cpu(pid: u32) -> (f64, f64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields after the name: state(0) ... utime(11) stime(12).
+    (get(11) / clock_ticks(), get(12) / clock_ticks())
+}
+
+/// The direct children of a process.
+pub fn child_pids(pid: u32) -> Vec<u32> {
+    run(&["pgrep", "-P", &pid.to_string()])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
 /// See [`Testbed::kernel_link`].
 pub struct KernelLink {
     name: String,

@@ -6,7 +6,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use hoststack_tests::daemon::{bin, Daemon, Proc};
-use hoststack_tests::{run, unique_tag, wait_for, Testbed};
+use hoststack_tests::{child_pids, proc_cpu, run, unique_tag, wait_for, Testbed};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -127,6 +127,35 @@ fn wrk_result(out: &str) -> Result<(u64, u64)> {
     Ok((req, bad))
 }
 
+/// user + system CPU seconds of a process so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let (u, s) = proc_cpu(pid);
+    u + s
+}
+
+/// Graceful nginx stop (SIGQUIT), bounded.
+fn quit(mut ng: Proc) -> Result<()> {
+    ng.signal(libc::SIGQUIT);
+    ng.wait(T)?;
+    Ok(())
+}
+
+/// GET `url` with curl under the shim; it must go through cut-through.
+fn shim_get_cut_through(d: &Daemon, url: &str) -> Result<Vec<u8>> {
+    let before = d.counter(&["session", "cut_through_opened"])?;
+    let out = shim(d, &["curl", "-sS", "--max-time", "20", url])?.output()?;
+    ensure!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        d.counter(&["session", "cut_through_opened"])? > before,
+        "not cut-through"
+    );
+    Ok(out.stdout)
+}
+
 fn nginx_under_shim(d: &Daemon, site: &Site, conf: &Path) -> Result<Proc> {
     let c = shim(
         d,
@@ -155,7 +184,7 @@ fn nginx_with_1_and_4_workers_serves_kernel_curl_and_wrk() -> Result<()> {
             &format!("{}:{port}", tb.daemon_ip4),
             workers,
         )?;
-        let mut ng = nginx_under_shim(&d, &site, &conf)?;
+        let ng = nginx_under_shim(&d, &site, &conf)?;
         let base = format!("http://{}:{port}", tb.daemon_ip4);
         wait_http(&tb, &format!("{base}/small"))?;
         ensure!(
@@ -180,8 +209,7 @@ fn nginx_with_1_and_4_workers_serves_kernel_curl_and_wrk() -> Result<()> {
             n > workers as usize,
             "{n} apps attached for {workers} workers: {apps}"
         );
-        ng.signal(libc::SIGQUIT);
-        ng.wait(T)?;
+        quit(ng)?;
     }
     ensure!(
         d.counter(&["stack", "passive_opens"])? >= 34,
@@ -198,7 +226,7 @@ fn nginx_reload_under_load_loses_no_request() -> Result<()> {
     let d = Daemon::start(&tb, &[])?;
     let site = Site::new()?;
     let conf = site.conf("reload", &format!("{}:8090", tb.daemon_ip4), 4)?;
-    let mut ng = nginx_under_shim(&d, &site, &conf)?;
+    let ng = nginx_under_shim(&d, &site, &conf)?;
     let url = format!("http://{}:8090/small", tb.daemon_ip4);
     wait_http(&tb, &url)?;
     // A new connection per request: every reload races new connections
@@ -229,8 +257,7 @@ fn nginx_reload_under_load_loses_no_request() -> Result<()> {
         String::from_utf8_lossy(&out.stdout)
     );
     ensure!(peer_get(&tb, &url)? == site.small);
-    ng.signal(libc::SIGQUIT);
-    ng.wait(T)?;
+    quit(ng)?;
     Ok(())
 }
 
@@ -258,7 +285,7 @@ fn curl_and_wrk_under_the_shim_over_the_uplink_and_cut_through() -> Result<()> {
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
     let site = Site::new()?;
-    let mut kernel_nginx = peer_nginx(&tb, &site, 8081)?;
+    let kernel_nginx = peer_nginx(&tb, &site, 8081)?;
     // curl (shim) -> kernel nginx in the peer namespace: active opens.
     let url = format!("http://{}:8081/big", tb.peer_ip4);
     let out = shim(&d, &["curl", "-sS", "--max-time", "20", &url])?.output()?;
@@ -284,37 +311,12 @@ fn curl_and_wrk_under_the_shim_over_the_uplink_and_cut_through() -> Result<()> {
     ensure!(d.counter(&["stack", "active_opens"])? >= 9);
     // curl (shim) -> nginx (shim) on the same node: cut-through.
     let conf = site.conf("ct", &format!("{}:8082", tb.daemon_ip4), 1)?;
-    let mut ng = nginx_under_shim(&d, &site, &conf)?;
+    let ng = nginx_under_shim(&d, &site, &conf)?;
     wait_http(&tb, &format!("http://{}:8082/small", tb.daemon_ip4))?;
-    let before = d.counter(&["session", "cut_through_opened"])?;
-    let out = shim(
-        &d,
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "20",
-            &format!("http://{}:8082/big", tb.daemon_ip4),
-        ],
-    )?
-    .output()?;
-    ensure!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ensure!(
-        sha(&out.stdout) == sha(&site.big),
-        "cut-through body differs"
-    );
-    ensure!(
-        d.counter(&["session", "cut_through_opened"])? > before,
-        "not cut-through"
-    );
-    ng.signal(libc::SIGQUIT);
-    ng.wait(T)?;
-    kernel_nginx.signal(libc::SIGQUIT);
-    kernel_nginx.wait(T)?;
+    let body = shim_get_cut_through(&d, &format!("http://{}:8082/big", tb.daemon_ip4))?;
+    ensure!(sha(&body) == sha(&site.big), "cut-through body differs");
+    quit(ng)?;
+    quit(kernel_nginx)?;
     Ok(())
 }
 
@@ -387,7 +389,7 @@ fn names_resolve_through_the_kernel_under_the_shim() -> Result<()> {
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
     let site = Site::new()?;
-    let mut kernel_nginx = peer_nginx(&tb, &site, 8083)?;
+    let kernel_nginx = peer_nginx(&tb, &site, 8083)?;
     let link = tb.kernel_link()?;
     let pip = link.peer.to_string();
     let dns_py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py/dns.py");
@@ -436,8 +438,7 @@ fn names_resolve_through_the_kernel_under_the_shim() -> Result<()> {
     }
     // The HTTP connections went through hoststack, the DNS query did not.
     ensure!(d.counter(&["stack", "active_opens"])? >= 2);
-    kernel_nginx.signal(libc::SIGQUIT);
-    kernel_nginx.wait(T)?;
+    quit(kernel_nginx)?;
     Ok(())
 }
 
@@ -449,7 +450,7 @@ fn a_loopback_listener_under_the_shim_serves_kernel_and_shim_clients() -> Result
     let site = Site::new()?;
     let port = 18000 + (std::process::id() % 2000) as u16;
     let conf = site.conf("lo", &format!("127.0.0.1:{port}"), 2)?;
-    let mut ng = nginx_under_shim(&d, &site, &conf)?;
+    let ng = nginx_under_shim(&d, &site, &conf)?;
     let url = format!("http://127.0.0.1:{port}/small");
     // A kernel client on this host (health checks, admin endpoints): the
     // listener's kernel side.
@@ -469,18 +470,11 @@ fn a_loopback_listener_under_the_shim_serves_kernel_and_shim_clients() -> Result
         ensure!(kernel_get()? == site.small, "kernel client: body differs");
     }
     // A client under the shim: cut-through.
-    let before = d.counter(&["session", "cut_through_opened"])?;
-    let out = shim(&d, &["curl", "-sS", "--max-time", "5", &url])?.output()?;
     ensure!(
-        out.status.success() && out.stdout == site.small,
-        "shim client"
+        shim_get_cut_through(&d, &url)? == site.small,
+        "shim client: body differs"
     );
-    ensure!(
-        d.counter(&["session", "cut_through_opened"])? > before,
-        "not cut-through"
-    );
-    ng.signal(libc::SIGQUIT);
-    ng.wait(T)?;
+    quit(ng)?;
     Ok(())
 }
 
@@ -524,20 +518,6 @@ fn listen_with_a_negative_backlog_queues_like_linux() -> Result<()> {
     Ok(())
 }
 
-/// user + system CPU seconds of a process and its children so far.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |x| x.1)
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (t(11) + t(12)) / hz
-}
-
 #[test]
 fn when_the_daemon_dies_nginx_fails_cleanly_and_does_not_spin() -> Result<()> {
     have("nginx")?;
@@ -545,15 +525,11 @@ fn when_the_daemon_dies_nginx_fails_cleanly_and_does_not_spin() -> Result<()> {
     let mut d = Daemon::start(&tb, &[])?;
     let site = Site::new()?;
     let conf = site.conf("dies", &format!("{}:8096", tb.daemon_ip4), 1)?;
-    let mut ng = nginx_under_shim(&d, &site, &conf)?;
+    let ng = nginx_under_shim(&d, &site, &conf)?;
     let url = format!("http://{}:8096/small", tb.daemon_ip4);
     wait_http(&tb, &url)?;
     let master = ng.pid();
-    let worker = run(&["pgrep", "-P", &master.to_string()])?
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<u32>().ok())
-        .context("no nginx worker")?;
+    let worker = *child_pids(master).first().context("no nginx worker")?;
     d.kill(libc::SIGKILL);
     std::thread::sleep(Duration::from_millis(300));
     // The worker's epoll set held the daemon's fds: they hang up forever,
@@ -565,8 +541,7 @@ fn when_the_daemon_dies_nginx_fails_cleanly_and_does_not_spin() -> Result<()> {
         used < 0.2,
         "nginx worker used {used:.2} s of CPU in 2 s with the daemon gone"
     );
-    ng.signal(libc::SIGQUIT);
-    ng.wait(T)?;
+    quit(ng)?;
     Ok(())
 }
 

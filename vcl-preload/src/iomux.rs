@@ -360,9 +360,9 @@ pub fn poll(
             mark_nested(p.fd);
         }
     }
+    let mut g = lock();
     // Kernel fds, plus the kernel side of listening hoststack sockets.
     let klisten: Vec<usize> = {
-        let mut g = lock();
         let s = st(&mut g);
         (0..fds.len())
             .filter(|&i| {
@@ -385,7 +385,6 @@ pub fn poll(
             revents: 0,
         })
         .collect();
-    let mut g = lock();
     loop {
         let s = st(&mut g);
         s.pump();
