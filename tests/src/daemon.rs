@@ -226,9 +226,14 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Spawn with stdout captured (stderr inherited so failures show).
+    /// Spawn with stdout captured (stderr inherited so failures show), in
+    /// its own process group, so that dropping it also kills what it
+    /// started (nginx's workers outlive a killed master otherwise).
     pub fn spawn(mut cmd: Command, name: &str) -> Result<Self> {
-        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+        use std::os::unix::process::CommandExt;
+        cmd.stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .process_group(0);
         let mut child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
         let out = child.stdout.take().context("stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -319,6 +324,8 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // SAFETY: kill(2) on the process group this Proc created.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -14,6 +14,7 @@
 //! `hsp<tag>`, veths `hsd<tag>a`/`hsd<tag>b`, TAPs `hst<tag>`.
 
 pub mod daemon;
+pub mod nginx;
 
 use anyhow::{bail, Context, Result};
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -6,6 +6,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use hoststack_tests::daemon::{bin, Daemon, Proc};
+use hoststack_tests::nginx::Site;
 use hoststack_tests::{child_pids, proc_cpu, run, unique_tag, wait_for, Testbed};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -19,55 +20,6 @@ fn have(prog: &str) -> Result<()> {
         bail!("{prog} is not installed: run scripts/setup.sh (installs nginx, wrk, iperf3, curl)");
     }
     Ok(())
-}
-
-/// A private nginx document root and config.
-struct Site {
-    dir: PathBuf,
-    small: Vec<u8>,
-    big: Vec<u8>,
-}
-
-impl Site {
-    fn new() -> Result<Site> {
-        let dir = std::env::temp_dir().join(format!("hs-nginx-{}", unique_tag()));
-        std::fs::create_dir_all(dir.join("www"))?;
-        std::fs::create_dir_all(dir.join("logs"))?;
-        let small: Vec<u8> = (0..64).map(|i| b'a' + (i % 26) as u8).collect();
-        let mut big = vec![0u8; 10 << 20];
-        let mut x = 0x12345678u32;
-        for b in big.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            *b = x as u8;
-        }
-        std::fs::write(dir.join("www/small"), &small)?;
-        std::fs::write(dir.join("www/big"), &big)?;
-        // nginx workers run as nobody: the tree must be readable.
-        run(&["chmod", "-R", "a+rX", &dir.display().to_string()])?;
-        Ok(Site { dir, small, big })
-    }
-
-    /// Write nginx.conf for `listen` with `workers` worker processes.
-    fn conf(&self, name: &str, listen: &str, workers: u32) -> Result<PathBuf> {
-        let d = self.dir.display();
-        let conf = format!(
-            "worker_processes {workers};\ndaemon off;\nerror_log {d}/logs/{name}.err warn;\n\
-             pid {d}/{name}.pid;\nevents {{ worker_connections 4096; }}\n\
-             http {{ access_log off; sendfile on; keepalive_requests 1000000;\n\
-             server {{ listen {listen}; root {d}/www; }} }}\n"
-        );
-        let p = self.dir.join(format!("{name}.conf"));
-        std::fs::write(&p, conf)?;
-        Ok(p)
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// `hoststack run -- args...` with the daemon's attach settings.
