@@ -48,14 +48,23 @@ impl Site {
 
     /// Write `<name>.conf` for `listen` with `workers` worker processes.
     pub fn conf(&self, name: &str, listen: &str, workers: u32) -> Result<PathBuf> {
+        self.conf_listens(name, &[listen], workers)
+    }
+
+    /// Like [`Site::conf`] with several listen addresses.
+    pub fn conf_listens(&self, name: &str, listens: &[&str], workers: u32) -> Result<PathBuf> {
         let d = self.dir.display();
+        let listen: String = listens
+            .iter()
+            .map(|l| format!("listen {l} backlog=4096; "))
+            .collect();
         let conf = format!(
             "worker_processes {workers};\ndaemon off;\nerror_log {d}/logs/{name}.err warn;\n\
              pid {d}/{name}.pid;\nevents {{ worker_connections 16384; }}\n\
              worker_rlimit_nofile 40000;\n\
              http {{ access_log off; sendfile on; keepalive_requests 100000000;\n\
              keepalive_timeout 300s; open_file_cache max=64;\n\
-             server {{ listen {listen} backlog=4096; root {d}/www; }} }}\n"
+             server {{ {listen}root {d}/www; }} }}\n"
         );
         let p = self.dir.join(format!("{name}.conf"));
         std::fs::write(&p, conf)?;

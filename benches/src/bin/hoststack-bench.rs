@@ -2,17 +2,21 @@
 //! on the kernel in the same run, on the same machine, and the table gives
 //! the ratio. Needs root (it builds a veth + netns testbed, 198.18.0.0/15).
 //!
-//! `hoststack-bench [--quick] [--json FILE] [--markdown FILE]`
+//! `hoststack-bench [--quick] [--json FILE] [--markdown FILE] [--chart FILE.svg]`
 //!
-//! Roles used internally (run inside the peer namespace):
-//! `hoststack-bench kernel-echo ADDR`, `kernel-sink ADDR`, `kernel-hold ADDR`.
+//! Roles used internally (kernel sockets; run inside the peer namespace, or
+//! under `hoststack run` for the shim rows): `kernel-echo ADDR`,
+//! `kernel-sink ADDR`, `kernel-hold ADDR`, `pingpong ADDR N`,
+//! `udp-sink ADDR SECS`, `udp-blast ADDR SECS`.
 
-#[path = "../nginx_bench.rs"]
-mod nginx_bench;
+#[path = "../chart.rs"]
+mod chart;
+#[path = "../http_bench.rs"]
+mod http_bench;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use hoststack_tests::daemon::{Daemon, Proc};
+use hoststack_tests::daemon::{bin, Daemon, Proc};
 use hoststack_tests::Testbed;
 use session_api::client::{App, Error as CErr};
 use std::io::{Read, Write};
@@ -39,12 +43,21 @@ struct Cli {
     /// Repetitions per scenario (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Seconds per wrk -> nginx run (0 skips the scenario).
-    #[arg(long, default_value_t = 5)]
-    nginx_secs: u64,
-    /// Only the wrk -> nginx scenario.
+    /// Seconds per wrk run in the HTTP scenarios (0 skips them).
+    #[arg(long, alias = "nginx-secs", default_value_t = 5)]
+    http_secs: u64,
+    /// Only the HTTP scenarios (nginx, short connections, scale, Envoy).
+    #[arg(long, alias = "nginx-only")]
+    http_only: bool,
+    /// Skip the 100 vs 10 000 connections scenario.
     #[arg(long)]
-    nginx_only: bool,
+    no_scale: bool,
+    /// Skip the Envoy scenarios.
+    #[arg(long)]
+    no_envoy: bool,
+    /// Draw the gains as an SVG bar chart here.
+    #[arg(long)]
+    chart: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -56,6 +69,13 @@ enum Role {
     KernelSink { addr: SocketAddr },
     /// Kernel TCP listener that accepts and holds connections.
     KernelHold { addr: SocketAddr },
+    /// 64 B ping-pong client (kernel sockets, or the shim under
+    /// `hoststack run`): prints "rtt_us <median>".
+    Pingpong { addr: SocketAddr, n: usize },
+    /// Count 64 B datagrams for SECS from the first one: prints "count N".
+    UdpSink { addr: SocketAddr, secs: f64 },
+    /// Send 64 B datagrams for SECS: prints "sent N".
+    UdpBlast { addr: SocketAddr, secs: f64 },
 }
 
 const T: Duration = Duration::from_secs(60);
@@ -137,6 +157,132 @@ fn kernel_hold(addr: SocketAddr) -> Result<()> {
         held.push(c?);
     }
     Ok(())
+}
+
+fn pingpong_role(addr: SocketAddr, n: usize) -> Result<()> {
+    pin(0, CLIENT_CPU);
+    let rtt = kernel_pingpong(addr, n)?;
+    println!("rtt_us {rtt}");
+    Ok(())
+}
+
+fn udp_sink(addr: SocketAddr, secs: f64) -> Result<()> {
+    pin(0, SERVER_CPU);
+    let s = std::net::UdpSocket::bind(addr)?;
+    println!("ready");
+    println!("count {}", udp_count(&s, secs)?);
+    Ok(())
+}
+
+/// Count 64 B datagrams on `s` for `secs` from the first one.
+fn udp_count(s: &std::net::UdpSocket, secs: f64) -> Result<u64> {
+    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut b = [0u8; 2048];
+    let give_up = Instant::now() + T;
+    let mut first = None;
+    let mut n = 0u64;
+    loop {
+        let now = Instant::now();
+        match first {
+            Some(t0) if now.duration_since(t0).as_secs_f64() >= secs => break,
+            None if now > give_up => bail!("no datagram within {T:?}"),
+            _ => {}
+        }
+        if let Ok(k) = s.recv(&mut b) {
+            if k == 64 {
+                first.get_or_insert(now);
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn udp_blast(addr: SocketAddr, secs: f64) -> Result<()> {
+    pin(0, CLIENT_CPU);
+    println!("sent {}", udp_send(addr, secs)?);
+    Ok(())
+}
+
+/// Send 64 B datagrams to `addr` for `secs`; returns how many.
+fn udp_send(addr: SocketAddr, secs: f64) -> Result<u64> {
+    let s = std::net::UdpSocket::bind(if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    let msg = [5u8; 64];
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        for _ in 0..64 {
+            // ENOBUFS/EAGAIN under overload: the datagram is dropped, as
+            // UDP allows; the sink counts what arrived.
+            if s.send_to(&msg, addr).is_ok() {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Native UDP sender (uplink) for `secs`; returns datagrams sent.
+fn native_udp_blast(app: &App, to: SocketAddr, secs: f64) -> Result<u64> {
+    let mut w = app.worker()?;
+    let s = w.udp_bind("0.0.0.0:0".parse()?)?;
+    let msg = [5u8; 64];
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        for _ in 0..64 {
+            w.send_to(s, &msg, Some(to), Some(T))?;
+            n += 1;
+        }
+    }
+    w.close(s)?;
+    Ok(n)
+}
+
+/// Native UDP receiver: counts 64 B datagrams for `secs` from the first.
+fn native_udp_sink(
+    app: &App,
+    addr: SocketAddr,
+    secs: f64,
+) -> Result<(
+    std::sync::mpsc::Receiver<()>,
+    std::thread::JoinHandle<Result<u64>>,
+)> {
+    let app = app.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || -> Result<u64> {
+        pin(0, SERVER_CPU);
+        let mut w = app.worker()?;
+        let s = w.udp_bind(addr)?;
+        tx.send(())?;
+        let mut b = [0u8; 2048];
+        let give_up = Instant::now() + T;
+        let mut first = None;
+        let mut n = 0u64;
+        loop {
+            let now = Instant::now();
+            match first {
+                Some(t0) if now.duration_since(t0).as_secs_f64() >= secs => break,
+                None if now > give_up => bail!("no datagram within {T:?}"),
+                _ => {}
+            }
+            match w.recv_from(s, &mut b, Some(Duration::from_millis(100))) {
+                Ok((64, _)) => {
+                    first.get_or_insert(now);
+                    n += 1;
+                }
+                Ok(_) | Err(CErr::WouldBlock) | Err(CErr::TimedOut) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        w.close(s)?;
+        Ok(n)
+    });
+    Ok((rx, h))
 }
 
 /// One measured scenario.
@@ -368,75 +514,204 @@ fn native_bulk_to(app: &App, addr: SocketAddr, bytes: u64) -> Result<f64> {
 }
 
 fn peer_role(tb: &Testbed, role: &str, addr: &str) -> Result<Proc> {
+    peer_role_args(tb, &[role, addr], "ready")
+}
+
+/// This binary in the peer namespace with `args`; waits for `ready`.
+fn peer_role_args(tb: &Testbed, args: &[&str], ready: &str) -> Result<Proc> {
     let me = std::env::current_exe()?;
     let me = me.display().to_string();
-    let mut p = Proc::spawn(tb.peer_cmd(&me, &[role, addr]), role)?;
-    p.expect("ready", T)?;
+    let mut p = Proc::spawn(tb.peer_cmd(&me, args), args[0])?;
+    if !ready.is_empty() {
+        p.expect(ready, T)?;
+    }
     Ok(p)
 }
 
-/// wrk -> nginx (64 B, keep-alive, 1 worker): kernel vs the shim.
-fn nginx_rows(cli: &Cli, tb: &Testbed) -> Result<Vec<Row>> {
-    // The daemon shares CPU 1 with nginx here: spinning would only steal
-    // nginx's cycles (measured: 0.66x vs 0.75x requests per CPU second).
-    let d = Daemon::start(tb, &["--poll-spin-us", "0"])?;
+/// This binary under the shim (`hoststack run`), pinned to `cpu`.
+fn shim_role(d: &Daemon, cpu: usize, args: &[&str]) -> Result<Proc> {
+    let mut c = std::process::Command::new("taskset");
+    c.args(["-c", &cpu.to_string()])
+        .arg(bin("hoststack")?)
+        .args(["run", "--strict", "--"])
+        .arg(std::env::current_exe()?)
+        .args(args)
+        .envs(d.env());
+    Proc::spawn(c, args[0])
+}
+
+/// The number after `key` in a line of `p`'s output.
+fn expect_num(p: &mut Proc, key: &str) -> Result<f64> {
+    let l = p.expect(key, T)?;
+    l.trim()
+        .strip_prefix(key)
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("bad line {l:?}"))
+}
+
+/// 64 B ping-pong with this binary's kernel-socket client and echo under
+/// the shim: cut-through (echo on loopback under the shim too) or uplink
+/// (`echo` = a kernel echo in the peer namespace). Median RTT in µs.
+fn shim_pingpong(d: &Daemon, echo: Option<SocketAddr>, port: u16, n: usize) -> Result<f64> {
+    let (addr, _server) = match echo {
+        Some(a) => (a, None),
+        None => {
+            let a: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+            let mut p = shim_role(d, SERVER_CPU, &["kernel-echo", &a.to_string()])?;
+            p.expect("ready", T)?;
+            (a, Some(p))
+        }
+    };
+    let mut c = shim_role(
+        d,
+        CLIENT_CPU,
+        &["pingpong", &addr.to_string(), &n.to_string()],
+    )?;
+    let rtt = expect_num(&mut c, "rtt_us")?;
+    c.success(T)?;
+    Ok(rtt)
+}
+
+/// The HTTP scenarios (nginx keep-alive, short connections, 100 vs 10 000
+/// connections, Envoy c1/c2), kernel then hoststack.
+fn http_pairs(cli: &Cli, tb: &Testbed) -> Result<Vec<http_bench::Pair>> {
+    // The daemon shares CPU 1 with the servers: spinning would only steal
+    // their cycles (measured: 0.66x vs 0.75x requests per CPU second).
+    // 32 KiB FIFOs: 10 000 sessions x 2 FIFOs fit an app's segment.
+    let d = Daemon::start(tb, &["--poll-spin-us", "0", "--fifo-size", "32768"])?;
     if let Some(c) = d.child.as_ref() {
         pin(c.id() as i32, SERVER_CPU);
     }
     let secs = if cli.quick {
-        cli.nginx_secs.min(2)
+        cli.http_secs.min(2)
     } else {
-        cli.nginx_secs
+        cli.http_secs
     };
-    let (k, h) = nginx_bench::run_pair(tb, &d, cli.reps.max(1), secs)?;
-    let s = "wrk -> nginx, 64 B keep-alive, 1 worker";
-    let row = |metric: &str, hv: f64, kv: f64, higher_better: bool, note: String| Row {
-        scenario: s.into(),
-        metric: metric.into(),
-        hoststack: hv,
-        kernel: kv,
-        gain: if higher_better { hv / kv } else { kv / hv },
-        note,
-    };
-    let mut rows = vec![
-        row("requests/s", h.rps, k.rps, true, "wrk on CPU 0, nginx (+daemon) on CPU 1".into()),
-        row("p99 latency (ms)", h.p99_ms, k.p99_ms, false, "32 connections".into()),
-        row(
-            "CPU ms per 1000 requests",
+    http_bench::run_pairs(
+        tb,
+        &d,
+        &http_bench::Plan {
+            reps: cli.reps.max(1),
+            secs,
+            short: true,
+            scale: !cli.no_scale,
+            envoy: !cli.no_envoy,
+        },
+    )
+}
+
+/// Generic rows (JSON, chart) from the HTTP pairs.
+fn http_rows(pairs: &[http_bench::Pair]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for p in pairs {
+        let (k, h) = (&p.kernel, &p.hoststack);
+        let row = |metric: &str, hv: f64, kv: f64, higher_better: bool, note: String| Row {
+            scenario: p.scenario.clone(),
+            metric: metric.into(),
+            hoststack: hv,
+            kernel: kv,
+            gain: if higher_better { hv / kv } else { kv / hv },
+            note,
+        };
+        let bound = 1.0 / (1.0 - k.kernel_share).max(1e-3);
+        let eff = k.cpu_per_1k / h.cpu_per_1k;
+        rows.push(row(&p.unit, h.rps, k.rps, true, String::new()));
+        rows.push(row(
+            "p50 latency (ms)",
+            h.p50_ms,
+            k.p50_ms,
+            false,
+            String::new(),
+        ));
+        rows.push(row(
+            "p99 latency (ms)",
+            h.p99_ms,
+            k.p99_ms,
+            false,
+            String::new(),
+        ));
+        rows.push(row(
+            "CPU ms per 1000 requests (all-in)",
             h.cpu_per_1k * 1000.0,
             k.cpu_per_1k * 1000.0,
             false,
             format!(
-                "server side incl. daemon and softirq; kernel share: kernel run {:.0}%, hoststack run {:.0}%",
+                "server processes + daemon + CPU 1 softirq/irq; kernel share {:.0}% (kernel run), {:.0}% (hoststack run)",
                 k.kernel_share * 100.0,
                 h.kernel_share * 100.0
             ),
-        ),
-        row(
-            "requests per CPU second",
+        ));
+        rows.push(row(
+            "requests per CPU-second (all-in)",
             1000.0 / h.cpu_per_1k,
             1000.0 / k.cpu_per_1k,
             true,
-            "target: 1.5x".into(),
-        ),
-    ];
-    if let (Some(hs), Some(ks)) = (h.syscalls_per_req, k.syscalls_per_req) {
-        rows.push(row(
-            "syscalls per request",
-            hs,
-            ks,
-            false,
-            "nginx worker, perf".into(),
+            format!(
+                "bound from the kernel share: {bound:.2}x; reached {:.0}% of it",
+                eff / bound * 100.0
+            ),
         ));
+        rows.push(row(
+            "requests per app CPU-second (per worker)",
+            1000.0 / h.app_cpu_per_1k,
+            1000.0 / k.app_cpu_per_1k,
+            true,
+            "the app's own CPU (nginx, or Envoy); daemon not counted".into(),
+        ));
+        if let (Some(hs), Some(ks)) = (h.syscalls_per_req, k.syscalls_per_req) {
+            rows.push(row(
+                "syscalls per request",
+                hs,
+                ks,
+                false,
+                "nginx worker, perf".into(),
+            ));
+        }
     }
-    Ok(rows)
+    rows
 }
 
-fn run_all(cli: &Cli) -> Result<Vec<Row>> {
-    if cli.nginx_only {
+/// The HTTP table: one line per side and the ratio.
+fn http_markdown(pairs: &[http_bench::Pair]) -> String {
+    let mut md = String::from(
+        "| scenario | side | rate | p50 ms | p99 ms | CPU ms / 1000 req (all-in) | kernel share | req per CPU-s (all-in) | req per app CPU-s |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for p in pairs {
+        for (side, s) in [("kernel", &p.kernel), ("hoststack", &p.hoststack)] {
+            md.push_str(&format!(
+                "| {} | {side} | {:.0} {} | {:.2} | {:.2} | {:.1} | {:.0}% | {:.0} | {:.0} |\n",
+                p.scenario,
+                s.rps,
+                p.unit,
+                s.p50_ms,
+                s.p99_ms,
+                s.cpu_per_1k * 1000.0,
+                s.kernel_share * 100.0,
+                1000.0 / s.cpu_per_1k,
+                1000.0 / s.app_cpu_per_1k
+            ));
+        }
+        let (k, h) = (&p.kernel, &p.hoststack);
+        md.push_str(&format!(
+            "| {} | **ratio** | **{:.2}x** | {:.2}x | {:.2}x | {:.2}x | bound {:.2}x | **{:.2}x** | **{:.2}x** |\n",
+            p.scenario,
+            h.rps / k.rps,
+            k.p50_ms / h.p50_ms,
+            k.p99_ms / h.p99_ms,
+            k.cpu_per_1k / h.cpu_per_1k,
+            1.0 / (1.0 - k.kernel_share).max(1e-3),
+            k.cpu_per_1k / h.cpu_per_1k,
+            k.app_cpu_per_1k / h.app_cpu_per_1k
+        ));
+    }
+    md
+}
+
+fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
+    if cli.http_only {
         pin(0, CLIENT_CPU);
         let tb = Testbed::new()?;
-        return nginx_rows(cli, &tb);
+        return Ok((http_pairs(cli, &tb)?, Vec::new()));
     }
     let reps = cli.reps.max(1);
     // Client side on CPU 0; servers, the daemon and peer processes on CPU 1,
@@ -448,11 +723,12 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
     let tb = Testbed::new()?;
     // First, while the daemon's veth end has no kernel address (the kernel
     // runs below give it one).
-    let nginx = if cli.nginx_secs > 0 {
-        nginx_rows(cli, &tb)?
+    let http = if cli.http_secs > 0 {
+        http_pairs(cli, &tb)?
     } else {
         Vec::new()
     };
+    let udp_secs = if cli.quick { 1.0 } else { 2.0 };
     let peer = tb.peer_ip4;
     let _echo = peer_role(&tb, "kernel-echo", &format!("{peer}:5001"))?;
     let _sink = peer_role(&tb, "kernel-sink", &format!("{peer}:5002"))?;
@@ -465,6 +741,10 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
         (vec![], vec![], vec![], vec![], vec![]);
     let (mut ct_sys, mut up_sys) = (vec![], vec![]);
     let mut scale = Vec::new();
+    let (mut shim_ct_rtt, mut shim_up_rtt) = (vec![], vec![]);
+    let (mut udp_tx, mut udp_rx) = (vec![], vec![]);
+    let udp_rx_addr: SocketAddr = format!("{}:5005", tb.daemon_ip4).parse()?;
+    let udp_tx_addr: SocketAddr = format!("{peer}:5004").parse()?;
     {
         let spin = cli.spin_us.to_string();
         let d = Daemon::start(&tb, &["--poll-spin-us", &spin])?;
@@ -494,6 +774,35 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
             up_sys.push((sys + loops) as f64 / (n_pp + n_pp / 10) as f64);
             ct_bulk.push(native_bulk_ct(&app, port + 2, bulk)?);
             up_bulk.push(native_bulk_to(&app, sink_addr, bulk / 2)?);
+            // The same ping-pong through the shim (std sockets under
+            // `hoststack run`).
+            shim_ct_rtt.push(shim_pingpong(&d, None, port + 3, n_pp)?);
+            shim_up_rtt.push(shim_pingpong(&d, Some(echo_addr), 0, n_pp)?);
+            // UDP, 64 B: native sender -> kernel sink in the peer namespace,
+            // and kernel sender in the peer namespace -> native receiver.
+            let mut sink = peer_role_args(
+                &tb,
+                &["udp-sink", &udp_tx_addr.to_string(), &udp_secs.to_string()],
+                "ready",
+            )?;
+            native_udp_blast(&app, udp_tx_addr, udp_secs + 1.0)?;
+            udp_tx.push(expect_num(&mut sink, "count")? / udp_secs);
+            let (ready, h) = native_udp_sink(&app, udp_rx_addr, udp_secs)?;
+            ready.recv_timeout(T)?;
+            let mut blast = peer_role_args(
+                &tb,
+                &[
+                    "udp-blast",
+                    &udp_rx_addr.to_string(),
+                    &(udp_secs + 1.0).to_string(),
+                ],
+                "",
+            )?;
+            let got = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("udp sink panicked"))??;
+            blast.success(T)?;
+            udp_rx.push(got as f64 / udp_secs);
         }
         // Scale: the same bulk flow with many idle connections open.
         let hold: SocketAddr = format!("{peer}:5003").parse()?;
@@ -533,6 +842,7 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
     // ---- kernel side, same veth: give the daemon's end a kernel address ----
     let (mut k_lo_rtt, mut k_veth_rtt, mut k_lo_bulk, mut k_veth_bulk) =
         (vec![], vec![], vec![], vec![]);
+    let (mut k_udp_tx, mut k_udp_rx) = (vec![], vec![]);
     {
         let run = |a: &[&str]| -> Result<()> {
             let st = std::process::Command::new("ip").args(a).status()?;
@@ -570,6 +880,32 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
             k_veth_rtt.push(kernel_pingpong(echo_addr, n_pp)?);
             k_lo_bulk.push(kernel_bulk_lo(bulk)?);
             k_veth_bulk.push(kernel_bulk_to(sink_addr, bulk / 2)?);
+            let mut sink = peer_role_args(
+                &tb,
+                &["udp-sink", &udp_tx_addr.to_string(), &udp_secs.to_string()],
+                "ready",
+            )?;
+            udp_send(udp_tx_addr, udp_secs + 1.0)?;
+            k_udp_tx.push(expect_num(&mut sink, "count")? / udp_secs);
+            let ks = std::net::UdpSocket::bind(udp_rx_addr)?;
+            let h = std::thread::spawn(move || {
+                pin(0, SERVER_CPU);
+                udp_count(&ks, udp_secs)
+            });
+            let mut blast = peer_role_args(
+                &tb,
+                &[
+                    "udp-blast",
+                    &udp_rx_addr.to_string(),
+                    &(udp_secs + 1.0).to_string(),
+                ],
+                "",
+            )?;
+            let got = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("udp sink panicked"))??;
+            blast.success(T)?;
+            k_udp_rx.push(got as f64 / udp_secs);
             let _ = r;
         }
     }
@@ -590,6 +926,7 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
         note: note.into(),
     };
     let klo = median(k_lo_rtt);
+    let kveth = median(k_veth_rtt);
     rows.push(lat(
         "64 B ping-pong, cut-through vs kernel loopback (interrupt)",
         median(ct_rtt),
@@ -605,8 +942,40 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
     rows.push(lat(
         "64 B ping-pong, uplink vs kernel over the same veth",
         median(up_rtt),
-        median(k_veth_rtt),
+        kveth,
         "peer: kernel echo in netns",
+    ));
+    rows.push(lat(
+        "64 B ping-pong through the shim, cut-through vs kernel loopback",
+        median(shim_ct_rtt),
+        klo,
+        "unmodified std sockets under hoststack run",
+    ));
+    rows.push(lat(
+        "64 B ping-pong through the shim, uplink vs kernel over the same veth",
+        median(shim_up_rtt),
+        kveth,
+        "peer: kernel echo in netns",
+    ));
+    let msgs = |s: &str, h: f64, k: f64, note: &str| Row {
+        scenario: s.into(),
+        metric: "messages/s".into(),
+        hoststack: h,
+        kernel: k,
+        gain: h / k,
+        note: note.into(),
+    };
+    rows.push(msgs(
+        "UDP 64 B send: native API vs kernel socket",
+        median(udp_tx),
+        median(k_udp_tx),
+        "received by a kernel sink in netns; sender on CPU 0",
+    ));
+    rows.push(msgs(
+        "UDP 64 B receive: native API vs kernel socket",
+        median(udp_rx),
+        median(k_udp_rx),
+        "kernel sender in netns on CPU 0; receiver (+daemon) on CPU 1",
     ));
     let klob = median(k_lo_bulk);
     rows.push(thr(
@@ -647,8 +1016,7 @@ fn run_all(cli: &Cli) -> Result<Vec<Row>> {
         gain: 2.0 / up_sys.max(1e-9),
         note: "client + daemon epoll_wait, excl. recvmmsg/sendmmsg".into(),
     });
-    rows.extend(nginx);
-    Ok(rows)
+    Ok((http, rows))
 }
 
 fn main() -> Result<()> {
@@ -657,9 +1025,12 @@ fn main() -> Result<()> {
         Some(Role::KernelEcho { addr }) => return kernel_echo(addr),
         Some(Role::KernelSink { addr }) => return kernel_sink(addr),
         Some(Role::KernelHold { addr }) => return kernel_hold(addr),
+        Some(Role::Pingpong { addr, n }) => return pingpong_role(addr, n),
+        Some(Role::UdpSink { addr, secs }) => return udp_sink(addr, secs),
+        Some(Role::UdpBlast { addr, secs }) => return udp_blast(addr, secs),
         None => {}
     }
-    let rows = run_all(&cli)?;
+    let (http, micro) = run_all(&cli)?;
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()
@@ -678,27 +1049,60 @@ fn main() -> Result<()> {
         .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         .unwrap_or_default();
     let mut md = format!(
-        "Measured {date}, commit {commit}, {} CPUs ({cpus}), medians of {} runs, daemon poll_spin_us={}; clients pinned to CPU 0, servers/daemon/peers to CPU 1; gain > 1 = hoststack better.\n\n",
+        "Measured {date}, commit {commit}, {} CPUs ({cpus}), medians of {} runs. \
+         Clients (wrk, senders) pinned to CPU 0; servers, the daemon and peer processes to CPU 1, \
+         on both sides. Ratio / gain > 1 = hoststack better.\n\n",
         online_cpus(),
         cli.reps,
-        cli.spin_us
     );
-    md.push_str(
-        "| scenario | metric | hoststack | kernel | gain | note |\n|---|---|---:|---:|---:|---|\n",
-    );
-    for r in &rows {
-        md.push_str(&format!(
-            "| {} | {} | {:.2} | {:.2} | {:.2}x | {} |\n",
-            r.scenario, r.metric, r.hoststack, r.kernel, r.gain, r.note
-        ));
+    if !http.is_empty() {
+        md.push_str(
+            "HTTP (wrk in the peer namespace; hoststack daemon poll_spin_us=0; all-in = every server-side \
+             process + the daemon + CPU 1 softirq/irq; app = nginx, or Envoy alone; bound = 1/(1 - kernel share of the kernel run)):\n\n",
+        );
+        md.push_str(&http_markdown(&http));
+        md.push('\n');
     }
+    if !micro.is_empty() {
+        md.push_str(&format!(
+            "Transport micro-benchmarks (daemon poll_spin_us={}):\n\n",
+            cli.spin_us
+        ));
+        md.push_str(
+            "| scenario | metric | hoststack | kernel | gain | note |\n|---|---|---:|---:|---:|---|\n",
+        );
+        for r in &micro {
+            md.push_str(&format!(
+                "| {} | {} | {:.2} | {:.2} | {:.2}x | {} |\n",
+                r.scenario, r.metric, r.hoststack, r.kernel, r.gain, r.note
+            ));
+        }
+    }
+    let mut rows = http_rows(&http);
+    rows.extend(micro);
     println!("{md}");
     if let Some(p) = &cli.markdown {
         std::fs::write(p, &md)?;
     }
     if let Some(p) = &cli.json {
-        let v = serde_json::json!({ "date": date, "commit": commit, "cpu": cpus, "rows": rows });
+        let v = serde_json::json!({ "date": date, "commit": commit, "cpu": cpus,
+            "cpus": online_cpus(), "reps": cli.reps, "http": http, "rows": rows });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    if let Some(p) = &cli.chart {
+        let bars: Vec<(String, f64)> = rows
+            .iter()
+            .filter(|r| {
+                !r.metric.starts_with("p50")
+                    && !r.metric.starts_with("CPU ms")
+                    && !r.metric.starts_with("syscalls")
+                    && r.gain.is_finite()
+            })
+            .map(|r| (format!("{} | {}", r.scenario, r.metric), r.gain))
+            .collect();
+        let title =
+            format!("hoststack vs kernel ({date}, {commit}): ratio, > 1 = hoststack better");
+        std::fs::write(p, chart::svg(&title, &bars))?;
     }
     Ok(())
 }

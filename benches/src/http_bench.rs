@@ -1,0 +1,442 @@
+//! HTTP scenarios, kernel vs hoststack on the same CPUs: wrk (kernel, in the
+//! peer namespace, CPU 0) against nginx (keep-alive and one connection per
+//! request, 100 and 10 000 connections) and against Envoy (concurrency 1
+//! and 2) in front of nginx. The server side (nginx, Envoy and, for
+//! hoststack, the daemon) is pinned to CPU 1 in both runs.
+//!
+//! The kernel run reaches its servers over a second veth pair with kernel
+//! addresses (198.19.k.0/24); Envoy's upstream is nginx on 127.0.0.1. The
+//! hoststack run reaches them over the daemon's veth; Envoy's upstream is
+//! nginx on 127.0.0.1 under the shim (cut-through).
+//!
+//! CPU time is everything the server side spends: its processes (user +
+//! sys), the daemon, and CPU 1's softirq and irq time from /proc/stat.
+
+use anyhow::{bail, Context, Result};
+use envoy_integration::{
+    envoy_args, envoy_bin, static_bootstrap, write_config, Cluster, Envoy, Listener,
+};
+use hoststack_tests::daemon::{bin, Daemon, Proc};
+use hoststack_tests::nginx::Site;
+use hoststack_tests::{child_pids, clock_ticks, proc_cpu, run, wait_for, Testbed};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+/// One measured run.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Sample {
+    /// Requests (or connections, one request each) per second.
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Server-side CPU seconds per 1000 requests: every server process,
+    /// the daemon, and the server CPU's softirq + irq.
+    pub cpu_per_1k: f64,
+    /// CPU seconds per 1000 requests of the measured app alone (nginx, or
+    /// Envoy in the Envoy scenarios): the per-worker view.
+    pub app_cpu_per_1k: f64,
+    /// Share of the server-side CPU spent in the kernel (sys + softirq + irq).
+    pub kernel_share: f64,
+    /// System calls per request made by the app (perf), if measured.
+    pub syscalls_per_req: Option<f64>,
+    /// wrk socket errors + non-2xx responses.
+    pub errors: u64,
+}
+
+/// Load shape for one wrk run.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub conns: u32,
+    pub secs: u64,
+    /// A new connection per request (`Connection: close`).
+    pub close: bool,
+}
+
+/// One scenario measured on both sides.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pair {
+    pub scenario: String,
+    /// "requests/s" or "connections/s".
+    pub unit: String,
+    pub kernel: Sample,
+    pub hoststack: Sample,
+}
+
+/// irq + softirq seconds of one CPU.
+fn cpu_irq(cpu: usize) -> f64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let key = format!("cpu{cpu} ");
+    s.lines()
+        .find(|l| l.starts_with(&key))
+        .map(|l| {
+            let f: Vec<f64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            (f.get(5).copied().unwrap_or(0.0) + f.get(6).copied().unwrap_or(0.0)) / clock_ticks()
+        })
+        .unwrap_or(0.0)
+}
+
+fn latency_ms(out: &str, pct: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(pct))
+        .map(|v| v.trim())
+        .and_then(|v| {
+            let (num, unit) = v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap_or(v.len()));
+            let n: f64 = num.parse().ok()?;
+            Some(match unit {
+                "us" => n / 1000.0,
+                "ms" => n,
+                "s" => n * 1000.0,
+                "m" => n * 60_000.0,
+                _ => n,
+            })
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// (requests/s, p50 ms, p99 ms, errors) from wrk's output.
+fn parse_wrk(out: &str) -> Result<(f64, f64, f64, u64)> {
+    let rps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))?;
+    let mut errors = 0;
+    for l in out.lines() {
+        if let Some(rest) = l.trim().strip_prefix("Socket errors:") {
+            errors += rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        if let Some(rest) = l.trim().strip_prefix("Non-2xx or 3xx responses:") {
+            errors += rest.trim().parse::<u64>().unwrap_or(1);
+        }
+    }
+    Ok((rps, latency_ms(out, "50%"), latency_ms(out, "99%"), errors))
+}
+
+/// Count the syscalls of `pid` for `secs` with perf, if perf works here.
+fn perf_syscalls(pid: u32, secs: u64) -> Option<std::process::Child> {
+    Command::new("perf")
+        .args([
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            "raw_syscalls:sys_enter",
+            "-p",
+            &pid.to_string(),
+            "--",
+            "sleep",
+            &secs.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .ok()
+}
+
+fn perf_count(c: Option<std::process::Child>) -> Option<f64> {
+    let out = c?.wait_with_output().ok()?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    text.lines()
+        .find(|l| l.contains("raw_syscalls:sys_enter"))
+        .and_then(|l| l.split(',').next()?.trim().parse().ok())
+}
+
+fn wrk(tb: &Testbed, url: &str, load: Load, latency: bool) -> Result<String> {
+    // 10 000 connections need more than the default 1024 descriptors.
+    let mut script = format!(
+        "ulimit -n 65536; exec wrk -t1 -c{} -d{}s --timeout 10s",
+        load.conns, load.secs
+    );
+    if latency {
+        script.push_str(" --latency");
+    }
+    if load.close {
+        script.push_str(" -H 'Connection: close'");
+    }
+    script.push(' ');
+    script.push_str(url);
+    let out = tb
+        .peer_cmd("taskset", &["-c", "0", "sh", "-c", &script])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What to count for one measurement.
+struct Who {
+    /// Every server-side process (children are added: nginx workers).
+    servers: Vec<u32>,
+    /// The app whose own CPU gives the per-worker figure.
+    app: Vec<u32>,
+    /// Process whose syscalls are counted, if any.
+    perf: Option<u32>,
+}
+
+fn with_children(pids: &[u32]) -> Vec<u32> {
+    let mut v = pids.to_vec();
+    for p in pids {
+        v.extend(child_pids(*p));
+    }
+    v
+}
+
+/// One wrk run against `url` from the peer namespace.
+fn measure(tb: &Testbed, url: &str, who: &Who, load: Load) -> Result<Sample> {
+    // Warm-up (connections, caches).
+    let _ = wrk(tb, url, Load { secs: 1, ..load }, false)?;
+    let servers = with_children(&who.servers);
+    let app = with_children(&who.app);
+    let cpu = |v: &[u32]| -> Vec<(f64, f64)> { v.iter().map(|p| proc_cpu(*p)).collect() };
+    let (s0, a0) = (cpu(&servers), cpu(&app));
+    let irq0 = cpu_irq(super::SERVER_CPU);
+    let perf = who.perf.and_then(|p| perf_syscalls(p, load.secs));
+    let text = wrk(tb, url, load, true)?;
+    let irq = cpu_irq(super::SERVER_CPU) - irq0;
+    let (s1, a1) = (cpu(&servers), cpu(&app));
+    let (rps, p50, p99, errors) = parse_wrk(&text)?;
+    let delta = |b: &[(f64, f64)], a: &[(f64, f64)]| {
+        b.iter()
+            .zip(a)
+            .fold((0.0, 0.0), |(u, s), (b, a)| (u + a.0 - b.0, s + a.1 - b.1))
+    };
+    let (user, sys) = delta(&s0, &s1);
+    let (au, asys) = delta(&a0, &a1);
+    let requests = rps * load.secs as f64;
+    // A few errors are normal at 10 000 connections (connect timeouts);
+    // more than 1% means the numbers would not mean much.
+    if errors as f64 > (requests * 0.01).max(0.0) {
+        bail!("wrk reported {errors} errors for {requests:.0} requests:\n{text}");
+    }
+    let total = user + sys + irq;
+    Ok(Sample {
+        rps,
+        p50_ms: p50,
+        p99_ms: p99,
+        cpu_per_1k: total / (requests / 1000.0),
+        app_cpu_per_1k: (au + asys) / (requests / 1000.0),
+        kernel_share: (sys + irq) / total.max(1e-9),
+        syscalls_per_req: perf_count(perf).map(|s| s / requests.max(1.0)),
+        errors,
+    })
+}
+
+fn wait_up(tb: &Testbed, url: &str) -> Result<()> {
+    wait_for(&format!("{url} to answer"), Duration::from_secs(30), || {
+        Ok(tb
+            .peer_cmd("curl", &["-sf", "-o", "/dev/null", "--max-time", "2", url])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false))
+    })
+}
+
+fn med(v: &[Sample]) -> Sample {
+    let m = |f: &dyn Fn(&Sample) -> f64| super::median(v.iter().map(f).collect());
+    let sys: Vec<f64> = v.iter().filter_map(|s| s.syscalls_per_req).collect();
+    Sample {
+        rps: m(&|s| s.rps),
+        p50_ms: m(&|s| s.p50_ms),
+        p99_ms: m(&|s| s.p99_ms),
+        cpu_per_1k: m(&|s| s.cpu_per_1k),
+        app_cpu_per_1k: m(&|s| s.app_cpu_per_1k),
+        kernel_share: m(&|s| s.kernel_share),
+        syscalls_per_req: (!sys.is_empty()).then(|| super::median(sys)),
+        errors: v.iter().map(|s| s.errors).sum(),
+    }
+}
+
+/// Which HTTP scenarios to run, and how long.
+pub struct Plan {
+    pub reps: usize,
+    pub secs: u64,
+    pub short: bool,
+    pub scale: bool,
+    pub envoy: bool,
+}
+
+/// Everything one side (kernel or hoststack) needs to start its servers.
+struct Side<'a> {
+    /// Address wrk connects to (nginx on :8400, Envoy on :8410+c).
+    front: std::net::Ipv4Addr,
+    /// The daemon, for the hoststack side.
+    daemon: Option<&'a Daemon>,
+    /// nginx's loopback port, Envoy's upstream.
+    upstream_port: u16,
+}
+
+impl Side<'_> {
+    /// `taskset -c 1 [hoststack run --strict --] args...`
+    fn cmd(&self, args: &[String]) -> Result<Command> {
+        let mut c = Command::new("taskset");
+        c.args(["-c", &super::SERVER_CPU.to_string()]);
+        if let Some(d) = self.daemon {
+            c.arg(bin("hoststack")?)
+                .args(["run", "--strict", "--"])
+                .envs(d.env());
+        }
+        c.args(args);
+        Ok(c)
+    }
+
+    fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.and_then(|d| d.child.as_ref().map(|c| c.id()))
+    }
+}
+
+/// Run every planned scenario on one side; the samples in plan order.
+fn run_side(
+    tb: &Testbed,
+    side: &Side,
+    site: &Site,
+    plan: &Plan,
+) -> Result<Vec<(String, String, Sample)>> {
+    let tag = if side.daemon.is_some() {
+        "hs"
+    } else {
+        "kernel"
+    };
+    let front = format!("{}:8400", side.front);
+    let lo = format!("127.0.0.1:{}", side.upstream_port);
+    let conf = site.conf_listens(&format!("{tag}-nginx"), &[&front, &lo], 1)?;
+    let mut ng = Proc::spawn(side.cmd(&site.args(&conf))?, "nginx")?;
+    let url = format!("http://{front}/small");
+    wait_up(tb, &url)?;
+    let daemon: Vec<u32> = side.daemon_pid().into_iter().collect();
+    let nginx_who = || {
+        let worker = child_pids(ng.pid()).first().copied();
+        Who {
+            servers: [vec![ng.pid()], daemon.clone()].concat(),
+            app: vec![ng.pid()],
+            perf: worker,
+        }
+    };
+    let mut out = Vec::new();
+    let reps = |url: &str, who: &Who, load: Load| -> Result<Sample> {
+        let mut v = Vec::new();
+        for _ in 0..plan.reps {
+            v.push(measure(tb, url, who, load)?);
+        }
+        Ok(med(&v))
+    };
+    let ka = Load {
+        conns: 32,
+        secs: plan.secs,
+        close: false,
+    };
+    out.push((
+        "wrk -> nginx, 64 B keep-alive (32 conns)".to_string(),
+        "requests/s".to_string(),
+        reps(&url, &nginx_who(), ka)?,
+    ));
+    if plan.short {
+        let mut w = nginx_who();
+        w.perf = None;
+        out.push((
+            "short connections: wrk -> nginx, new connection per request".to_string(),
+            "connections/s".to_string(),
+            reps(&url, &w, Load { close: true, ..ka })?,
+        ));
+    }
+    if plan.scale {
+        for conns in [100, 10_000] {
+            let mut w = nginx_who();
+            w.perf = None;
+            out.push((
+                format!("scale: wrk -> nginx keep-alive, {conns} connections"),
+                "requests/s".to_string(),
+                reps(&url, &w, Load { conns, ..ka })?,
+            ));
+        }
+    }
+    if plan.envoy {
+        for workers in [1u32, 2] {
+            let listen: SocketAddr = format!("{}:{}", side.front, 8410 + workers).parse()?;
+            let admin: SocketAddr = format!(
+                "127.0.0.1:{}",
+                std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port()
+            )
+            .parse()?;
+            let cfg = static_bootstrap(
+                admin,
+                &[Listener::http("ingress", listen, "nginx")],
+                &[Cluster::fixed("nginx", &[lo.parse()?])],
+            );
+            let cpath = write_config(&site.dir.join(format!("{tag}-envoy{workers}.json")), &cfg)?;
+            let log = site.dir.join(format!("{tag}-envoy{workers}.log"));
+            let mut args = vec![envoy_bin()?.display().to_string()];
+            args.extend(envoy_args(&cpath, workers, &log));
+            let envoy = Envoy::spawn(side.cmd(&args)?, admin, &log)?;
+            let eurl = format!("http://{listen}/small");
+            wait_up(tb, &eurl)?;
+            let who = Who {
+                servers: [vec![envoy.pid(), ng.pid()], daemon.clone()].concat(),
+                app: vec![envoy.pid()],
+                perf: None,
+            };
+            out.push((
+                format!("wrk -> Envoy (concurrency {workers}) -> nginx, keep-alive (32 conns)"),
+                "requests/s".to_string(),
+                reps(&eurl, &who, ka)?,
+            ));
+            // Envoy's own count must cover what wrk saw: nothing was lost.
+            if envoy.stat("http.ingress.downstream_rq_5xx")? > 0 {
+                bail!("Envoy ({tag}) answered 5xx under load");
+            }
+            envoy.stop()?;
+        }
+    }
+    ng.signal(libc::SIGQUIT);
+    let _ = ng.wait(Duration::from_secs(10));
+    Ok(out)
+}
+
+/// Kernel run, then hoststack run (daemon `d`); one [`Pair`] per scenario.
+pub fn run_pairs(tb: &Testbed, d: &Daemon, plan: &Plan) -> Result<Vec<Pair>> {
+    if run(&["sh", "-c", "command -v nginx && command -v wrk"]).is_err() {
+        bail!("nginx and wrk are needed: run scripts/setup.sh");
+    }
+    if plan.envoy {
+        envoy_bin()?;
+    }
+    let site = Site::new()?;
+    let link = tb.kernel_link()?;
+    let kernel = run_side(
+        tb,
+        &Side {
+            front: link.local,
+            daemon: None,
+            upstream_port: 8402,
+        },
+        &site,
+        plan,
+    )?;
+    let hs = run_side(
+        tb,
+        &Side {
+            front: tb.daemon_ip4,
+            daemon: Some(d),
+            upstream_port: 8403,
+        },
+        &site,
+        plan,
+    )?;
+    Ok(kernel
+        .into_iter()
+        .zip(hs)
+        .map(|((scenario, unit, k), (_, _, h))| Pair {
+            scenario,
+            unit,
+            kernel: k,
+            hoststack: h,
+        })
+        .collect())
+}
