@@ -9,8 +9,10 @@
 //! hoststack run reaches them over the daemon's veth; Envoy's upstream is
 //! nginx on 127.0.0.1 under the shim (cut-through).
 //!
-//! CPU time is everything the server side spends: its processes (user +
-//! sys), the daemon, and CPU 1's softirq and irq time from /proc/stat.
+//! CPU time is everything the server side spends: the busy time of CPU 1
+//! (user, system, irq, softirq), where the servers and the daemon run and
+//! nothing else does. The app's own CPU (nginx, or Envoy) comes from its
+//! processes' user + system time.
 
 use anyhow::{bail, Context, Result};
 use envoy_integration::{
@@ -30,8 +32,8 @@ pub struct Sample {
     pub rps: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
-    /// Server-side CPU seconds per 1000 requests: every server process,
-    /// the daemon, and the server CPU's softirq + irq.
+    /// Server-side CPU seconds per 1000 requests: the busy time of the
+    /// server CPU, where every server process and the daemon are pinned.
     pub cpu_per_1k: f64,
     /// CPU seconds per 1000 requests of the measured app alone (nginx, or
     /// Envoy in the Envoy scenarios): the per-worker view.
@@ -63,8 +65,12 @@ pub struct Pair {
     pub hoststack: Sample,
 }
 
-/// irq + softirq seconds of one CPU.
-fn cpu_irq(cpu: usize) -> f64 {
+/// (busy, kernel) seconds of one CPU from /proc/stat: busy = user + nice
+/// + system + irq + softirq; kernel = system + irq + softirq. Counting the
+/// server CPU as a whole leaves nothing out (softirq work done on behalf of
+/// any process) and counts nothing twice (tick-based accounting charges a
+/// softirq tick both to the interrupted task and to the CPU's softirq).
+fn cpu_times(cpu: usize) -> (f64, f64) {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let key = format!("cpu{cpu} ");
     s.lines()
@@ -75,9 +81,10 @@ fn cpu_irq(cpu: usize) -> f64 {
                 .skip(1)
                 .filter_map(|v| v.parse().ok())
                 .collect();
-            (f.get(5).copied().unwrap_or(0.0) + f.get(6).copied().unwrap_or(0.0)) / clock_ticks()
+            let g = |i: usize| f.get(i).copied().unwrap_or(0.0) / clock_ticks();
+            (g(0) + g(1) + g(2) + g(5) + g(6), g(2) + g(5) + g(6))
         })
-        .unwrap_or(0.0)
+        .unwrap_or((0.0, 0.0))
 }
 
 fn latency_ms(out: &str, pct: &str) -> f64 {
@@ -171,8 +178,6 @@ fn wrk(tb: &Testbed, url: &str, load: Load, latency: bool) -> Result<String> {
 
 /// What to count for one measurement.
 struct Who {
-    /// Every server-side process (children are added: nginx workers).
-    servers: Vec<u32>,
     /// The app whose own CPU gives the per-worker figure.
     app: Vec<u32>,
     /// Process whose syscalls are counted, if any.
@@ -191,37 +196,35 @@ fn with_children(pids: &[u32]) -> Vec<u32> {
 fn measure(tb: &Testbed, url: &str, who: &Who, load: Load) -> Result<Sample> {
     // Warm-up (connections, caches).
     let _ = wrk(tb, url, Load { secs: 1, ..load }, false)?;
-    let servers = with_children(&who.servers);
     let app = with_children(&who.app);
     let cpu = |v: &[u32]| -> Vec<(f64, f64)> { v.iter().map(|p| proc_cpu(*p)).collect() };
-    let (s0, a0) = (cpu(&servers), cpu(&app));
-    let irq0 = cpu_irq(super::SERVER_CPU);
+    let a0 = cpu(&app);
+    let c0 = cpu_times(super::SERVER_CPU);
     let perf = who.perf.and_then(|p| perf_syscalls(p, load.secs));
     let text = wrk(tb, url, load, true)?;
-    let irq = cpu_irq(super::SERVER_CPU) - irq0;
-    let (s1, a1) = (cpu(&servers), cpu(&app));
+    let c1 = cpu_times(super::SERVER_CPU);
+    let a1 = cpu(&app);
     let (rps, p50, p99, errors) = parse_wrk(&text)?;
     let delta = |b: &[(f64, f64)], a: &[(f64, f64)]| {
         b.iter()
             .zip(a)
             .fold((0.0, 0.0), |(u, s), (b, a)| (u + a.0 - b.0, s + a.1 - b.1))
     };
-    let (user, sys) = delta(&s0, &s1);
     let (au, asys) = delta(&a0, &a1);
+    let (busy, kernel) = (c1.0 - c0.0, c1.1 - c0.1);
     let requests = rps * load.secs as f64;
     // A few errors are normal at 10 000 connections (connect timeouts);
     // more than 1% means the numbers would not mean much.
     if errors as f64 > (requests * 0.01).max(0.0) {
         bail!("wrk reported {errors} errors for {requests:.0} requests:\n{text}");
     }
-    let total = user + sys + irq;
     Ok(Sample {
         rps,
         p50_ms: p50,
         p99_ms: p99,
-        cpu_per_1k: total / (requests / 1000.0),
+        cpu_per_1k: busy / (requests / 1000.0),
         app_cpu_per_1k: (au + asys) / (requests / 1000.0),
-        kernel_share: (sys + irq) / total.max(1e-9),
+        kernel_share: kernel / busy.max(1e-9),
         syscalls_per_req: perf_count(perf).map(|s| s / requests.max(1.0)),
         errors,
     })
@@ -284,10 +287,6 @@ impl Side<'_> {
         c.args(args);
         Ok(c)
     }
-
-    fn daemon_pid(&self) -> Option<u32> {
-        self.daemon.and_then(|d| d.child.as_ref().map(|c| c.id()))
-    }
 }
 
 /// Run every planned scenario on one side; the samples in plan order.
@@ -308,11 +307,9 @@ fn run_side(
     let mut ng = Proc::spawn(side.cmd(&site.args(&conf))?, "nginx")?;
     let url = format!("http://{front}/small");
     wait_up(tb, &url)?;
-    let daemon: Vec<u32> = side.daemon_pid().into_iter().collect();
     let nginx_who = || {
         let worker = child_pids(ng.pid()).first().copied();
         Who {
-            servers: [vec![ng.pid()], daemon.clone()].concat(),
             app: vec![ng.pid()],
             perf: worker,
         }
@@ -378,7 +375,6 @@ fn run_side(
             let eurl = format!("http://{listen}/small");
             wait_up(tb, &eurl)?;
             let who = Who {
-                servers: [vec![envoy.pid(), ng.pid()], daemon.clone()].concat(),
                 app: vec![envoy.pid()],
                 perf: None,
             };
