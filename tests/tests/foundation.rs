@@ -662,6 +662,25 @@ fn hoststackctl_shows_sessions_and_counters() -> Result<()> {
         v["counters"]["stack"]["passive_opens"].as_u64() == Some(1),
         "{v}"
     );
+    // A reader that goes away early (`| head`) is not an error.
+    let out = std::process::Command::new("bash")
+        .args([
+            "-o",
+            "pipefail",
+            "-c",
+            &format!(
+                "{} --socket-dir {} all | true",
+                ctl.display(),
+                d.dir.display()
+            ),
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "hoststackctl | true: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A daemon that is not there: a clear error, not a hang.
     let out = std::process::Command::new(&ctl)
         .args(["--socket-dir", "/nonexistent"])

@@ -2,6 +2,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::Value;
+use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
@@ -56,21 +57,35 @@ fn s(v: &Value) -> String {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let text = render(&cli)?;
+    // A reader that stops early (`| head`) is not an error.
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r.context("writing to stdout")?),
+    }
+}
+
+/// The whole report as text.
+fn render(cli: &Cli) -> Result<String> {
+    let mut o = String::new();
     let what = format!("{:?}", cli.what).to_lowercase();
     let v = query(&cli.socket_dir, &what)?;
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        writeln!(o, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(o);
     }
     if let Some(apps) = v.get("apps").and_then(|a| a.as_array()) {
-        println!("APPS");
-        println!(
+        writeln!(o, "APPS")?;
+        writeln!(
+            o,
             "{:>4} {:<16} {:<10} {:>7} {:>8} {:>12}",
             "id", "name", "namespace", "pid", "workers", "shm"
-        );
+        )?;
         for a in apps {
             let nw = a["workers"].as_array().map_or(0, |w| w.len());
-            println!(
+            writeln!(
+                o,
                 "{:>4} {:<16} {:<10} {:>7} {:>8} {:>12}",
                 s(&a["id"]),
                 s(&a["name"]),
@@ -78,28 +93,30 @@ fn main() -> Result<()> {
                 s(&a["pid"]),
                 nw,
                 s(&a["shm_bytes"])
-            );
+            )?;
             if matches!(cli.what, What::Workers | What::All) {
                 for w in a["workers"].as_array().into_iter().flatten() {
-                    println!(
+                    writeln!(
+        o,
                         "       worker {:>3}: requests {:>10} events {:>10} wakeups {:>8} backlog {}",
                         s(&w["index"]), s(&w["requests"]), s(&w["events"]), s(&w["wakeups"]), s(&w["backlog"])
-                    );
+                    )?;
                 }
             }
         }
-        println!();
+        writeln!(o)?;
     }
     if let Some(ls) = v.get("listeners").and_then(|a| a.as_array()) {
-        println!("LISTENERS");
+        writeln!(o, "LISTENERS")?;
         for l in ls {
-            println!("  app {} worker {} {}", s(&l[1]), s(&l[2]), s(&l[3]));
+            writeln!(o, "  app {} worker {} {}", s(&l[1]), s(&l[2]), s(&l[3]))?;
         }
-        println!();
+        writeln!(o)?;
     }
     if let Some(ss) = v.get("sessions").and_then(|a| a.as_array()) {
-        println!("SESSIONS ({})", ss.len());
-        println!(
+        writeln!(o, "SESSIONS ({})", ss.len())?;
+        writeln!(
+            o,
             "{:>12} {:>4} {:>3} {:<4} {:<11} {:<12} {:<26} {:<26} {:>12} {:>12} {:>15}",
             "handle",
             "app",
@@ -112,9 +129,10 @@ fn main() -> Result<()> {
             "rx_bytes",
             "tx_bytes",
             "fifo rx/tx"
-        );
+        )?;
         for x in ss {
-            println!(
+            writeln!(
+                o,
                 "{:>12} {:>4} {:>3} {:<4} {:<11} {:<12} {:<26} {:<26} {:>12} {:>12} {:>7}/{:<7}",
                 s(&x["handle"]),
                 s(&x["app"]),
@@ -128,14 +146,15 @@ fn main() -> Result<()> {
                 s(&x["tx_bytes"]),
                 s(&x["rx_fifo"]),
                 s(&x["tx_fifo"])
-            );
+            )?;
         }
-        println!();
+        writeln!(o)?;
     }
     if let Some(is) = v.get("interfaces").and_then(|a| a.as_array()) {
-        println!("INTERFACES");
+        writeln!(o, "INTERFACES")?;
         for i in is {
-            println!(
+            writeln!(
+                o,
                 "  {} ({}) mac {} mtu {} ipv4 {} ipv6 {} gw4 {} gw6 {}",
                 s(&i["name"]),
                 s(&i["kind"]),
@@ -145,14 +164,14 @@ fn main() -> Result<()> {
                 s(&i["ipv6"]),
                 s(&i["gateway4"]),
                 s(&i["gateway6"])
-            );
-            println!("    {}", s(&i["stats"]));
+            )?;
+            writeln!(o, "    {}", s(&i["stats"]))?;
         }
-        println!();
+        writeln!(o)?;
     }
     if let Some(c) = v.get("counters") {
-        println!("COUNTERS");
-        println!("{}", serde_json::to_string_pretty(c)?);
+        writeln!(o, "COUNTERS")?;
+        writeln!(o, "{}", serde_json::to_string_pretty(c)?)?;
     }
-    Ok(())
+    Ok(o)
 }
