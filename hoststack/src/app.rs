@@ -142,6 +142,11 @@ pub struct Worker {
     pub requests: u64,
     /// eventfd writes made to wake the app (stats).
     pub wakeups: u64,
+    /// The app sleeps and has been sent events: wake it once the daemon
+    /// has finished its current pass ([`Worker::flush_wake`]). Waking it at
+    /// the first event would, on a shared CPU, let it preempt the daemon
+    /// and handle one event per wake-up instead of the whole batch.
+    pub wake_pending: bool,
 }
 
 /// Result of posting an event.
@@ -160,8 +165,7 @@ impl Worker {
             match self.evt.try_send(&m) {
                 Ok(()) => {
                     if self.evt.wake_needed() {
-                        self.wakeups += 1;
-                        self.app_wake.notify();
+                        self.wake_pending = true;
                     }
                     return Ok(());
                 }
@@ -190,10 +194,17 @@ impl Worker {
             }
         }
         if sent && self.evt.wake_needed() {
+            self.wake_pending = true;
+        }
+        Ok(())
+    }
+
+    /// Write the app's eventfd if events were posted while it slept.
+    pub fn flush_wake(&mut self) {
+        if std::mem::take(&mut self.wake_pending) {
             self.wakeups += 1;
             self.app_wake.notify();
         }
-        Ok(())
     }
 }
 
@@ -268,6 +279,7 @@ impl App {
             events: 0,
             requests: 0,
             wakeups: 0,
+            wake_pending: false,
         };
         self.workers[index as usize] = Some(w);
         Ok(index)

@@ -269,6 +269,9 @@ impl Daemon {
         let mut last_work = Instant::now();
         loop {
             self.loops += 1;
+            // Wake the apps that got events in the last pass, now that the
+            // whole batch is in their queues.
+            self.engine.flush_wakes();
             // Adaptive mode: keep polling for a short while after work, so a
             // reply arriving soon is caught without a sleep/wake-up pair.
             let spinning = !spin.is_zero() && last_work.elapsed() < spin;
@@ -398,6 +401,7 @@ impl Daemon {
             if let Some(a) = self.engine.apps.get_mut(&id) {
                 for w in a.workers.iter_mut().flatten() {
                     let _ = w.post(&session_api::msg::Event::Shutdown);
+                    w.flush_wake();
                 }
             }
             self.drop_app(id, now);

@@ -176,6 +176,8 @@ pub struct Engine {
     pub apps: HashMap<AppId, App>,
     next_app: u32,
     next_segment: u32,
+    /// Workers with a deferred wake-up (see `app::Worker::wake_pending`).
+    wake_list: Vec<(AppId, u32)>,
     sessions: Vec<Option<Session>>,
     sgen: Vec<u32>,
     sfree: Vec<u32>,
@@ -241,6 +243,7 @@ impl Engine {
             ct_by_pair: HashMap::new(),
             cfg,
             broken: Vec::new(),
+            wake_list: Vec::new(),
             lingering: 0,
             retired: HashMap::new(),
             close_lingering: Vec::new(),
@@ -302,6 +305,17 @@ impl Engine {
         std::mem::take(&mut self.broken)
     }
 
+    /// Wake the apps that were sent events during this pass (one eventfd
+    /// write per sleeping worker). The daemon calls this before it sleeps
+    /// or polls again.
+    pub fn flush_wakes(&mut self) {
+        for (app, w) in std::mem::take(&mut self.wake_list) {
+            if let Some(w) = self.apps.get_mut(&app).and_then(|a| a.worker(w)) {
+                w.flush_wake();
+            }
+        }
+    }
+
     fn mark_broken(&mut self, app: AppId) {
         if !self.broken.contains(&app) {
             tracing::warn!(
@@ -314,7 +328,14 @@ impl Engine {
 
     fn post(&mut self, app: AppId, worker: u32, ev: Event) {
         let r = match self.apps.get_mut(&app).and_then(|a| a.worker(worker)) {
-            Some(w) => w.post(&ev),
+            Some(w) => {
+                let was = w.wake_pending;
+                let r = w.post(&ev);
+                if !was && w.wake_pending {
+                    self.wake_list.push((app, worker));
+                }
+                r
+            }
             None => return,
         };
         if r == Err(PostError::Broken) {
@@ -563,8 +584,12 @@ impl Engine {
         }
         if let Some(a) = self.apps.get_mut(&app) {
             for w in a.workers.iter_mut().flatten() {
+                let was = w.wake_pending;
                 if w.flush_backlog().is_err() {
                     corrupt = true;
+                }
+                if !was && w.wake_pending {
+                    self.wake_list.push((app, w.index));
                 }
             }
         }
