@@ -2473,6 +2473,45 @@ mod tests {
     }
 
     #[test]
+    fn a_sleeping_app_is_woken_once_per_pass_after_the_batch() {
+        let mut b = Bench::new(4096, 8192);
+        assert!(b.evt.prepare_sleep(), "nothing queued yet");
+        for (i, port) in [81u16, 82, 83].into_iter().enumerate() {
+            b.req
+                .try_send(
+                    &Request::Listen {
+                        req_id: i as u32 + 1,
+                        proto: Proto::Tcp,
+                        local: format!("0.0.0.0:{port}").parse().unwrap(),
+                        backlog: 8,
+                        flags: LISTEN_SHARED,
+                    }
+                    .encode(),
+                )
+                .unwrap();
+        }
+        let mut tx = VecTx::default();
+        b.e.drain_requests(b.now, &mut tx);
+        let w = |b: &mut Bench| {
+            b.e.apps
+                .get_mut(&b.app)
+                .unwrap()
+                .worker(0)
+                .unwrap()
+                .app_wake
+                .drain()
+        };
+        // Three replies queued, no wake-up yet: the app would otherwise run
+        // (on a shared CPU, preempting the daemon) after the first one.
+        assert_eq!(w(&mut b), 0, "woken before the pass ended");
+        b.e.flush_wakes();
+        assert_eq!(w(&mut b), 1, "one wake-up for the whole batch");
+        b.e.flush_wakes();
+        assert_eq!(w(&mut b), 0, "and only one");
+        assert_eq!(b.events().len(), 3);
+    }
+
+    #[test]
     fn requests_for_handles_of_other_apps_are_refused() {
         let mut b = Bench::new(4096, 8192);
         // A made-up handle and a listener handle the app does not own.
