@@ -159,7 +159,7 @@ fn perf_count(c: Option<std::process::Child>) -> Option<f64> {
 fn wrk(tb: &Testbed, url: &str, load: Load, latency: bool) -> Result<String> {
     // 10 000 connections need more than the default 1024 descriptors.
     let mut script = format!(
-        "ulimit -n 65536; exec wrk -t1 -c{} -d{}s --timeout 10s",
+        "ulimit -n 65536 2>/dev/null || ulimit -n $(ulimit -Hn); exec wrk -t1 -c{} -d{}s --timeout 10s",
         load.conns, load.secs
     );
     if latency {

@@ -7,6 +7,7 @@
 //! sockets or threads. OS-facing code lives in [`uplink`], [`sys`] and
 //! [`daemon`].
 pub mod app;
+pub mod bufpool;
 pub mod config;
 pub mod daemon;
 pub mod session;

@@ -17,6 +17,7 @@
 //! [`FrameTx`], time is passed in. It is driven by the daemon's event loop and
 //! by unit tests that wire two stacks together.
 
+use crate::bufpool::{Lease, Pool};
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::{tcp, udp};
@@ -159,6 +160,8 @@ struct Flow {
     owner: u64,
     /// The earliest timer we queued for this flow.
     timer: Option<Instant>,
+    /// Pool buffers lent to the socket in `set` (TCP).
+    lease: Option<Lease>,
 }
 
 struct Listener {
@@ -210,6 +213,8 @@ pub struct Stack {
     used_ports: HashSet<u16>,
     next_port: u16,
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    /// TCP socket buffers, recycled across connections.
+    pool: Pool,
     touched: Vec<FlowId>,
     touched_set: HashSet<FlowId>,
     cfg: StackConfig,
@@ -491,6 +496,7 @@ impl Stack {
             used_ports: HashSet::new(),
             next_port: 49152 + (seed % 16000) as u16,
             timers: BinaryHeap::new(),
+            pool: Pool::default(),
             touched: Vec::new(),
             touched_set: HashSet::new(),
             cfg,
@@ -556,6 +562,7 @@ impl Stack {
             listener: None,
             owner: 0,
             timer: None,
+            lease: None,
         });
         self.nflows += 1;
         FlowId { idx, gen }
@@ -575,13 +582,14 @@ impl Stack {
             .filter(|f| f.gen == id.gen)
     }
 
-    fn new_tcp_socket(&self) -> tcp::Socket<'static> {
-        let rx = tcp::SocketBuffer::new(vec![0; self.cfg.tcp_rx_buf]);
-        let tx = tcp::SocketBuffer::new(vec![0; self.cfg.tcp_tx_buf]);
+    fn new_tcp_socket(&mut self) -> (tcp::Socket<'static>, Option<Lease>) {
+        let (rx, tx, lease) = self
+            .pool
+            .tcp_buffers(self.cfg.tcp_rx_buf, self.cfg.tcp_tx_buf);
         let mut s = tcp::Socket::new(rx, tx);
         s.set_congestion_control(tcp::CongestionControl::Cubic);
         s.set_ack_delay(Some(Duration::from_millis(1)));
-        s
+        (s, lease)
     }
 
     /// Start listening on `local` (unspecified address = all of ours).
@@ -728,13 +736,19 @@ impl Stack {
         if self.tcp.contains_key(&key) {
             return Err(StackError::AddrInUse);
         }
-        let mut sock = self.new_tcp_socket();
-        sock.connect(self.iface.context(), remote, IpEndpoint::new(laddr, lport))
-            .map_err(|_| StackError::Unreachable)?;
+        let (mut sock, lease) = self.new_tcp_socket();
+        if sock
+            .connect(self.iface.context(), remote, IpEndpoint::new(laddr, lport))
+            .is_err()
+        {
+            self.give_back(sock, lease);
+            return Err(StackError::Unreachable);
+        }
         let mut set = SocketSet::new(Vec::with_capacity(1));
         let h = set.add(sock);
         let id = self.alloc_flow(FlowKind::Tcp, set, h);
         if let Some(f) = self.flow_mut(id) {
+            f.lease = lease;
             f.key = Some(key);
             f.owner = owner;
         }
@@ -894,6 +908,18 @@ impl Stack {
             }
         }
         self.touched_set.remove(&id);
+        if let Some(l) = f.lease {
+            self.pool.recycle(f.set, l);
+        }
+    }
+
+    /// Return the buffers of a socket that never became a flow.
+    fn give_back(&mut self, sock: tcp::Socket<'static>, lease: Option<Lease>) {
+        if let Some(l) = lease {
+            let mut set = SocketSet::new(Vec::with_capacity(1));
+            set.add(sock);
+            self.pool.recycle(set, l);
+        }
     }
 
     fn touch(&mut self, id: FlowId) {
@@ -1015,7 +1041,7 @@ impl Stack {
         }
         l.pending += 1;
         let owner = l.owner;
-        let mut sock = self.new_tcp_socket();
+        let (mut sock, lease) = self.new_tcp_socket();
         if sock
             .listen(IpListenEndpoint {
                 addr: Some(key.local),
@@ -1023,11 +1049,15 @@ impl Stack {
             })
             .is_err()
         {
+            self.give_back(sock, lease);
             return None;
         }
         let mut set = SocketSet::new(Vec::with_capacity(1));
         let h = set.add(sock);
         let id = self.alloc_flow(FlowKind::Tcp, set, h);
+        if let Some(f) = self.flow_mut(id) {
+            f.lease = lease;
+        }
         if let Some(f) = self.flow_mut(id) {
             f.key = Some(key);
             f.listener = Some(lid);

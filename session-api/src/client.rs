@@ -30,6 +30,7 @@
 //! `epoll_wait` (the daemon only writes the eventfd after the worker said it
 //! is going to sleep).
 
+use crate::fasthash::{FastMap, FastSet};
 use crate::fifo::{FifoConsumer, FifoProducer};
 use crate::mq::{MqConsumer, MqError, MqProducer};
 use crate::msg::{
@@ -39,7 +40,7 @@ use crate::msg::{
 use crate::proto::{AppCtrl, DaemonCtrl, CTRL_MAX};
 use crate::segment::{SegmentHeader, SEGMENT_HEADER_SIZE};
 use crate::shm::{recv_with_fds, send_with_fds, EventFd, ShmRegion};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -404,12 +405,12 @@ impl App {
                     app_wake: EventFd::from_fd(aw),
                     _seg: seg,
                     next_req: 1,
-                    replies: HashMap::new(),
-                    sessions: HashMap::new(),
-                    listeners: HashMap::new(),
-                    closed_listeners: HashSet::new(),
+                    replies: FastMap::default(),
+                    sessions: FastMap::default(),
+                    listeners: FastMap::default(),
+                    closed_listeners: FastSet::default(),
                     early_accepts: Vec::new(),
-                    early_state: HashMap::new(),
+                    early_state: FastMap::default(),
                     notes: VecDeque::new(),
                     dead: false,
                     scratch: Vec::new(),
@@ -492,15 +493,15 @@ pub struct Worker {
     app_wake: EventFd,
     _seg: Arc<ShmRegion>,
     next_req: u32,
-    replies: HashMap<u32, Event>,
-    sessions: HashMap<u64, Sess>,
-    listeners: HashMap<u64, Listen>,
+    replies: FastMap<u32, Event>,
+    sessions: FastMap<u64, Sess>,
+    listeners: FastMap<u64, Listen>,
     /// Listeners this worker closed (late connections go back).
-    closed_listeners: HashSet<u64>,
+    closed_listeners: FastSet<u64>,
     /// Connections that arrived before the listen reply was seen.
     early_accepts: Vec<(u64, u64, u32, u32)>,
     /// FIN/reset seen for sessions not yet accepted: (peer closed, reset).
-    early_state: HashMap<u64, (bool, Option<i32>)>,
+    early_state: FastMap<u64, (bool, Option<i32>)>,
     notes: VecDeque<Notify>,
     dead: bool,
     scratch: Vec<u8>,

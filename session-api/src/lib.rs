@@ -12,6 +12,7 @@
 //! every index they read from the other side.
 
 pub mod client;
+pub mod fasthash;
 pub mod fifo;
 pub mod mq;
 pub mod msg;

@@ -17,7 +17,8 @@ use libc::c_int;
 use session_api::client::{
     App, AttachConfig, ConnectToken, Error as ApiError, ListenerId, Notify, SessionId, Worker,
 };
-use std::collections::{HashMap, HashSet, VecDeque};
+use session_api::fasthash::{FastMap, FastSet};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -136,7 +137,7 @@ pub struct Opts {
     pub keepintvl: c_int,
     pub keepcnt: c_int,
     /// Other options accepted and remembered (level, name) -> value.
-    pub other: HashMap<(c_int, c_int), Vec<u8>>,
+    pub other: FastMap<(c_int, c_int), Vec<u8>>,
 }
 
 pub struct Sock {
@@ -181,7 +182,7 @@ pub struct Reg {
 /// app's kernel fds plus the worker's wake fds (tagged with [`MAGIC`]); the
 /// bypass entries and their ready list live here.
 pub struct Ep {
-    pub regs: HashMap<c_int, Reg>,
+    pub regs: FastMap<c_int, Reg>,
     pub ready: VecDeque<c_int>,
     /// Signalled when the instance has ready bypass entries and is nested
     /// in another poll set; also used to wake its waiters.
@@ -210,14 +211,14 @@ pub struct State {
     mode: Mode,
     pub worker: Option<Worker>,
     pub gen: u64,
-    pub socks: HashMap<u64, Sock>,
-    pub fds: HashMap<c_int, u64>,
+    pub socks: FastMap<u64, Sock>,
+    pub fds: FastMap<c_int, u64>,
     next_id: u64,
-    pub by_sess: HashMap<SessionId, u64>,
-    pub by_lid: HashMap<ListenerId, u64>,
-    pub by_token: HashMap<ConnectToken, u64>,
-    pub abandoned: HashSet<ConnectToken>,
-    pub eps: HashMap<c_int, Ep>,
+    pub by_sess: FastMap<SessionId, u64>,
+    pub by_lid: FastMap<ListenerId, u64>,
+    pub by_token: FastMap<ConnectToken, u64>,
+    pub abandoned: FastSet<ConnectToken>,
+    pub eps: FastMap<c_int, Ep>,
     sleepers: u32,
     waiters: Vec<c_int>,
     notes: Vec<Notify>,
@@ -283,14 +284,14 @@ impl State {
             mode: Mode::Unattached,
             worker: None,
             gen: 0,
-            socks: HashMap::new(),
-            fds: HashMap::new(),
+            socks: FastMap::default(),
+            fds: FastMap::default(),
             next_id: 1,
-            by_sess: HashMap::new(),
-            by_lid: HashMap::new(),
-            by_token: HashMap::new(),
-            abandoned: HashSet::new(),
-            eps: HashMap::new(),
+            by_sess: FastMap::default(),
+            by_lid: FastMap::default(),
+            by_token: FastMap::default(),
+            abandoned: FastSet::default(),
+            eps: FastMap::default(),
             sleepers: 0,
             waiters: Vec::new(),
             notes: Vec::new(),
@@ -957,7 +958,7 @@ impl State {
     pub fn ep_new(&mut self, epfd: c_int) -> &mut Ep {
         set_flag(&EPOLL, epfd, true);
         self.eps.entry(epfd).or_insert_with(|| Ep {
-            regs: HashMap::new(),
+            regs: FastMap::default(),
             ready: VecDeque::new(),
             wake: sys::eventfd(),
             magic_gen: 0,
