@@ -21,7 +21,9 @@ impl FastHasher {
 impl Hasher for FastHasher {
     #[inline]
     fn finish(&self) -> u64 {
-        self.0
+        // The multiply leaves its best-mixed bits in the middle; hashbrown
+        // takes the bucket from the low bits and a tag from the top 7.
+        self.0.rotate_left(26)
     }
 
     #[inline]
