@@ -65,8 +65,8 @@ pub struct Pair {
     pub hoststack: Sample,
 }
 
-/// (busy, kernel) seconds of one CPU from /proc/stat: busy = user + nice
-/// + system + irq + softirq; kernel = system + irq + softirq. Counting the
+/// (busy, kernel) seconds of one CPU from /proc/stat: busy is user, nice,
+/// system, irq and softirq; kernel is system, irq and softirq. Counting the
 /// server CPU as a whole leaves nothing out (softirq work done on behalf of
 /// any process) and counts nothing twice (tick-based accounting charges a
 /// softirq tick both to the interrupted task and to the CPU's softirq).

@@ -73,6 +73,16 @@ fn nginx_under_shim(d: &Daemon, site: &Site, listen: &str) -> Result<Proc> {
     Proc::spawn(c, "nginx")
 }
 
+/// Kernel nginx in the peer namespace on `port`, answering.
+fn peer_nginx(tb: &Testbed, site: &Site, port: u16) -> Result<Proc> {
+    let conf = site.conf("peer", &format!("{}:{port}", tb.peer_ip4), 1)?;
+    let args = site.args(&conf);
+    let args: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+    let p = Proc::spawn(tb.peer_cmd("nginx", &args), "peer nginx")?;
+    wait_http(tb, &format!("http://{}:{port}/small", tb.peer_ip4))?;
+    Ok(p)
+}
+
 fn start_envoy(d: &Daemon, dir: &Scratch, cfg: &serde_json::Value, workers: u32) -> Result<Envoy> {
     let admin: SocketAddr = cfg["admin"]["address"]["socket_address"]["address"]
         .as_str()
@@ -258,18 +268,7 @@ fn http_and_tcp_proxy_to_nginx_in_the_peer_namespace() -> Result<()> {
     let d = Daemon::start(&tb, &[])?;
     let site = Site::with_small(b'k')?;
     let dir = Scratch::new()?;
-    let peer_conf = site.conf("peer", &format!("{}:8083", tb.peer_ip4), 1)?;
-    let _peer = Proc::spawn(
-        tb.peer_cmd(
-            "nginx",
-            &site.args(&peer_conf)[1..]
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        ),
-        "peer nginx",
-    )?;
-    wait_http(&tb, &format!("http://{}:8083/small", tb.peer_ip4))?;
+    let _peer = peer_nginx(&tb, &site, 8083)?;
     let http: SocketAddr = format!("{}:10080", tb.daemon_ip4).parse()?;
     let tcp: SocketAddr = format!("{}:10081", tb.daemon_ip4).parse()?;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
@@ -312,17 +311,7 @@ fn strict_dns_cluster_resolves_through_the_kernel() -> Result<()> {
     let d = Daemon::start(&tb, &[])?;
     let site = Site::with_small(b'q')?;
     let dir = Scratch::new()?;
-    let peer_conf = site.conf("peer", &format!("{}:8084", tb.peer_ip4), 1)?;
-    let _peer = Proc::spawn(
-        tb.peer_cmd(
-            "nginx",
-            &site.args(&peer_conf)[1..]
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        ),
-        "peer nginx",
-    )?;
+    let _peer = peer_nginx(&tb, &site, 8084)?;
     // The name server sits on the kernel link: DNS never touches hoststack.
     let link = tb.kernel_link()?;
     let dns_py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/py/dns.py");

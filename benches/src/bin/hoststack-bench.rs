@@ -187,6 +187,15 @@ fn udp_sink(addr: SocketAddr, secs: f64) -> Result<()> {
 /// Count 64 B datagrams on `s` for `secs` from the first one.
 fn udp_count(s: &std::net::UdpSocket, secs: f64) -> Result<u64> {
     s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    count_datagrams(secs, |b| Ok(s.recv(b).ok()))
+}
+
+/// Count 64 B datagrams for `secs` from the first one; `recv` returns a
+/// datagram's length, or `None` after ~100 ms without one.
+fn count_datagrams(
+    secs: f64,
+    mut recv: impl FnMut(&mut [u8]) -> Result<Option<usize>>,
+) -> Result<u64> {
     let mut b = [0u8; 2048];
     let give_up = Instant::now() + T;
     let mut first = None;
@@ -198,11 +207,9 @@ fn udp_count(s: &std::net::UdpSocket, secs: f64) -> Result<u64> {
             None if now > give_up => bail!("no datagram within {T:?}"),
             _ => {}
         }
-        if let Ok(k) = s.recv(&mut b) {
-            if k == 64 {
-                first.get_or_insert(now);
-                n += 1;
-            }
+        if recv(&mut b)? == Some(64) {
+            first.get_or_insert(now);
+            n += 1;
         }
     }
     Ok(n)
@@ -234,6 +241,26 @@ fn udp_send(addr: SocketAddr, secs: f64) -> Result<u64> {
         }
     }
     Ok(n)
+}
+
+/// Blast 64 B datagrams at `addr` from the peer namespace while `sink`
+/// (already bound there) counts them for `secs`: received messages/s.
+fn udp_receive_rate(
+    tb: &Testbed,
+    addr: SocketAddr,
+    secs: f64,
+    sink: std::thread::JoinHandle<Result<u64>>,
+) -> Result<f64> {
+    let mut blast = peer_role_args(
+        tb,
+        &["udp-blast", &addr.to_string(), &(secs + 1.0).to_string()],
+        "",
+    )?;
+    let got = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("udp sink panicked"))??;
+    blast.success(T)?;
+    Ok(got as f64 / secs)
 }
 
 /// Native UDP sender (uplink) for `secs`; returns datagrams sent.
@@ -269,26 +296,13 @@ fn native_udp_sink(
         let mut w = app.worker()?;
         let s = w.udp_bind(addr)?;
         tx.send(())?;
-        let mut b = [0u8; 2048];
-        let give_up = Instant::now() + T;
-        let mut first = None;
-        let mut n = 0u64;
-        loop {
-            let now = Instant::now();
-            match first {
-                Some(t0) if now.duration_since(t0).as_secs_f64() >= secs => break,
-                None if now > give_up => bail!("no datagram within {T:?}"),
-                _ => {}
+        let n = count_datagrams(secs, |b| {
+            match w.recv_from(s, b, Some(Duration::from_millis(100))) {
+                Ok((k, _)) => Ok(Some(k)),
+                Err(CErr::WouldBlock) | Err(CErr::TimedOut) => Ok(None),
+                Err(e) => Err(e.into()),
             }
-            match w.recv_from(s, &mut b, Some(Duration::from_millis(100))) {
-                Ok((64, _)) => {
-                    first.get_or_insert(now);
-                    n += 1;
-                }
-                Ok(_) | Err(CErr::WouldBlock) | Err(CErr::TimedOut) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        })?;
         w.close(s)?;
         Ok(n)
     });
@@ -799,20 +813,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             udp_tx.push(expect_num(&mut sink, "count")? / udp_secs);
             let (ready, h) = native_udp_sink(&app, udp_rx_addr, udp_secs)?;
             ready.recv_timeout(T)?;
-            let mut blast = peer_role_args(
-                &tb,
-                &[
-                    "udp-blast",
-                    &udp_rx_addr.to_string(),
-                    &(udp_secs + 1.0).to_string(),
-                ],
-                "",
-            )?;
-            let got = h
-                .join()
-                .map_err(|_| anyhow::anyhow!("udp sink panicked"))??;
-            blast.success(T)?;
-            udp_rx.push(got as f64 / udp_secs);
+            udp_rx.push(udp_receive_rate(&tb, udp_rx_addr, udp_secs, h)?);
         }
         // Scale: the same bulk flow with many idle connections open.
         let hold: SocketAddr = format!("{peer}:5003").parse()?;
@@ -902,20 +903,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
                 pin(0, SERVER_CPU);
                 udp_count(&ks, udp_secs)
             });
-            let mut blast = peer_role_args(
-                &tb,
-                &[
-                    "udp-blast",
-                    &udp_rx_addr.to_string(),
-                    &(udp_secs + 1.0).to_string(),
-                ],
-                "",
-            )?;
-            let got = h
-                .join()
-                .map_err(|_| anyhow::anyhow!("udp sink panicked"))??;
-            blast.success(T)?;
-            k_udp_rx.push(got as f64 / udp_secs);
+            k_udp_rx.push(udp_receive_rate(&tb, udp_rx_addr, udp_secs, h)?);
             let _ = r;
         }
     }
