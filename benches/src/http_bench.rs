@@ -2,7 +2,9 @@
 //! peer namespace, CPU 0) against nginx (keep-alive and one connection per
 //! request, 100 and 10 000 connections) and against Envoy (concurrency 1
 //! and 2) in front of nginx. The server side (nginx, Envoy and, for
-//! hoststack, the daemon) is pinned to CPU 1 in both runs.
+//! hoststack, the daemon) is pinned to CPU 1 in both runs. Both sides'
+//! servers run at once; measurements alternate between them (each after
+//! the server CPU has gone idle), so drift over the run hits both alike.
 //!
 //! The kernel run reaches its servers over a second veth pair with kernel
 //! addresses (198.19.k.0/24); Envoy's upstream is nginx on 127.0.0.1. The
@@ -192,10 +194,26 @@ fn with_children(pids: &[u32]) -> Vec<u32> {
     v
 }
 
+/// Wait (at most 15 s) until the server CPU is idle: what the previous
+/// run left behind (closing connections, the other side's servers) must
+/// not be charged to the next one.
+fn settle() {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(15) {
+        let a = cpu_times(super::SERVER_CPU).0;
+        std::thread::sleep(Duration::from_millis(200));
+        if cpu_times(super::SERVER_CPU).0 - a < 0.2 * 0.03 {
+            return;
+        }
+    }
+}
+
 /// One wrk run against `url` from the peer namespace.
 fn measure(tb: &Testbed, url: &str, who: &Who, load: Load) -> Result<Sample> {
+    settle();
     // Warm-up (connections, caches).
     let _ = wrk(tb, url, Load { secs: 1, ..load }, false)?;
+    settle();
     let app = with_children(&who.app);
     let cpu = |v: &[u32]| -> Vec<(f64, f64)> { v.iter().map(|p| proc_cpu(*p)).collect() };
     let a0 = cpu(&app);
@@ -275,6 +293,14 @@ struct Side<'a> {
 }
 
 impl Side<'_> {
+    fn tag(&self) -> &'static str {
+        if self.daemon.is_some() {
+            "hs"
+        } else {
+            "kernel"
+        }
+    }
+
     /// `taskset -c 1 [hoststack run --strict --] args...`
     fn cmd(&self, args: &[String]) -> Result<Command> {
         let mut c = Command::new("taskset");
@@ -287,115 +313,83 @@ impl Side<'_> {
         c.args(args);
         Ok(c)
     }
+
+    /// nginx (1 worker) on the front address and on loopback; its URL.
+    fn nginx(&self, tb: &Testbed, site: &Site) -> Result<(Proc, String)> {
+        let front = format!("{}:8400", self.front);
+        let lo = format!("127.0.0.1:{}", self.upstream_port);
+        let conf = site.conf_listens(&format!("{}-nginx", self.tag()), &[&front, &lo], 1)?;
+        let ng = Proc::spawn(self.cmd(&site.args(&conf))?, "nginx")?;
+        let url = format!("http://{front}/small");
+        wait_up(tb, &url)?;
+        Ok((ng, url))
+    }
+
+    /// Envoy with `workers` workers in front of this side's nginx; its URL.
+    fn envoy(&self, tb: &Testbed, site: &Site, workers: u32) -> Result<(Envoy, String)> {
+        let listen: SocketAddr = format!("{}:{}", self.front, 8410 + workers).parse()?;
+        let admin: SocketAddr = format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        )
+        .parse()?;
+        let lo: SocketAddr = format!("127.0.0.1:{}", self.upstream_port).parse()?;
+        let cfg = static_bootstrap(
+            admin,
+            &[Listener::http("ingress", listen, "nginx")],
+            &[Cluster::fixed("nginx", &[lo])],
+        );
+        let tag = self.tag();
+        let cpath = write_config(&site.dir.join(format!("{tag}-envoy{workers}.json")), &cfg)?;
+        let log = site.dir.join(format!("{tag}-envoy{workers}.log"));
+        let mut args = vec![envoy_bin()?.display().to_string()];
+        args.extend(envoy_args(&cpath, workers, &log));
+        let envoy = Envoy::spawn(self.cmd(&args)?, admin, &log)?;
+        let url = format!("http://{listen}/small");
+        wait_up(tb, &url)?;
+        Ok((envoy, url))
+    }
 }
 
-/// Run every planned scenario on one side; the samples in plan order.
-fn run_side(
+fn nginx_who(ng: &Proc, perf: bool) -> Who {
+    Who {
+        app: vec![ng.pid()],
+        perf: if perf {
+            child_pids(ng.pid()).first().copied()
+        } else {
+            None
+        },
+    }
+}
+
+/// `reps` measurements of each side, alternating (kernel first on even
+/// rounds, hoststack first on odd ones) so that drift of the machine over
+/// the run hits both sides alike; medians.
+fn pair(
     tb: &Testbed,
-    side: &Side,
-    site: &Site,
-    plan: &Plan,
-) -> Result<Vec<(String, String, Sample)>> {
-    let tag = if side.daemon.is_some() {
-        "hs"
-    } else {
-        "kernel"
-    };
-    let front = format!("{}:8400", side.front);
-    let lo = format!("127.0.0.1:{}", side.upstream_port);
-    let conf = site.conf_listens(&format!("{tag}-nginx"), &[&front, &lo], 1)?;
-    let mut ng = Proc::spawn(side.cmd(&site.args(&conf))?, "nginx")?;
-    let url = format!("http://{front}/small");
-    wait_up(tb, &url)?;
-    let nginx_who = || {
-        let worker = child_pids(ng.pid()).first().copied();
-        Who {
-            app: vec![ng.pid()],
-            perf: worker,
-        }
-    };
-    let mut out = Vec::new();
-    let reps = |url: &str, who: &Who, load: Load| -> Result<Sample> {
-        let mut v = Vec::new();
-        for _ in 0..plan.reps {
-            v.push(measure(tb, url, who, load)?);
-        }
-        Ok(med(&v))
-    };
-    let ka = Load {
-        conns: 32,
-        secs: plan.secs,
-        close: false,
-    };
-    out.push((
-        "wrk -> nginx, 64 B keep-alive (32 conns)".to_string(),
-        "requests/s".to_string(),
-        reps(&url, &nginx_who(), ka)?,
-    ));
-    if plan.short {
-        let mut w = nginx_who();
-        w.perf = None;
-        out.push((
-            "short connections: wrk -> nginx, new connection per request".to_string(),
-            "connections/s".to_string(),
-            reps(&url, &w, Load { close: true, ..ka })?,
-        ));
-    }
-    if plan.scale {
-        for conns in [100, 10_000] {
-            let mut w = nginx_who();
-            w.perf = None;
-            out.push((
-                format!("scale: wrk -> nginx keep-alive, {conns} connections"),
-                "requests/s".to_string(),
-                reps(&url, &w, Load { conns, ..ka })?,
-            ));
+    reps: usize,
+    kernel: (&str, &Who),
+    hs: (&str, &Who),
+    load: Load,
+) -> Result<(Sample, Sample)> {
+    let (mut k, mut h) = (Vec::new(), Vec::new());
+    for r in 0..reps {
+        if r % 2 == 0 {
+            k.push(measure(tb, kernel.0, kernel.1, load)?);
+            h.push(measure(tb, hs.0, hs.1, load)?);
+        } else {
+            h.push(measure(tb, hs.0, hs.1, load)?);
+            k.push(measure(tb, kernel.0, kernel.1, load)?);
         }
     }
-    if plan.envoy {
-        for workers in [1u32, 2] {
-            let listen: SocketAddr = format!("{}:{}", side.front, 8410 + workers).parse()?;
-            let admin: SocketAddr = format!(
-                "127.0.0.1:{}",
-                std::net::TcpListener::bind("127.0.0.1:0")?
-                    .local_addr()?
-                    .port()
-            )
-            .parse()?;
-            let cfg = static_bootstrap(
-                admin,
-                &[Listener::http("ingress", listen, "nginx")],
-                &[Cluster::fixed("nginx", &[lo.parse()?])],
-            );
-            let cpath = write_config(&site.dir.join(format!("{tag}-envoy{workers}.json")), &cfg)?;
-            let log = site.dir.join(format!("{tag}-envoy{workers}.log"));
-            let mut args = vec![envoy_bin()?.display().to_string()];
-            args.extend(envoy_args(&cpath, workers, &log));
-            let envoy = Envoy::spawn(side.cmd(&args)?, admin, &log)?;
-            let eurl = format!("http://{listen}/small");
-            wait_up(tb, &eurl)?;
-            let who = Who {
-                app: vec![envoy.pid()],
-                perf: None,
-            };
-            out.push((
-                format!("wrk -> Envoy (concurrency {workers}) -> nginx, keep-alive (32 conns)"),
-                "requests/s".to_string(),
-                reps(&eurl, &who, ka)?,
-            ));
-            // Envoy's own count must cover what wrk saw: nothing was lost.
-            if envoy.stat("http.ingress.downstream_rq_5xx")? > 0 {
-                bail!("Envoy ({tag}) answered 5xx under load");
-            }
-            envoy.stop()?;
-        }
-    }
-    ng.signal(libc::SIGQUIT);
-    let _ = ng.wait(Duration::from_secs(10));
-    Ok(out)
+    Ok((med(&k), med(&h)))
 }
 
-/// Kernel run, then hoststack run (daemon `d`); one [`Pair`] per scenario.
+/// Every planned scenario, kernel and hoststack (daemon `d`) side by side:
+/// both sides' servers run at once (idle ones cost nothing) and their
+/// measurements alternate. One [`Pair`] per scenario.
 pub fn run_pairs(tb: &Testbed, d: &Daemon, plan: &Plan) -> Result<Vec<Pair>> {
     if run(&["sh", "-c", "command -v nginx && command -v wrk"]).is_err() {
         bail!("nginx and wrk are needed: run scripts/setup.sh");
@@ -405,34 +399,89 @@ pub fn run_pairs(tb: &Testbed, d: &Daemon, plan: &Plan) -> Result<Vec<Pair>> {
     }
     let site = Site::new()?;
     let link = tb.kernel_link()?;
-    let kernel = run_side(
-        tb,
-        &Side {
-            front: link.local,
-            daemon: None,
-            upstream_port: 8402,
-        },
-        &site,
-        plan,
-    )?;
-    let hs = run_side(
-        tb,
-        &Side {
-            front: tb.daemon_ip4,
-            daemon: Some(d),
-            upstream_port: 8403,
-        },
-        &site,
-        plan,
-    )?;
-    Ok(kernel
-        .into_iter()
-        .zip(hs)
-        .map(|((scenario, unit, k), (_, _, h))| Pair {
+    let ks = Side {
+        front: link.local,
+        daemon: None,
+        upstream_port: 8402,
+    };
+    let hs = Side {
+        front: tb.daemon_ip4,
+        daemon: Some(d),
+        upstream_port: 8403,
+    };
+    let (mut kng, kurl) = ks.nginx(tb, &site)?;
+    let (mut hng, hurl) = hs.nginx(tb, &site)?;
+    let reps = plan.reps.max(1);
+    let mut out = Vec::new();
+    let mut add = |scenario: String, unit: &str, (kernel, hoststack): (Sample, Sample)| {
+        out.push(Pair {
             scenario,
-            unit,
-            kernel: k,
-            hoststack: h,
+            unit: unit.into(),
+            kernel,
+            hoststack,
         })
-        .collect())
+    };
+    let ka = Load {
+        conns: 32,
+        secs: plan.secs,
+        close: false,
+    };
+    let nginx = |perf: bool, load: Load| {
+        pair(
+            tb,
+            reps,
+            (&kurl, &nginx_who(&kng, perf)),
+            (&hurl, &nginx_who(&hng, perf)),
+            load,
+        )
+    };
+    add(
+        "wrk -> nginx, 64 B keep-alive (32 conns)".into(),
+        "requests/s",
+        nginx(true, ka)?,
+    );
+    if plan.short {
+        add(
+            "short connections: wrk -> nginx, new connection per request".into(),
+            "connections/s",
+            nginx(false, Load { close: true, ..ka })?,
+        );
+    }
+    if plan.scale {
+        for conns in [100, 10_000] {
+            add(
+                format!("scale: wrk -> nginx keep-alive, {conns} connections"),
+                "requests/s",
+                nginx(false, Load { conns, ..ka })?,
+            );
+        }
+    }
+    if plan.envoy {
+        for workers in [1u32, 2] {
+            let (ke, keurl) = ks.envoy(tb, &site, workers)?;
+            let (he, heurl) = hs.envoy(tb, &site, workers)?;
+            let who = |e: &Envoy| Who {
+                app: vec![e.pid()],
+                perf: None,
+            };
+            add(
+                format!("wrk -> Envoy (concurrency {workers}) -> nginx, keep-alive (32 conns)"),
+                "requests/s",
+                pair(tb, reps, (&keurl, &who(&ke)), (&heurl, &who(&he)), ka)?,
+            );
+            // Nothing was lost on either side.
+            for (e, side) in [(&ke, "kernel"), (&he, "hoststack")] {
+                if e.stat("http.ingress.downstream_rq_5xx")? > 0 {
+                    bail!("Envoy ({side}) answered 5xx under load");
+                }
+            }
+            ke.stop()?;
+            he.stop()?;
+        }
+    }
+    for ng in [&mut kng, &mut hng] {
+        ng.signal(libc::SIGQUIT);
+        let _ = ng.wait(Duration::from_secs(10));
+    }
+    Ok(out)
 }
