@@ -471,6 +471,48 @@ fn listen_with_a_negative_backlog_queues_like_linux() -> Result<()> {
 }
 
 #[test]
+fn kernel_fds_are_reported_while_hoststack_sockets_stay_ready() -> Result<()> {
+    // The shim skips the kernel half of an epoll set on most waits while
+    // hoststack sockets keep it busy (one syscall saved per wait); a ready
+    // kernel fd must still come out within the bound (8 waits or 1 ms).
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("c/epoll_fair.c");
+    let exe = std::env::temp_dir().join(format!("hs-epoll-fair-{}", unique_tag()));
+    let exe_s = exe.display().to_string();
+    run(&[
+        "gcc",
+        "-O1",
+        "-Wall",
+        "-Werror",
+        "-o",
+        &exe_s,
+        &src.display().to_string(),
+    ])?;
+    let waits = |out: std::process::Output| -> Result<u32> {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(out.status.success(), "epoll_fair: {text}");
+        text.trim()
+            .strip_prefix("pipe after ")
+            .and_then(|t| t.strip_suffix(" waits"))
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("epoll_fair said {text:?}"))
+    };
+    let kernel = waits(Command::new(&exe).output()?)?;
+    let before = d.counter(&["session", "cut_through_opened"])?;
+    let shimmed = waits(shim(&d, &[&exe_s])?.output()?);
+    let _ = std::fs::remove_file(&exe);
+    let shimmed = shimmed?;
+    ensure!(kernel == 1, "kernel: {kernel} waits");
+    ensure!(
+        d.counter(&["session", "cut_through_opened"])? > before,
+        "the socket was not a hoststack connection"
+    );
+    ensure!(shimmed <= 8, "pipe reported after {shimmed} waits");
+    Ok(())
+}
+
+#[test]
 fn when_the_daemon_dies_nginx_fails_cleanly_and_does_not_spin() -> Result<()> {
     have("nginx")?;
     let tb = Testbed::new()?;

@@ -191,6 +191,10 @@ pub struct Ep {
     pub magic_gen: u64,
     pub nested: bool,
     pub signaled: bool,
+    /// Waits that returned hoststack events without looking at the kernel
+    /// set, and when it was last looked at (see `iomux::wait_inner`).
+    pub kernel_skips: u32,
+    pub kernel_polled: Option<std::time::Instant>,
 }
 
 /// epoll data tags of the shim's own fds in an app's epoll set.
@@ -964,6 +968,8 @@ impl State {
             magic_gen: 0,
             nested: false,
             signaled: false,
+            kernel_skips: 0,
+            kernel_polled: None,
         })
     }
 
