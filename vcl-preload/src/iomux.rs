@@ -266,12 +266,13 @@ pub fn wait(
     zero: bool,
     sig: Option<&libc::sigset_t>,
 ) -> R<usize> {
-    let r = wait_inner(epfd, out, deadline, zero, sig);
+    let (r, g) = wait_inner(epfd, out, deadline, zero, sig);
     // Between this return and the app's next epoll_wait it handles the
     // events: requests it makes meanwhile wake the daemon once, at the
     // next wait (one wake-up per batch, not per request; a blocking call
-    // or any other wait flushes too).
-    let mut g = lock();
+    // or any other wait flushes too). Done under the lock the wait still
+    // holds (one lock round per call).
+    let mut g = g.unwrap_or_else(lock);
     if let Some(w) = st(&mut g).worker.as_mut() {
         w.set_defer_wake(matches!(r, Ok(n) if n > 0));
     }
@@ -308,7 +309,7 @@ fn wait_inner(
     deadline: Option<Instant>,
     zero: bool,
     sig: Option<&libc::sigset_t>,
-) -> R<usize> {
+) -> (R<usize>, Option<G>) {
     let mut g: G = lock();
     loop {
         let s = st(&mut g);
@@ -317,25 +318,25 @@ fn wait_inner(
             drop(g);
             let t = if zero { 0 } else { sys::ms_left(deadline) };
             let (r, e) = kernel_wait(epfd, out, t, sig);
-            return if r < 0 { Err(e) } else { Ok(r as usize) };
+            return (if r < 0 { Err(e) } else { Ok(r as usize) }, None);
         }
         s.ep_arm(epfd);
         let n = collect(s, epfd, out);
         let expired = zero || deadline.is_some_and(|d| Instant::now() >= d);
         if n > 0 && !expired && skip_kernel_poll(s, epfd) {
-            return Ok(n);
+            return (Ok(n), Some(g));
         }
         if n > 0 || expired {
             // Kernel fds too, without blocking.
             let (r, e) = kernel_wait(epfd, &mut out[n..], 0, None);
             if r < 0 {
-                return if n > 0 { Ok(n) } else { Err(e) };
+                return (if n > 0 { Ok(n) } else { Err(e) }, Some(g));
             }
             let k = filter_magic(s, epfd, &mut out[n..], r as usize);
             if k == 0 && n == 0 && !expired {
                 continue;
             }
-            return Ok(n + k);
+            return (Ok(n + k), Some(g));
         }
         let sleepers_ok = s.worker.as_mut().is_none_or(|w| w.prepare_sleep());
         if !sleepers_ok {
@@ -349,16 +350,16 @@ fn wait_inner(
         let s = st(&mut g);
         s.sleep_end(wake);
         if r < 0 {
-            return Err(e);
+            return (Err(e), Some(g));
         }
         let k = filter_magic(s, epfd, out, r as usize);
         s.pump();
         let n = collect(s, epfd, &mut out[k..]);
         if k + n > 0 {
-            return Ok(k + n);
+            return (Ok(k + n), Some(g));
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(0);
+            return (Ok(0), Some(g));
         }
     }
 }
