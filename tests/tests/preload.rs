@@ -430,6 +430,32 @@ fn a_loopback_listener_under_the_shim_serves_kernel_and_shim_clients() -> Result
     Ok(())
 }
 
+/// A test program from `tests/c/`, compiled with gcc; removed on drop.
+struct CProgram(PathBuf);
+
+impl CProgram {
+    fn build(name: &str) -> Result<CProgram> {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("c/{name}.c"));
+        let exe = std::env::temp_dir().join(format!("hs-{name}-{}", unique_tag()));
+        run(&[
+            "gcc",
+            "-O1",
+            "-Wall",
+            "-Werror",
+            "-o",
+            &exe.display().to_string(),
+            &src.display().to_string(),
+        ])?;
+        Ok(CProgram(exe))
+    }
+}
+
+impl Drop for CProgram {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[test]
 fn listen_with_a_negative_backlog_queues_like_linux() -> Result<()> {
     // Envoy calls listen(fd, -1): Linux reads that as SOMAXCONN. 64
@@ -437,18 +463,8 @@ fn listen_with_a_negative_backlog_queues_like_linux() -> Result<()> {
     // of their SYNs dropped.
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("c/backlog_echo.c");
-    let exe = std::env::temp_dir().join(format!("hs-backlog-echo-{}", unique_tag()));
-    let exe_s = exe.display().to_string();
-    run(&[
-        "gcc",
-        "-O1",
-        "-Wall",
-        "-Werror",
-        "-o",
-        &exe_s,
-        &src.display().to_string(),
-    ])?;
+    let exe = CProgram::build("backlog_echo")?;
+    let exe_s = exe.0.display().to_string();
     let ip = tb.daemon_ip4.to_string();
     let mut srv = Proc::spawn(shim(&d, &[&exe_s, &ip, "7400", "64"])?, "backlog_echo")?;
     srv.expect("listening", T)?;
@@ -456,7 +472,6 @@ fn listen_with_a_negative_backlog_queues_like_linux() -> Result<()> {
     let out = tb
         .peer_cmd("python3", &[&py, "many", &ip, "7400", "--count", "64"])
         .output()?;
-    let _ = std::fs::remove_file(&exe);
     ensure!(
         out.status.success(),
         "peer: {}",
@@ -477,18 +492,8 @@ fn kernel_fds_are_reported_while_hoststack_sockets_stay_ready() -> Result<()> {
     // kernel fd must still come out within the bound (8 waits or 1 ms).
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("c/epoll_fair.c");
-    let exe = std::env::temp_dir().join(format!("hs-epoll-fair-{}", unique_tag()));
-    let exe_s = exe.display().to_string();
-    run(&[
-        "gcc",
-        "-O1",
-        "-Wall",
-        "-Werror",
-        "-o",
-        &exe_s,
-        &src.display().to_string(),
-    ])?;
+    let exe = CProgram::build("epoll_fair")?;
+    let exe_s = exe.0.display().to_string();
     let waits = |out: std::process::Output| -> Result<u32> {
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         ensure!(out.status.success(), "epoll_fair: {text}");
@@ -498,11 +503,9 @@ fn kernel_fds_are_reported_while_hoststack_sockets_stay_ready() -> Result<()> {
             .and_then(|n| n.parse().ok())
             .with_context(|| format!("epoll_fair said {text:?}"))
     };
-    let kernel = waits(Command::new(&exe).output()?)?;
+    let kernel = waits(Command::new(&exe.0).output()?)?;
     let before = d.counter(&["session", "cut_through_opened"])?;
-    let shimmed = waits(shim(&d, &[&exe_s])?.output()?);
-    let _ = std::fs::remove_file(&exe);
-    let shimmed = shimmed?;
+    let shimmed = waits(shim(&d, &[&exe_s])?.output()?)?;
     ensure!(kernel == 1, "kernel: {kernel} waits");
     ensure!(
         d.counter(&["session", "cut_through_opened"])? > before,
