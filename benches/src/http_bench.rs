@@ -16,12 +16,13 @@
 //! nothing else does. The app's own CPU (nginx, or Envoy) comes from its
 //! processes' user + system time.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use envoy_integration::{
     envoy_args, envoy_bin, static_bootstrap, write_config, Cluster, Envoy, Listener,
 };
 use hoststack_tests::daemon::{bin, Daemon, Proc};
 use hoststack_tests::nginx::Site;
+use hoststack_tests::wrk::WrkRun;
 use hoststack_tests::{child_pids, clock_ticks, proc_cpu, run, wait_for, Testbed};
 use std::net::SocketAddr;
 use std::process::Command;
@@ -87,46 +88,6 @@ fn cpu_times(cpu: usize) -> (f64, f64) {
             (g(0) + g(1) + g(2) + g(5) + g(6), g(2) + g(5) + g(6))
         })
         .unwrap_or((0.0, 0.0))
-}
-
-fn latency_ms(out: &str, pct: &str) -> f64 {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(pct))
-        .map(|v| v.trim())
-        .and_then(|v| {
-            let (num, unit) = v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap_or(v.len()));
-            let n: f64 = num.parse().ok()?;
-            Some(match unit {
-                "us" => n / 1000.0,
-                "ms" => n,
-                "s" => n * 1000.0,
-                "m" => n * 60_000.0,
-                _ => n,
-            })
-        })
-        .unwrap_or(f64::NAN)
-}
-
-/// (requests/s, p50 ms, p99 ms, errors) from wrk's output.
-fn parse_wrk(out: &str) -> Result<(f64, f64, f64, u64)> {
-    let rps = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))?;
-    let mut errors = 0;
-    for l in out.lines() {
-        if let Some(rest) = l.trim().strip_prefix("Socket errors:") {
-            errors += rest
-                .split(',')
-                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
-                .sum::<u64>();
-        }
-        if let Some(rest) = l.trim().strip_prefix("Non-2xx or 3xx responses:") {
-            errors += rest.trim().parse::<u64>().unwrap_or(1);
-        }
-    }
-    Ok((rps, latency_ms(out, "50%"), latency_ms(out, "99%"), errors))
 }
 
 /// Count the syscalls of `pid` for `secs` with perf, if perf works here.
@@ -222,7 +183,8 @@ fn measure(tb: &Testbed, url: &str, who: &Who, load: Load) -> Result<Sample> {
     let text = wrk(tb, url, load, true)?;
     let c1 = cpu_times(super::SERVER_CPU);
     let a1 = cpu(&app);
-    let (rps, p50, p99, errors) = parse_wrk(&text)?;
+    let w = WrkRun::parse(&text)?;
+    let (rps, p50, p99, errors) = (w.rps, w.p50_ms, w.p99_ms, w.bad());
     let delta = |b: &[(f64, f64)], a: &[(f64, f64)]| {
         b.iter()
             .zip(a)

@@ -13,6 +13,7 @@ use envoy_integration::{
 };
 use hoststack_tests::daemon::{bin, Daemon, Proc};
 use hoststack_tests::nginx::Site;
+use hoststack_tests::wrk::WrkRun;
 use hoststack_tests::{run, unique_tag, wait_for, Testbed};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -123,47 +124,6 @@ fn wait_http(tb: &Testbed, url: &str) -> Result<()> {
     wait_for(&format!("{url} to answer 200"), T, || {
         Ok(matches!(peer_get(tb, url), Ok((200, _))))
     })
-}
-
-/// What wrk reported.
-#[derive(Debug, Default)]
-struct WrkRun {
-    requests: u64,
-    /// Socket errors: connect, read, write, timeout.
-    errors: [u64; 4],
-    non_2xx: u64,
-}
-
-impl WrkRun {
-    fn parse(text: &str) -> Result<WrkRun> {
-        let mut r = WrkRun {
-            requests: text
-                .lines()
-                .find(|l| l.contains("requests in"))
-                .and_then(|l| l.split_whitespace().next()?.parse().ok())
-                .with_context(|| format!("no request count in wrk output:\n{text}"))?,
-            ..WrkRun::default()
-        };
-        for l in text.lines() {
-            if let Some(rest) = l.trim().strip_prefix("Socket errors:") {
-                for (i, p) in rest.split(',').enumerate().take(4) {
-                    r.errors[i] = p
-                        .split_whitespace()
-                        .last()
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(1);
-                }
-            }
-            if let Some(rest) = l.trim().strip_prefix("Non-2xx or 3xx responses:") {
-                r.non_2xx = rest.trim().parse().unwrap_or(1);
-            }
-        }
-        Ok(r)
-    }
-
-    fn bad(&self) -> u64 {
-        self.errors.iter().sum::<u64>() + self.non_2xx
-    }
 }
 
 /// wrk from the peer namespace.

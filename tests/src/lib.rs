@@ -15,6 +15,7 @@
 
 pub mod daemon;
 pub mod nginx;
+pub mod wrk;
 
 use anyhow::{bail, Context, Result};
 use std::net::{Ipv4Addr, Ipv6Addr};

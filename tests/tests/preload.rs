@@ -7,6 +7,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use hoststack_tests::daemon::{bin, Daemon, Proc};
 use hoststack_tests::nginx::Site;
+use hoststack_tests::wrk::WrkRun;
 use hoststack_tests::{child_pids, proc_cpu, run, unique_tag, wait_for, Testbed};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -58,25 +59,8 @@ fn wait_http(tb: &Testbed, url: &str) -> Result<()> {
 
 /// Parse wrk's output: (requests, socket errors + non-2xx).
 fn wrk_result(out: &str) -> Result<(u64, u64)> {
-    let req = out
-        .lines()
-        .find(|l| l.contains("requests in"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no request count in wrk output:\n{out}"))?;
-    let mut bad = 0;
-    for l in out.lines() {
-        if let Some(rest) = l.trim().strip_prefix("Socket errors:") {
-            bad += rest
-                .split(',')
-                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
-                .sum::<u64>();
-        }
-        if let Some(rest) = l.trim().strip_prefix("Non-2xx or 3xx responses:") {
-            bad += rest.trim().parse::<u64>().unwrap_or(1);
-        }
-    }
-    Ok((req, bad))
+    let w = WrkRun::parse(out)?;
+    Ok((w.requests, w.bad()))
 }
 
 /// user + system CPU seconds of a process so far.
