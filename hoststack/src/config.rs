@@ -23,6 +23,7 @@
 //! rx_buffer = 262144        # smoltcp receive buffer per connection (bytes)
 //! tx_buffer = 262144        # smoltcp send buffer per connection (bytes)
 //! connect_timeout_ms = 20000
+//! ack_delay_ms = 10         # delayed ACK: a reply sent within this time carries the ACK (0 = ACK at once)
 //!
 //! [session]
 //! fifo_size = 262144        # each rx/tx FIFO, power of two
@@ -105,6 +106,10 @@ pub struct TcpConfig {
     pub tx_buffer: usize,
     /// Active open timeout.
     pub connect_timeout_ms: u64,
+    /// Delayed-ACK timer: a reply within this time carries the ACK, so a
+    /// request/response exchange costs one frame each way (0 = ACK at once).
+    /// More than one full segment unacknowledged is ACKed immediately.
+    pub ack_delay_ms: u64,
 }
 
 /// `[session]`.
@@ -167,6 +172,7 @@ impl Default for TcpConfig {
             rx_buffer: 256 * 1024,
             tx_buffer: 256 * 1024,
             connect_timeout_ms: 20_000,
+            ack_delay_ms: 10,
         }
     }
 }
@@ -256,6 +262,10 @@ impl Config {
         if self.tcp.rx_buffer < 1024 || self.tcp.tx_buffer < 1024 {
             return v("tcp.rx_buffer", "buffers must be at least 1024 bytes");
         }
+        if self.tcp.ack_delay_ms > 500 {
+            // RFC 1122 4.2.3.2: an ACK must not be delayed more than 0.5 s.
+            return v("tcp.ack_delay_ms", "must be at most 500 (RFC 1122)");
+        }
         if self.daemon.poll_spin_us > 1_000_000 {
             return v("daemon.poll_spin_us", "must be at most 1000000");
         }
@@ -329,6 +339,10 @@ mod tests {
         let mut c = Config::default();
         c.uplink.interface = "x".into();
         c.uplink.ipv4 = Some("198.18.0.1/24".into());
+        c.validate().unwrap();
+        c.tcp.ack_delay_ms = 501;
+        assert!(c.validate().is_err());
+        c.tcp.ack_delay_ms = 0;
         c.session.fifo_size = 1000;
         assert!(c.validate().is_err());
         assert!(parse_mac("01:00:00:00:00:00").is_err());

@@ -174,6 +174,8 @@ impl Daemon {
                 gateway6,
                 tcp_rx_buf: cfg.tcp.rx_buffer,
                 tcp_tx_buf: cfg.tcp.tx_buffer,
+                tcp_ack_delay: (cfg.tcp.ack_delay_ms > 0)
+                    .then(|| smoltcp::time::Duration::from_millis(cfg.tcp.ack_delay_ms)),
                 udp_packets: 256,
                 udp_bytes: 256 * 1024,
                 max_flows: cfg.session.max_flows,

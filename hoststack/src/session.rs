@@ -2258,6 +2258,7 @@ mod tests {
             gateway6: None,
             tcp_rx_buf: buf,
             tcp_tx_buf: buf,
+            tcp_ack_delay: Some(Duration::from_millis(10)),
             udp_packets: 16,
             udp_bytes: 65536,
             max_flows: 1000,

@@ -116,6 +116,8 @@ pub struct StackConfig {
     pub tcp_rx_buf: usize,
     /// smoltcp send buffer per TCP connection.
     pub tcp_tx_buf: usize,
+    /// Delayed-ACK timer (`None`: ACK every segment at once).
+    pub tcp_ack_delay: Option<Duration>,
     /// UDP buffers: packets and bytes.
     pub udp_packets: usize,
     /// UDP payload bytes buffered per socket and direction.
@@ -588,7 +590,7 @@ impl Stack {
             .tcp_buffers(self.cfg.tcp_rx_buf, self.cfg.tcp_tx_buf);
         let mut s = tcp::Socket::new(rx, tx);
         s.set_congestion_control(tcp::CongestionControl::Cubic);
-        s.set_ack_delay(Some(Duration::from_millis(1)));
+        s.set_ack_delay(self.cfg.tcp_ack_delay);
         (s, lease)
     }
 
@@ -1241,6 +1243,7 @@ mod tests {
             gateway6: None,
             tcp_rx_buf: 65536,
             tcp_tx_buf: 65536,
+            tcp_ack_delay: Some(Duration::from_millis(10)),
             udp_packets: 16,
             udp_bytes: 65536,
             max_flows: 100_000,
@@ -1408,6 +1411,57 @@ mod tests {
         assert_eq!(k, n);
         assert_eq!(&got[..], &data[..n]);
         assert_eq!(w.b.flow(bf).unwrap().set.iter().count(), 1);
+    }
+
+    #[test]
+    fn reply_within_the_ack_delay_carries_the_ack() {
+        // Request/response: the server's ACK of a request must ride on the
+        // reply when the app answers within the delayed-ACK time (a pure ACK
+        // first is one more frame through the uplink and the peer's stack).
+        let mut w = Wire::new();
+        w.b.listen(
+            IpListenEndpoint {
+                addr: None,
+                port: 80,
+            },
+            16,
+            7,
+        )
+        .unwrap();
+        let mut out = VecTx::default();
+        let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
+        w.a.egress(f, w.now, &mut out);
+        w.pump(out.0, Vec::new());
+        w.settle();
+        let bf = *w.b.tcp.values().next().unwrap();
+        w.a.tcp(f).unwrap().send_slice(&[b'r'; 47]).unwrap();
+        let mut req = VecTx::default();
+        w.a.egress(f, w.now, &mut req);
+        assert_eq!(req.0.len(), 1);
+        let mut from_b = VecTx::default();
+        w.b.ingress(w.now, &req.0[0], false, &mut from_b);
+        let mut t = Vec::new();
+        w.b.take_touched(&mut t);
+        for id in t {
+            w.b.egress(id, w.now, &mut from_b);
+        }
+        // The app takes 3 ms to answer (a proxy hop on a busy CPU).
+        for _ in 0..3 {
+            w.now += Duration::from_millis(1);
+            w.b.poll_timers(w.now, &mut from_b);
+        }
+        assert!(from_b.0.is_empty(), "pure ACK sent before the reply");
+        let mut got = [0u8; 64];
+        assert_eq!(w.b.tcp(bf).unwrap().recv_slice(&mut got).unwrap(), 47);
+        w.b.tcp(bf).unwrap().send_slice(&[b'R'; 300]).unwrap();
+        w.b.egress(bf, w.now, &mut from_b);
+        assert_eq!(from_b.0.len(), 1, "one frame: the reply with the ACK");
+        w.pump(Vec::new(), from_b.0);
+        let mut got = [0u8; 400];
+        assert_eq!(w.a.tcp(f).unwrap().recv_slice(&mut got).unwrap(), 300);
+        // Nothing left to retransmit: the request was acknowledged.
+        w.settle();
+        assert_eq!(w.a.tcp(f).unwrap().send_queue(), 0);
     }
 
     #[test]

@@ -24,6 +24,7 @@ CONFIG FILE (TOML; every key optional unless noted, flags override the file):
     rx_buffer = 262144         smoltcp receive buffer per connection
     tx_buffer = 262144         smoltcp send buffer per connection
     connect_timeout_ms = 20000 active open gives up after this (ETIMEDOUT)
+    ack_delay_ms = 10          delayed ACK: a reply within this time carries the ACK (0 = at once)
   [session]
     fifo_size = 262144         rx and tx FIFO per session (power of two)
     ct_fifo_size = 1048576     each FIFO of a cut-through session (power of two)
@@ -80,6 +81,9 @@ struct Cli {
     /// FIFO size in bytes (overrides session.fifo_size).
     #[arg(long)]
     fifo_size: Option<u32>,
+    /// Delayed-ACK timer in milliseconds, 0 = ACK at once (overrides tcp.ack_delay_ms).
+    #[arg(long)]
+    ack_delay_ms: Option<u64>,
     /// Add an app namespace NAME=SECRET (repeatable; adds to the file's).
     #[arg(long = "namespace", value_name = "NAME=SECRET")]
     namespaces: Vec<String>,
@@ -136,6 +140,9 @@ fn main() -> Result<()> {
     }
     if let Some(f) = cli.fifo_size {
         cfg.session.fifo_size = f;
+    }
+    if let Some(ms) = cli.ack_delay_ms {
+        cfg.tcp.ack_delay_ms = ms;
     }
     for ns in &cli.namespaces {
         let (name, secret) = ns
