@@ -13,4 +13,5 @@ pub mod daemon;
 pub mod session;
 pub mod stack;
 pub mod sys;
+pub mod timers;
 pub mod uplink;

@@ -18,6 +18,7 @@
 //! by unit tests that wire two stacks together.
 
 use crate::bufpool::{Lease, Pool};
+use crate::timers::Wheel;
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::{tcp, udp};
@@ -26,8 +27,7 @@ use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr,
     IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
 };
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 /// Where the stack writes outgoing Ethernet frames.
 pub trait FrameTx {
@@ -214,7 +214,10 @@ pub struct Stack {
     listen_ports: HashMap<u16, Vec<ListenerId>>,
     used_ports: HashSet<u16>,
     next_port: u16,
-    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    /// Flow deadlines; stale entries (superseded `Flow::timer`) are skipped.
+    timers: Wheel<FlowId>,
+    /// Scratch for `poll_timers`.
+    expired: Vec<(Instant, FlowId)>,
     /// TCP socket buffers, recycled across connections.
     pool: Pool,
     touched: Vec<FlowId>,
@@ -497,7 +500,8 @@ impl Stack {
             listen_ports: HashMap::new(),
             used_ports: HashSet::new(),
             next_port: 49152 + (seed % 16000) as u16,
-            timers: BinaryHeap::new(),
+            timers: Wheel::new(now),
+            expired: Vec::new(),
             pool: Pool::default(),
             touched: Vec::new(),
             touched_set: HashSet::new(),
@@ -1103,7 +1107,7 @@ impl Stack {
         if let Some(t) = next {
             if f.timer.is_none_or(|old| t < old || old <= now) {
                 f.timer = Some(t);
-                self.timers.push(Reverse((t, id)));
+                self.timers.push(t, id);
             }
         }
     }
@@ -1111,7 +1115,7 @@ impl Stack {
     fn schedule(&mut self, id: FlowId, at: Instant) {
         if let Some(f) = self.flow_mut(id) {
             f.timer = Some(at);
-            self.timers.push(Reverse((at, id)));
+            self.timers.push(at, id);
         }
     }
 
@@ -1136,13 +1140,10 @@ impl Stack {
                 self.touch(id);
             }
         }
-        let mut guard = 0usize;
-        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
-            if t > now || guard > 100_000 {
-                break;
-            }
-            guard += 1;
-            self.timers.pop();
+        let mut due = std::mem::take(&mut self.expired);
+        // Bounded per call; the rest runs on the next pass.
+        self.timers.expire(now, 100_000, &mut due);
+        for (t, id) in due.drain(..) {
             let Some(f) = self.flow_mut(id) else { continue };
             if f.timer != Some(t) {
                 continue; // superseded
@@ -1151,6 +1152,7 @@ impl Stack {
             self.egress(id, now, tx);
             self.touch(id);
         }
+        self.expired = due;
     }
 
     /// When `poll_timers` next has work.
@@ -1158,7 +1160,7 @@ impl Stack {
         if self.neighbor_changed {
             return Some(Instant::from_micros(0));
         }
-        self.timers.peek().map(|Reverse((t, _))| *t)
+        self.timers.next()
     }
 
     /// Snapshot of the flows for the control socket.
