@@ -14,7 +14,10 @@
 //! CPU time is everything the server side spends: the busy time of CPU 1
 //! (user, system, irq, softirq), where the servers and the daemon run and
 //! nothing else does. The app's own CPU (nginx, or Envoy) comes from its
-//! processes' user + system time.
+//! processes' user + system time. The whole machine's busy time (client
+//! included) is recorded too: over a veth, which CPU does a packet's
+//! kernel work depends on who sent it, so per-CPU figures shift work
+//! between the sides (see [`Sample::machine_cpu_per_1k`]).
 
 use anyhow::{bail, Result};
 use envoy_integration::{
@@ -43,6 +46,18 @@ pub struct Sample {
     pub app_cpu_per_1k: f64,
     /// Share of the server-side CPU spent in the kernel (sys + softirq + irq).
     pub kernel_share: f64,
+    /// CPU seconds per 1000 requests of the whole machine (every CPU's busy
+    /// time, the client included). Attribution-free: over a veth, the
+    /// receive processing of a kernel server runs in the *sender's* softirq,
+    /// on the client's CPU, while hoststack's daemon does it on the server
+    /// CPU (and pays there for the client's receive of its replies).
+    pub machine_cpu_per_1k: f64,
+    /// Share of the app's own CPU (nginx, or Envoy) spent in system calls
+    /// and the kernel work they do: what a shim can remove from it at most.
+    pub app_kernel_share: f64,
+    /// Share of all server processes' CPU (nginx, and Envoy) in the kernel:
+    /// the measure of what the kernel path costs.
+    pub servers_kernel_share: f64,
     /// System calls per request made by the app (perf), if measured.
     pub syscalls_per_req: Option<f64>,
     /// wrk socket errors + non-2xx responses.
@@ -74,10 +89,15 @@ pub struct Pair {
 /// any process) and counts nothing twice (tick-based accounting charges a
 /// softirq tick both to the interrupted task and to the CPU's softirq).
 fn cpu_times(cpu: usize) -> (f64, f64) {
+    stat_times(&format!("cpu{cpu} "))
+}
+
+/// (busy, kernel) seconds of the `/proc/stat` line starting with `key`
+/// ("cpu " = all CPUs).
+fn stat_times(key: &str) -> (f64, f64) {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let key = format!("cpu{cpu} ");
     s.lines()
-        .find(|l| l.starts_with(&key))
+        .find(|l| l.starts_with(key))
         .map(|l| {
             let f: Vec<f64> = l
                 .split_whitespace()
@@ -143,6 +163,8 @@ fn wrk(tb: &Testbed, url: &str, load: Load, latency: bool) -> Result<String> {
 struct Who {
     /// The app whose own CPU gives the per-worker figure.
     app: Vec<u32>,
+    /// Every server process (nginx, and Envoy in front of it).
+    servers: Vec<u32>,
     /// Process whose syscalls are counted, if any.
     perf: Option<u32>,
 }
@@ -176,13 +198,16 @@ fn measure(tb: &Testbed, url: &str, who: &Who, load: Load) -> Result<Sample> {
     let _ = wrk(tb, url, Load { secs: 1, ..load }, false)?;
     settle();
     let app = with_children(&who.app);
+    let servers = with_children(&who.servers);
     let cpu = |v: &[u32]| -> Vec<(f64, f64)> { v.iter().map(|p| proc_cpu(*p)).collect() };
-    let a0 = cpu(&app);
+    let (a0, s0) = (cpu(&app), cpu(&servers));
+    let m0 = stat_times("cpu ");
     let c0 = cpu_times(super::SERVER_CPU);
     let perf = who.perf.and_then(|p| perf_syscalls(p, load.secs));
     let text = wrk(tb, url, load, true)?;
     let c1 = cpu_times(super::SERVER_CPU);
-    let a1 = cpu(&app);
+    let m1 = stat_times("cpu ");
+    let (a1, s1) = (cpu(&app), cpu(&servers));
     let w = WrkRun::parse(&text)?;
     let (rps, p50, p99, errors) = (w.rps, w.p50_ms, w.p99_ms, w.bad());
     let delta = |b: &[(f64, f64)], a: &[(f64, f64)]| {
@@ -191,6 +216,7 @@ fn measure(tb: &Testbed, url: &str, who: &Who, load: Load) -> Result<Sample> {
             .fold((0.0, 0.0), |(u, s), (b, a)| (u + a.0 - b.0, s + a.1 - b.1))
     };
     let (au, asys) = delta(&a0, &a1);
+    let (su, ssys) = delta(&s0, &s1);
     let (busy, kernel) = (c1.0 - c0.0, c1.1 - c0.1);
     let requests = rps * load.secs as f64;
     // A few errors are normal at 10 000 connections (connect timeouts);
@@ -205,6 +231,9 @@ fn measure(tb: &Testbed, url: &str, who: &Who, load: Load) -> Result<Sample> {
         cpu_per_1k: busy / (requests / 1000.0),
         app_cpu_per_1k: (au + asys) / (requests / 1000.0),
         kernel_share: kernel / busy.max(1e-9),
+        machine_cpu_per_1k: (m1.0 - m0.0) / (requests / 1000.0),
+        app_kernel_share: asys / (au + asys).max(1e-9),
+        servers_kernel_share: ssys / (su + ssys).max(1e-9),
         syscalls_per_req: perf_count(perf).map(|s| s / requests.max(1.0)),
         errors,
     })
@@ -230,6 +259,9 @@ fn med(v: &[Sample]) -> Sample {
         cpu_per_1k: m(&|s| s.cpu_per_1k),
         app_cpu_per_1k: m(&|s| s.app_cpu_per_1k),
         kernel_share: m(&|s| s.kernel_share),
+        machine_cpu_per_1k: m(&|s| s.machine_cpu_per_1k),
+        app_kernel_share: m(&|s| s.app_kernel_share),
+        servers_kernel_share: m(&|s| s.servers_kernel_share),
         syscalls_per_req: (!sys.is_empty()).then(|| super::median(sys)),
         errors: v.iter().map(|s| s.errors).sum(),
     }
@@ -318,6 +350,7 @@ impl Side<'_> {
 fn nginx_who(ng: &Proc, perf: bool) -> Who {
     Who {
         app: vec![ng.pid()],
+        servers: vec![ng.pid()],
         perf: if perf {
             child_pids(ng.pid()).first().copied()
         } else {
@@ -422,14 +455,21 @@ pub fn run_pairs(tb: &Testbed, d: &Daemon, plan: &Plan) -> Result<Vec<Pair>> {
         for workers in [1u32, 2] {
             let (ke, keurl) = ks.envoy(tb, &site, workers)?;
             let (he, heurl) = hs.envoy(tb, &site, workers)?;
-            let who = |e: &Envoy| Who {
+            let who = |e: &Envoy, ng: &Proc| Who {
                 app: vec![e.pid()],
+                servers: vec![e.pid(), ng.pid()],
                 perf: None,
             };
             add(
                 format!("wrk -> Envoy (concurrency {workers}) -> nginx, keep-alive (32 conns)"),
                 "requests/s",
-                pair(tb, reps, (&keurl, &who(&ke)), (&heurl, &who(&he)), ka)?,
+                pair(
+                    tb,
+                    reps,
+                    (&keurl, &who(&ke, &kng)),
+                    (&heurl, &who(&he, &hng)),
+                    ka,
+                )?,
             );
             // Nothing was lost on either side.
             for (e, side) in [(&ke, "kernel"), (&he, "hoststack")] {
