@@ -12,6 +12,7 @@
 //! gateway4 = "198.18.0.254" # IPv4 default gateway (the daemon's, not the kernel's)
 //! gateway6 = "2001:2::fe"   # IPv6 default gateway
 //! offload = true            # AF_PACKET: hand the kernel 64 KiB TCP super-frames (TSO) and TCP checksums
+//! rx_ring = true            # AF_PACKET: receive through a mapped ring (PACKET_RX_RING) instead of recvmmsg
 //!
 //! [daemon]
 //! socket_dir = "/run/hoststack" # attach sockets <dir>/<namespace>.sock and ctl.sock
@@ -79,6 +80,8 @@ pub struct UplinkConfig {
     pub gateway6: Option<String>,
     /// TCP segmentation/checksum offload to the kernel (AF_PACKET).
     pub offload: bool,
+    /// Receive through a memory-mapped ring (AF_PACKET).
+    pub rx_ring: bool,
 }
 
 /// `[daemon]`.
@@ -151,6 +154,7 @@ impl Default for UplinkConfig {
             gateway4: None,
             gateway6: None,
             offload: true,
+            rx_ring: true,
         }
     }
 }

@@ -114,6 +114,7 @@ impl Daemon {
             &cfg.uplink.interface,
             cfg.uplink.mac.as_deref().map(parse_mac).transpose()?,
             cfg.uplink.offload,
+            cfg.uplink.rx_ring,
         )
         .with_context(|| format!("opening uplink {}", cfg.uplink.interface))?;
         let mac = match &cfg.uplink.mac {
@@ -668,10 +669,10 @@ impl Daemon {
         let st = self.uplink.stats();
         let iface = json!({
             "name": self.uplink.name(), "kind": format!("{:?}", self.cfg.uplink.kind),
-            "mac": format!("{:02x?}", self.uplink.mac()), "mtu": self.uplink.mtu(),
+            "mac": self.uplink.mac().map(|b| format!("{b:02x}")).join(":"), "mtu": self.uplink.mtu(),
             "ipv4": self.cfg.uplink.ipv4, "ipv6": self.cfg.uplink.ipv6,
             "gateway4": self.cfg.uplink.gateway4, "gateway6": self.cfg.uplink.gateway6,
-            "stats": format!("{st:?}"),
+            "stats": st,
         });
         let counters = json!({
             "stack": self.engine.stack.stats(),

@@ -169,6 +169,18 @@ fn bulk_256mib_each_way_over_the_uplink() -> Result<()> {
     );
     r.success(T)?;
     eprintln!("kernel->native: {got}");
+    // The peer's 64 KiB GSO packets came whole through the mapped ring.
+    let v = d.ctl("interfaces")?;
+    let st = &v["interfaces"][0]["stats"];
+    ensure!(st["rx_truncated"] == 0, "truncated frames: {st}");
+    ensure!(
+        st["rx_ring_frames"] == st["rx_frames"] && st["rx_syscalls"] == 0,
+        "frames did not come through the receive ring: {st}"
+    );
+    ensure!(
+        st["rx_bytes"].as_u64().unwrap_or(0) / st["rx_frames"].as_u64().unwrap_or(1).max(1) > 1514,
+        "no super-frames arrived (the peer's GSO packets were cut): {st}"
+    );
     // Native → kernel.
     let pip = tb.peer_ip4.to_string();
     let mut k = peer(&tb, &["recv-hash", &pip, "9001"], "peer recv")?;

@@ -148,8 +148,23 @@ fn arp_exchange(
 
 #[test]
 fn af_packet_answers_arp_and_receives_udp() -> Result<()> {
+    arp_and_udp(false)
+}
+
+#[test]
+fn af_packet_rx_ring_answers_arp_and_receives_udp() -> Result<()> {
+    arp_and_udp(true)
+}
+
+fn arp_and_udp(rx_ring: bool) -> Result<()> {
     let tb = Testbed::new()?;
-    let mut up = AfPacket::open(&tb.daemon_if, &AfPacketOptions::default())?;
+    let mut up = AfPacket::open(
+        &tb.daemon_if,
+        &AfPacketOptions {
+            rx_ring,
+            ..AfPacketOptions::default()
+        },
+    )?;
     assert_eq!(up.name(), tb.daemon_if);
     assert_eq!(up.mtu(), 1500);
     let if_mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", tb.daemon_if))?;
@@ -183,6 +198,15 @@ fn af_packet_answers_arp_and_receives_udp() -> Result<()> {
     let st = up.stats();
     ensure!(st.rx_truncated == 0, "truncated frames: {st:?}");
     ensure!(st.rx_syscalls < st.rx_frames, "no batching: {st:?}");
+    if rx_ring {
+        // Every frame came from the mapped ring, without a system call.
+        ensure!(
+            st.rx_ring_frames == st.rx_frames && st.rx_syscalls == 0,
+            "{st:?}"
+        );
+    } else {
+        ensure!(st.rx_ring_frames == 0, "{st:?}");
+    }
     Ok(())
 }
 
@@ -202,8 +226,23 @@ fn peer_rx_packets(tb: &Testbed) -> Result<u64> {
 
 #[test]
 fn af_packet_sends_in_batches_and_never_hears_itself() -> Result<()> {
+    sends_in_batches(false)
+}
+
+#[test]
+fn af_packet_rx_ring_never_hears_itself() -> Result<()> {
+    sends_in_batches(true)
+}
+
+fn sends_in_batches(rx_ring: bool) -> Result<()> {
     let tb = Testbed::new()?;
-    let mut up = AfPacket::open(&tb.daemon_if, &AfPacketOptions::default())?;
+    let mut up = AfPacket::open(
+        &tb.daemon_if,
+        &AfPacketOptions {
+            rx_ring,
+            ..AfPacketOptions::default()
+        },
+    )?;
     let mac = up.mac();
     let rx0 = peer_rx_packets(&tb)?;
 
@@ -335,7 +374,13 @@ fn errors_name_the_interface() {
         Err(UplinkError::BadName(_))
     ));
     assert!(matches!(
-        hoststack::uplink::open(hoststack::uplink::UplinkKind::AfPacket, "", None, true),
+        hoststack::uplink::open(
+            hoststack::uplink::UplinkKind::AfPacket,
+            "",
+            None,
+            true,
+            true
+        ),
         Err(UplinkError::BadName(_))
     ));
 }

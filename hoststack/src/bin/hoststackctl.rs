@@ -165,7 +165,10 @@ fn render(cli: &Cli) -> Result<String> {
                 s(&i["gateway4"]),
                 s(&i["gateway6"])
             )?;
-            writeln!(o, "    {}", s(&i["stats"]))?;
+            if let Some(st) = i["stats"].as_object() {
+                let kv: Vec<String> = st.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                writeln!(o, "    {}", kv.join(", "))?;
+            }
         }
         writeln!(o)?;
     }

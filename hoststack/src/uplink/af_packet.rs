@@ -1,5 +1,6 @@
 //! AF_PACKET uplink with `recvmmsg`/`sendmmsg` batching.
 
+use super::ring::RxRing;
 use super::{ifreq, is_queue_full, TxBatch, Uplink, UplinkError, UplinkStats, BATCH};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -25,6 +26,9 @@ pub struct AfPacketOptions {
     /// Use virtio-net headers (`PACKET_VNET_HDR`): TCP segmentation and
     /// checksum offload towards the kernel ([`Uplink::tso`]).
     pub offload: bool,
+    /// Receive through a memory-mapped ring (`PACKET_RX_RING`, TPACKET_V2)
+    /// instead of `recvmmsg`; falls back to `recvmmsg` if the kernel refuses.
+    pub rx_ring: bool,
 }
 
 /// An AF_PACKET socket bound to one interface.
@@ -39,6 +43,8 @@ pub struct AfPacket {
     mac: [u8; 6],
     mtu: usize,
     rx: Vec<Box<[u8]>>,
+    /// The mapped receive ring, when in use (then `rx` is empty).
+    ring: Option<RxRing>,
     tx: TxBatch,
     /// PACKET_IGNORE_OUTGOING is unsupported: filter on `sll_pkttype`.
     skip_outgoing: bool,
@@ -173,6 +179,18 @@ impl AfPacket {
         setopt(libc::SOL_PACKET, libc::PACKET_AUXDATA, 1);
         // virtio-net headers: TSO and checksum offload towards the kernel.
         let vnet = opts.offload && setopt(libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1);
+        // After PACKET_VNET_HDR: the kernel refuses it once a ring exists.
+        let ring = if opts.rx_ring {
+            match RxRing::setup(raw, vnet) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(interface = ifname, error = %e, "PACKET_RX_RING unavailable; receiving with recvmmsg");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         // *FORCE passes the rmem_max/wmem_max caps (needs CAP_NET_ADMIN).
         if !setopt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, SOCK_BUF) {
             setopt(libc::SOL_SOCKET, libc::SO_RCVBUF, SOCK_BUF);
@@ -239,9 +257,14 @@ impl AfPacket {
             name: ifname.into(),
             mac,
             mtu,
-            rx: (0..BATCH)
-                .map(|_| vec![0u8; RX_BUF].into_boxed_slice())
-                .collect(),
+            rx: if ring.is_some() {
+                Vec::new()
+            } else {
+                (0..BATCH)
+                    .map(|_| vec![0u8; RX_BUF].into_boxed_slice())
+                    .collect()
+            },
+            ring,
             // Ethernet header + a VLAN tag + slack.
             // Offload: room for the virtio-net header and 64 KiB super-frames.
             tx: TxBatch::new(if vnet {
@@ -327,6 +350,29 @@ impl Uplink for AfPacket {
         let n = max.min(BATCH);
         if n == 0 {
             return Ok(0);
+        }
+        if let Some(ring) = self.ring.as_mut() {
+            let skip_outgoing = self.skip_outgoing;
+            let stats = &mut self.stats;
+            return Ok(ring.drain(n, &mut |fr| {
+                if skip_outgoing && fr.pkttype == libc::PACKET_OUTGOING {
+                    return;
+                }
+                if fr.data.len() < fr.len {
+                    stats.rx_truncated += 1;
+                    return;
+                }
+                stats.rx_frames += 1;
+                stats.rx_ring_frames += 1;
+                stats.rx_bytes += fr.len as u64;
+                let csum_ok =
+                    fr.status & (libc::TP_STATUS_CSUMNOTREADY | libc::TP_STATUS_CSUM_VALID) != 0;
+                let ok = match fr.vnet {
+                    Some(h) => csum_ok || h[0] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID) != 0,
+                    None => csum_ok,
+                };
+                f(fr.data, ok);
+            }));
         }
         // The headers live on the stack, rebuilt per call: they hold raw
         // pointers (a device holding them would not be Send), and filling

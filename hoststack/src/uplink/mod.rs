@@ -1,7 +1,8 @@
 //! Uplinks: the daemon's L2 devices, with batched I/O.
 //!
 //! * [`af_packet::AfPacket`]: an AF_PACKET socket bound to a named interface
-//!   (e.g. one end of a veth), `recvmmsg`/`sendmmsg` in batches. The kernel
+//!   (e.g. one end of a veth), receiving through a mapped ring (`ring`,
+//!   `PACKET_RX_RING`) or `recvmmsg`, sending with `sendmmsg` in batches. The kernel
 //!   still sees that interface, so it must carry **no kernel IP address**
 //!   (and should have IPv6 disabled): the daemon owns the addresses, and the
 //!   kernel would otherwise answer ARP/NDP and reset TCP for them too.
@@ -15,6 +16,7 @@
 //! This module (with [`crate::sys`]) is where the daemon's `unsafe` lives.
 
 pub mod af_packet;
+mod ring;
 pub mod tap;
 
 use std::io;
@@ -74,6 +76,9 @@ pub struct UplinkStats {
     pub rx_truncated: u64,
     /// Receive system calls.
     pub rx_syscalls: u64,
+    /// Frames read from the mapped receive ring (AF_PACKET `rx_ring`):
+    /// no system call each.
+    pub rx_ring_frames: u64,
     /// Send system calls.
     pub tx_syscalls: u64,
 }
@@ -143,6 +148,7 @@ pub fn open(
     name: &str,
     mac: Option<[u8; 6]>,
     offload: bool,
+    rx_ring: bool,
 ) -> Result<Box<dyn Uplink>, UplinkError> {
     Ok(match kind {
         UplinkKind::AfPacket => Box::new(AfPacket::open(
@@ -150,6 +156,7 @@ pub fn open(
             &AfPacketOptions {
                 mac,
                 offload,
+                rx_ring,
                 ..AfPacketOptions::default()
             },
         )?),
