@@ -13,12 +13,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Frames must hold a whole 64 KiB GSO/GRO packet from a local veth peer,
 /// plus the virtio-net header and the tpacket header in front of it.
 const FRAME_SIZE: usize = 65536 + 1024;
-/// Frames per block: 16 frames of 65 KiB in a ~1 MiB block.
-const FRAMES_PER_BLOCK: usize = 16;
-/// Page-aligned block.
-const BLOCK_SIZE: usize = (FRAME_SIZE * FRAMES_PER_BLOCK).next_multiple_of(4096);
-/// 256 frames: 16 MiB of ring, about what the socket buffer held before.
-const BLOCKS: usize = 16;
+/// Frames per block: 15 frames of 65 KiB fill a 1 MiB block (the kernel
+/// allocates blocks in power-of-two pages, so a bigger block would waste
+/// up to half of it).
+const FRAMES_PER_BLOCK: usize = 15;
+const BLOCK_SIZE: usize = 1 << 20;
+const _: () = assert!(FRAME_SIZE * FRAMES_PER_BLOCK <= BLOCK_SIZE && FRAME_SIZE % 16 == 0);
+/// 255 frames in 17 MiB: about what the socket buffer held before.
+const BLOCKS: usize = 17;
 
 /// One received frame, as the ring describes it.
 pub struct RxFrame<'a> {
