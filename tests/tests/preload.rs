@@ -500,6 +500,57 @@ fn kernel_fds_are_reported_while_hoststack_sockets_stay_ready() -> Result<()> {
 }
 
 #[test]
+fn accepted_fds_are_cheap_dups_and_survive_the_app_closing_the_template() -> Result<()> {
+    // An accepted hoststack connection's kernel fd is a dup of one
+    // unconnected socket (no kernel TCP socket per connection). An app that
+    // closes descriptors it does not know (closefrom) and reuses the number
+    // must not get its own socket duplicated as a placeholder.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let py = "import os, socket, stat\n\
+              l = socket.socket(); l.bind(('127.0.0.1', 7610)); l.listen(8)\n\
+              def pair():\n\
+              \x20   c = socket.create_connection(('127.0.0.1', 7610)); a, _ = l.accept(); return c, a\n\
+              c1, a1 = pair(); c2, a2 = pair()\n\
+              s1, s2 = os.fstat(a1.fileno()), os.fstat(a2.fileno())\n\
+              print('socket', stat.S_ISSOCK(s1.st_mode), 'shared', s1.st_ino == s2.st_ino)\n\
+              mine = {l.fileno(), c1.fileno(), c2.fileno(), a1.fileno(), a2.fileno()}\n\
+              closed = 0\n\
+              for n in sorted(int(x) for x in os.listdir('/proc/self/fd')):\n\
+              \x20   if n < 3 or n in mine: continue\n\
+              \x20   try: fam = socket.socket(fileno=os.dup(n))\n\
+              \x20   except OSError: continue\n\
+              \x20   f = fam.family; fam.close()\n\
+              \x20   if f in (socket.AF_INET, socket.AF_INET6): os.close(n); closed += 1\n\
+              decoy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); decoy.bind(('127.0.0.1', 0))\n\
+              port = decoy.getsockname()[1]\n\
+              c3, a3 = pair()\n\
+              s3 = os.fstat(a3.fileno())\n\
+              print('closed', closed, 'decoy_dup', s3.st_ino == os.fstat(decoy.fileno()).st_ino)\n\
+              a1.close()\n\
+              for c, a in ((c2, a2), (c3, a3)):\n\
+              \x20   c.sendall(b'ping'); a.sendall(a.recv(4).upper()); print(c.recv(4).decode())\n\
+              print('decoy', decoy.getsockname()[1] == port)\n";
+    let before = d.counter(&["session", "cut_through_opened"])?;
+    let out = shim(&d, &["python3", "-c", py])?.output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "python: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        d.counter(&["session", "cut_through_opened"])? >= before + 3,
+        "not hoststack connections"
+    );
+    ensure!(
+        text == "socket True shared True\nclosed 1 decoy_dup False\nPING\nPING\ndecoy True\n",
+        "{text}"
+    );
+    Ok(())
+}
+
+#[test]
 fn when_the_daemon_dies_nginx_fails_cleanly_and_does_not_spin() -> Result<()> {
     have("nginx")?;
     let tb = Testbed::new()?;

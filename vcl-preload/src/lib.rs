@@ -5,7 +5,8 @@
 //!
 //! Design in brief (details in docs/architecture.md):
 //! - every hoststack socket is backed by a real kernel socket created by
-//!   `socket()`/`accept()` (the placeholder): fd numbers, limits,
+//!   `socket()` (the placeholder; an accepted connection gets a dup of a
+//!   per-family template socket): fd numbers, limits,
 //!   close-on-exec and dup come from the kernel, and a socket that must
 //!   stay in the kernel (DNS, loopback UDP, an option the stack cannot
 //!   honour) simply keeps using its placeholder;

@@ -244,9 +244,8 @@ pub fn accept(fd: c_int, flags: c_int) -> R<Accepted> {
         match w.accept(lid, Some(Duration::ZERO)) {
             Ok(sid) => {
                 let peer = w.peer_addr(sid).ok().flatten();
-                let ty = libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC));
-                // SAFETY: plain syscall wrapper.
-                let nfd = unsafe { real::socket(domain, ty, 0) };
+                let nfd = s.accept_placeholder(domain, flags & libc::SOCK_CLOEXEC != 0);
+                let w = s.worker()?;
                 if nfd < 0 || nfd as usize >= crate::state::MAX_FD {
                     let e = if nfd < 0 { sys::errno() } else { libc::EMFILE };
                     if nfd >= 0 {
