@@ -18,7 +18,7 @@ const FRAME_SIZE: usize = 65536 + 1024;
 /// up to half of it).
 const FRAMES_PER_BLOCK: usize = 15;
 const BLOCK_SIZE: usize = 1 << 20;
-const _: () = assert!(FRAME_SIZE * FRAMES_PER_BLOCK <= BLOCK_SIZE && FRAME_SIZE % 16 == 0);
+const _: () = assert!(FRAME_SIZE * FRAMES_PER_BLOCK <= BLOCK_SIZE && FRAME_SIZE.is_multiple_of(16));
 /// 255 frames in 17 MiB: about what the socket buffer held before.
 const BLOCKS: usize = 17;
 
