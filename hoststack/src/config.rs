@@ -12,7 +12,7 @@
 //! gateway4 = "198.18.0.254" # IPv4 default gateway (the daemon's, not the kernel's)
 //! gateway6 = "2001:2::fe"   # IPv6 default gateway
 //! offload = true            # AF_PACKET: hand the kernel 64 KiB TCP super-frames (TSO) and TCP checksums
-//! rx_ring = true            # AF_PACKET: receive through a mapped ring (PACKET_RX_RING) instead of recvmmsg
+//! rx_ring_mb = 64           # AF_PACKET: receive ring (PACKET_RX_RING, kernel memory, 2 KiB per frame); 0 = recvmmsg
 //!
 //! [daemon]
 //! socket_dir = "/run/hoststack" # attach sockets <dir>/<namespace>.sock and ctl.sock
@@ -80,8 +80,9 @@ pub struct UplinkConfig {
     pub gateway6: Option<String>,
     /// TCP segmentation/checksum offload to the kernel (AF_PACKET).
     pub offload: bool,
-    /// Receive through a memory-mapped ring (AF_PACKET).
-    pub rx_ring: bool,
+    /// Size of the memory-mapped receive ring in MiB (AF_PACKET); 0 =
+    /// `recvmmsg`.
+    pub rx_ring_mb: usize,
 }
 
 /// `[daemon]`.
@@ -154,7 +155,7 @@ impl Default for UplinkConfig {
             gateway4: None,
             gateway6: None,
             offload: true,
-            rx_ring: true,
+            rx_ring_mb: 64,
         }
     }
 }
@@ -269,6 +270,9 @@ impl Config {
         if self.tcp.ack_delay_ms > 500 {
             // RFC 1122 4.2.3.2: an ACK must not be delayed more than 0.5 s.
             return v("tcp.ack_delay_ms", "must be at most 500 (RFC 1122)");
+        }
+        if self.uplink.rx_ring_mb > 4096 {
+            return v("uplink.rx_ring_mb", "must be at most 4096 (0 = no ring)");
         }
         if self.daemon.poll_spin_us > 1_000_000 {
             return v("daemon.poll_spin_us", "must be at most 1000000");

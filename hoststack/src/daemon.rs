@@ -114,7 +114,7 @@ impl Daemon {
             &cfg.uplink.interface,
             cfg.uplink.mac.as_deref().map(parse_mac).transpose()?,
             cfg.uplink.offload,
-            cfg.uplink.rx_ring,
+            cfg.uplink.rx_ring_mb,
         )
         .with_context(|| format!("opening uplink {}", cfg.uplink.interface))?;
         let mac = match &cfg.uplink.mac {

@@ -169,13 +169,15 @@ fn bulk_256mib_each_way_over_the_uplink() -> Result<()> {
     );
     r.success(T)?;
     eprintln!("kernel->native: {got}");
-    // The peer's 64 KiB GSO packets came whole through the mapped ring.
+    // The peer's 64 KiB GSO packets came whole: small frames through the
+    // mapped ring, the big ones (truncated there) from the socket queue.
     let v = d.ctl("interfaces")?;
     let st = &v["interfaces"][0]["stats"];
     ensure!(st["rx_truncated"] == 0, "truncated frames: {st}");
+    ensure!(st["rx_dropped"] == 0, "dropped frames: {st}");
     ensure!(
-        st["rx_ring_frames"] == st["rx_frames"] && st["rx_syscalls"] == 0,
-        "frames did not come through the receive ring: {st}"
+        st["rx_ring_frames"].as_u64() > Some(0) && st["rx_syscalls"].as_u64() > Some(0),
+        "expected ring frames and copied big frames: {st}"
     );
     ensure!(
         st["rx_bytes"].as_u64().unwrap_or(0) / st["rx_frames"].as_u64().unwrap_or(1).max(1) > 1514,

@@ -161,7 +161,7 @@ fn arp_and_udp(rx_ring: bool) -> Result<()> {
     let mut up = AfPacket::open(
         &tb.daemon_if,
         &AfPacketOptions {
-            rx_ring,
+            rx_ring_mb: if rx_ring { 4 } else { 0 },
             ..AfPacketOptions::default()
         },
     )?;
@@ -239,7 +239,7 @@ fn sends_in_batches(rx_ring: bool) -> Result<()> {
     let mut up = AfPacket::open(
         &tb.daemon_if,
         &AfPacketOptions {
-            rx_ring,
+            rx_ring_mb: if rx_ring { 4 } else { 0 },
             ..AfPacketOptions::default()
         },
     )?;
@@ -374,13 +374,7 @@ fn errors_name_the_interface() {
         Err(UplinkError::BadName(_))
     ));
     assert!(matches!(
-        hoststack::uplink::open(
-            hoststack::uplink::UplinkKind::AfPacket,
-            "",
-            None,
-            true,
-            true
-        ),
+        hoststack::uplink::open(hoststack::uplink::UplinkKind::AfPacket, "", None, true, 64),
         Err(UplinkError::BadName(_))
     ));
 }

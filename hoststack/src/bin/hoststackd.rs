@@ -15,7 +15,7 @@ CONFIG FILE (TOML; every key optional unless noted, flags override the file):
     ipv6 = \"2001:2::1/64\"      daemon-owned IPv6 address/prefix (+ EUI-64 link-local)
     gateway4 / gateway6        default gateways used by the daemon (not the kernel's)
     offload = true             AF_PACKET: TCP segmentation + checksum offload (virtio-net headers)
-    rx_ring = true             AF_PACKET: receive through a mapped ring (PACKET_RX_RING), not recvmmsg
+    rx_ring_mb = 64            AF_PACKET: receive ring (PACKET_RX_RING) in MiB of kernel memory; 0 = recvmmsg
   [daemon]
     socket_dir = \"/run/hoststack\"  attach sockets <dir>/<namespace>.sock, ctl.sock
     busy_poll = false          spin instead of sleeping (benchmarks)
@@ -70,9 +70,9 @@ struct Cli {
     /// IPv6 default gateway (overrides uplink.gateway6).
     #[arg(long)]
     gateway6: Option<String>,
-    /// Receive with recvmmsg instead of the mapped ring (sets uplink.rx_ring = false).
+    /// AF_PACKET receive ring size in MiB, 0 = recvmmsg (overrides uplink.rx_ring_mb).
     #[arg(long)]
-    no_rx_ring: bool,
+    rx_ring_mb: Option<usize>,
     /// Socket directory (overrides daemon.socket_dir).
     #[arg(long)]
     socket_dir: Option<PathBuf>,
@@ -133,8 +133,8 @@ fn main() -> Result<()> {
     if cli.gateway6.is_some() {
         cfg.uplink.gateway6 = cli.gateway6;
     }
-    if cli.no_rx_ring {
-        cfg.uplink.rx_ring = false;
+    if let Some(mb) = cli.rx_ring_mb {
+        cfg.uplink.rx_ring_mb = mb;
     }
     if let Some(d) = cli.socket_dir {
         cfg.daemon.socket_dir = d;

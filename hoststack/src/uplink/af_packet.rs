@@ -27,8 +27,9 @@ pub struct AfPacketOptions {
     /// checksum offload towards the kernel ([`Uplink::tso`]).
     pub offload: bool,
     /// Receive through a memory-mapped ring (`PACKET_RX_RING`, TPACKET_V2)
-    /// instead of `recvmmsg`; falls back to `recvmmsg` if the kernel refuses.
-    pub rx_ring: bool,
+    /// of this many MiB instead of `recvmmsg` (0); falls back to
+    /// `recvmmsg` if the kernel refuses.
+    pub rx_ring_mb: usize,
 }
 
 /// An AF_PACKET socket bound to one interface.
@@ -55,6 +56,8 @@ pub struct AfPacket {
     /// GSO segment size per pending TX frame (0 = none).
     gso: [u16; BATCH],
     stats: UplinkStats,
+    /// Frames the kernel dropped for want of room (ring or socket buffer).
+    rx_dropped: std::cell::Cell<u64>,
 }
 
 /// Size of `struct virtio_net_hdr`.
@@ -180,8 +183,11 @@ impl AfPacket {
         // virtio-net headers: TSO and checksum offload towards the kernel.
         let vnet = opts.offload && setopt(libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1);
         // After PACKET_VNET_HDR: the kernel refuses it once a ring exists.
-        let ring = if opts.rx_ring {
-            match RxRing::setup(raw, vnet) {
+        let ring = if opts.rx_ring_mb > 0 {
+            // Packets too big for a ring slot also go whole to the socket
+            // queue (TP_STATUS_COPY), read with recvmsg in ring order.
+            setopt(libc::SOL_PACKET, libc::PACKET_COPY_THRESH, 1);
+            match RxRing::setup(raw, vnet, opts.rx_ring_mb) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     tracing::warn!(interface = ifname, error = %e, "PACKET_RX_RING unavailable; receiving with recvmmsg");
@@ -258,7 +264,8 @@ impl AfPacket {
             mac,
             mtu,
             rx: if ring.is_some() {
-                Vec::new()
+                // One buffer for the oversized packets of the ring.
+                vec![vec![0u8; RX_BUF].into_boxed_slice()]
             } else {
                 (0..BATCH)
                     .map(|_| vec![0u8; RX_BUF].into_boxed_slice())
@@ -276,6 +283,7 @@ impl AfPacket {
             vnet,
             gso: [0; BATCH],
             stats: UplinkStats::default(),
+            rx_dropped: std::cell::Cell::new(0),
         })
     }
 
@@ -329,6 +337,29 @@ fn aux_csum_ok(h: &libc::msghdr) -> bool {
     false
 }
 
+/// Receive one whole packet from the socket queue into `buf` (a ring
+/// frame said it is there): its length and whether PACKET_AUXDATA vouches
+/// for its checksum. `None` if nothing was queued or it did not fit.
+fn recv_whole(fd: RawFd, buf: &mut [u8]) -> Option<(usize, bool)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut ctrl = [0u64; CTRL_WORDS];
+    // SAFETY: msghdr is plain old data; zero is valid.
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    h.msg_control = ctrl.as_mut_ptr().cast();
+    h.msg_controllen = std::mem::size_of::<[u64; CTRL_WORDS]>() as _;
+    // SAFETY: `h` points at live buffers of the stated sizes for the call.
+    let r = unsafe { libc::recvmsg(fd, &mut h, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
+    if r < 0 || r as usize > buf.len() || h.msg_flags & libc::MSG_TRUNC != 0 {
+        return None;
+    }
+    Some((r as usize, aux_csum_ok(&h)))
+}
+
 impl Uplink for AfPacket {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -352,9 +383,31 @@ impl Uplink for AfPacket {
             return Ok(0);
         }
         if let Some(ring) = self.ring.as_mut() {
-            let skip_outgoing = self.skip_outgoing;
+            let (skip_outgoing, vnet, fd) = (self.skip_outgoing, self.vnet, self.fd.as_raw_fd());
             let stats = &mut self.stats;
+            let big = &mut self.rx[0];
             return Ok(ring.drain(n, &mut |fr| {
+                if fr.copy {
+                    // The whole packet waits in the socket queue; take it
+                    // even if it is skipped, to keep the two in step.
+                    stats.rx_syscalls += 1;
+                    let Some((len, csum_ok)) = recv_whole(fd, big) else {
+                        stats.rx_truncated += 1;
+                        return;
+                    };
+                    if skip_outgoing && fr.pkttype == libc::PACKET_OUTGOING {
+                        return;
+                    }
+                    stats.rx_frames += 1;
+                    stats.rx_bytes += len as u64;
+                    if !vnet {
+                        f(&big[..len], csum_ok);
+                    } else if len >= VNET_HDR {
+                        let ok = csum_ok || big[0] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID) != 0;
+                        f(&big[VNET_HDR..len], ok);
+                    }
+                    return;
+                }
                 if skip_outgoing && fr.pkttype == libc::PACKET_OUTGOING {
                     return;
                 }
@@ -556,7 +609,29 @@ impl Uplink for AfPacket {
     }
 
     fn stats(&self) -> UplinkStats {
-        self.stats
+        // The kernel's drop count resets on every read: accumulate it.
+        // SAFETY: tpacket_stats is plain old data; getsockopt writes at
+        // most `len` bytes into it.
+        let mut ks: libc::tpacket_stats = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+        // SAFETY: as above; the fd is ours.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&mut ks as *mut libc::tpacket_stats).cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            self.rx_dropped
+                .set(self.rx_dropped.get() + u64::from(ks.tp_drops));
+        }
+        UplinkStats {
+            rx_dropped: self.rx_dropped.get(),
+            ..self.stats
+        }
     }
 
     fn name(&self) -> &str {

@@ -74,6 +74,9 @@ pub struct UplinkStats {
     pub tx_dropped: u64,
     /// Received frames dropped because they did not fit a receive buffer.
     pub rx_truncated: u64,
+    /// Frames the kernel dropped before we read them: the receive ring or
+    /// socket buffer was full (AF_PACKET `PACKET_STATISTICS`).
+    pub rx_dropped: u64,
     /// Receive system calls.
     pub rx_syscalls: u64,
     /// Frames read from the mapped receive ring (AF_PACKET `rx_ring`):
@@ -148,7 +151,7 @@ pub fn open(
     name: &str,
     mac: Option<[u8; 6]>,
     offload: bool,
-    rx_ring: bool,
+    rx_ring_mb: usize,
 ) -> Result<Box<dyn Uplink>, UplinkError> {
     Ok(match kind {
         UplinkKind::AfPacket => Box::new(AfPacket::open(
@@ -156,7 +159,7 @@ pub fn open(
             &AfPacketOptions {
                 mac,
                 offload,
-                rx_ring,
+                rx_ring_mb,
                 ..AfPacketOptions::default()
             },
         )?),

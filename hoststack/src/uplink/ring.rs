@@ -10,17 +10,17 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Frames must hold a whole 64 KiB GSO/GRO packet from a local veth peer,
-/// plus the virtio-net header and the tpacket header in front of it.
-const FRAME_SIZE: usize = 65536 + 1024;
-/// Frames per block: 15 frames of 65 KiB fill a 1 MiB block (the kernel
-/// allocates blocks in power-of-two pages, so a bigger block would waste
-/// up to half of it).
-const FRAMES_PER_BLOCK: usize = 15;
+/// Frame slots hold an MTU-sized frame with the tpacket header, the
+/// address and the virtio-net header in front. A bigger packet (a local
+/// veth peer's 64 KiB GSO packet) lands truncated with `TP_STATUS_COPY`
+/// and whole in the socket's receive queue (`PACKET_COPY_THRESH`), where
+/// [`RxFrame::copy`] tells the caller to fetch it: ring order is kept.
+const FRAME_SIZE: usize = 2048;
+/// 512 frames per 1 MiB block (the kernel allocates blocks in power-of-two
+/// pages).
+const FRAMES_PER_BLOCK: usize = 512;
 const BLOCK_SIZE: usize = 1 << 20;
 const _: () = assert!(FRAME_SIZE * FRAMES_PER_BLOCK <= BLOCK_SIZE && FRAME_SIZE.is_multiple_of(16));
-/// 255 frames in 17 MiB: about what the socket buffer held before.
-const BLOCKS: usize = 17;
 
 /// One received frame, as the ring describes it.
 pub struct RxFrame<'a> {
@@ -34,6 +34,8 @@ pub struct RxFrame<'a> {
     pub len: usize,
     /// `sll_pkttype` of the frame.
     pub pkttype: u8,
+    /// Truncated here; the whole packet is next in the socket's queue.
+    pub copy: bool,
 }
 
 /// A mapped TPACKET_V2 receive ring.
@@ -73,7 +75,13 @@ impl RxRing {
     /// Switch `fd` (an unbound or bound AF_PACKET socket, with
     /// PACKET_VNET_HDR already set if `vnet`) to TPACKET_V2 and map its
     /// receive ring.
-    pub fn setup(fd: RawFd, vnet: bool) -> io::Result<RxRing> {
+    ///
+    /// `mb` MiB of kernel memory, 512 frames per MiB. The ring must absorb
+    /// what arrives while the daemon is busy or descheduled: 10 000 new
+    /// keep-alive connections at once made a 32 MiB ring drop frames (SYN
+    /// and request retransmits, p99 over 1 s), 64 MiB none.
+    pub fn setup(fd: RawFd, vnet: bool, mb: usize) -> io::Result<RxRing> {
+        let blocks = mb.clamp(1, 4096);
         setopt(
             fd,
             libc::PACKET_VERSION,
@@ -81,12 +89,12 @@ impl RxRing {
         )?;
         let req = libc::tpacket_req {
             tp_block_size: BLOCK_SIZE as u32,
-            tp_block_nr: BLOCKS as u32,
+            tp_block_nr: blocks as u32,
             tp_frame_size: FRAME_SIZE as u32,
-            tp_frame_nr: (BLOCKS * FRAMES_PER_BLOCK) as u32,
+            tp_frame_nr: (blocks * FRAMES_PER_BLOCK) as u32,
         };
         setopt(fd, libc::PACKET_RX_RING, &req)?;
-        let map_len = BLOCK_SIZE * BLOCKS;
+        let map_len = BLOCK_SIZE * blocks;
         // SAFETY: maps the ring the kernel just allocated for `fd`; the
         // result is checked before use and unmapped in Drop.
         let p = unsafe {
@@ -105,7 +113,7 @@ impl RxRing {
         Ok(RxRing {
             base: p.cast(),
             map_len,
-            frames: BLOCKS * FRAMES_PER_BLOCK,
+            frames: blocks * FRAMES_PER_BLOCK,
             head: 0,
             vnet_len: if vnet { 10 } else { 0 },
         })
@@ -154,6 +162,7 @@ impl RxRing {
                     status: st,
                     len: h.tp_len as usize,
                     pkttype: sll.sll_pkttype,
+                    copy: st & libc::TP_STATUS_COPY != 0,
                 });
             }
             self.status(i)
