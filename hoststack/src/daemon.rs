@@ -302,9 +302,14 @@ impl Daemon {
             }
             // While spinning, look at the kernel side (epoll: uplink, sockets)
             // only every 8th pass; the app queues are checked every pass
-            // from memory, without a syscall.
+            // from memory, without a syscall. A receive ring is checked from
+            // memory every pass too; then epoll (control and attach sockets,
+            // signals) is needed only every 64th.
+            let ring_ready = self.uplink.rx_ready();
+            let every = if ring_ready.is_some() { 63 } else { 7 };
             self.spin_pass = self.spin_pass.wrapping_add(1);
-            if timeout > 0 || !spinning || self.spin_pass & 7 == 0 {
+            let look = self.spin_pass & every == 0;
+            if timeout > 0 || !(spinning || busy) || look {
                 self.epoll_waits += 1;
                 self.epoll.wait(timeout, &mut ready)?;
             } else {
@@ -318,7 +323,10 @@ impl Daemon {
                 }
             }
             let now = self.now();
-            let mut uplink_ready = busy || (spinning && self.spin_pass & 7 == 0);
+            let mut uplink_ready = match ring_ready {
+                Some(r) => r,
+                None => busy || (spinning && look),
+            };
             for &tok in &ready {
                 match tok {
                     T_UPLINK => uplink_ready = true,

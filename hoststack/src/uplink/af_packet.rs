@@ -500,6 +500,10 @@ impl Uplink for AfPacket {
         Ok(got)
     }
 
+    fn rx_ready(&self) -> Option<bool> {
+        self.ring.as_ref().map(RxRing::ready)
+    }
+
     fn tx_frame(&mut self, len: usize) -> &mut [u8] {
         self.tx_frame_gso(len, None)
     }

@@ -117,6 +117,11 @@ pub trait Uplink: Send {
         max: usize,
         f: &mut dyn FnMut(&[u8], bool),
     ) -> Result<usize, UplinkError>;
+    /// Whether frames wait, if the device can tell from memory (a mapped
+    /// receive ring) without a system call; `None` if it cannot.
+    fn rx_ready(&self) -> Option<bool> {
+        None
+    }
     /// Append a frame of `len` bytes to the pending TX batch and return the
     /// buffer to fill (all of it). Flushes first when the batch is full.
     fn tx_frame(&mut self, len: usize) -> &mut [u8];

@@ -134,6 +134,11 @@ impl RxRing {
         unsafe { &*(self.frame_ptr(i) as *const AtomicU32) }
     }
 
+    /// Is the next frame ours (one load, no system call)?
+    pub fn ready(&self) -> bool {
+        self.status(self.head).load(Ordering::Acquire) & libc::TP_STATUS_USER != 0
+    }
+
     /// Hand up to `max` ready frames to `f`, giving each back to the kernel
     /// after the call. Returns how many frames were consumed.
     pub fn drain(&mut self, max: usize, f: &mut dyn FnMut(RxFrame<'_>)) -> usize {
