@@ -1301,6 +1301,18 @@ mod tests {
             }
         }
 
+        /// B listens on `port`, A connects to it; the handshake is done.
+        fn connected(port: u16) -> (Wire, FlowId) {
+            let mut w = Wire::new();
+            w.b.listen(IpListenEndpoint { addr: None, port }, 16, 7)
+                .unwrap();
+            let mut out = VecTx::default();
+            let f = w.a.connect(ep(2, port), None, 1, w.now).unwrap();
+            w.a.egress(f, w.now, &mut out);
+            w.pump(out.0, Vec::new());
+            (w, f)
+        }
+
         fn settle(&mut self) {
             // Let timers (delayed ACK, retransmits) run.
             for _ in 0..50 {
@@ -1383,20 +1395,7 @@ mod tests {
 
     #[test]
     fn data_flows_both_ways_and_per_flow_sets_stay_small() {
-        let mut w = Wire::new();
-        w.b.listen(
-            IpListenEndpoint {
-                addr: None,
-                port: 80,
-            },
-            16,
-            7,
-        )
-        .unwrap();
-        let mut out = VecTx::default();
-        let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
-        w.a.egress(f, w.now, &mut out);
-        w.pump(out.0, Vec::new());
+        let (mut w, f) = Wire::connected(80);
         let mut data = vec![0u8; 50_000];
         for (i, b) in data.iter_mut().enumerate() {
             *b = (i % 251) as u8;
@@ -1420,20 +1419,7 @@ mod tests {
         // Request/response: the server's ACK of a request must ride on the
         // reply when the app answers within the delayed-ACK time (a pure ACK
         // first is one more frame through the uplink and the peer's stack).
-        let mut w = Wire::new();
-        w.b.listen(
-            IpListenEndpoint {
-                addr: None,
-                port: 80,
-            },
-            16,
-            7,
-        )
-        .unwrap();
-        let mut out = VecTx::default();
-        let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
-        w.a.egress(f, w.now, &mut out);
-        w.pump(out.0, Vec::new());
+        let (mut w, f) = Wire::connected(80);
         w.settle();
         let bf = *w.b.tcp.values().next().unwrap();
         w.a.tcp(f).unwrap().send_slice(&[b'r'; 47]).unwrap();

@@ -156,15 +156,21 @@ fn af_packet_rx_ring_answers_arp_and_receives_udp() -> Result<()> {
     arp_and_udp(true)
 }
 
-fn arp_and_udp(rx_ring: bool) -> Result<()> {
-    let tb = Testbed::new()?;
-    let mut up = AfPacket::open(
+/// The daemon end of the testbed's veth, receiving through a small ring or
+/// with recvmmsg.
+fn open_af_packet(tb: &Testbed, rx_ring: bool) -> Result<AfPacket> {
+    Ok(AfPacket::open(
         &tb.daemon_if,
         &AfPacketOptions {
             rx_ring_mb: if rx_ring { 4 } else { 0 },
             ..AfPacketOptions::default()
         },
-    )?;
+    )?)
+}
+
+fn arp_and_udp(rx_ring: bool) -> Result<()> {
+    let tb = Testbed::new()?;
+    let mut up = open_af_packet(&tb, rx_ring)?;
     assert_eq!(up.name(), tb.daemon_if);
     assert_eq!(up.mtu(), 1500);
     let if_mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", tb.daemon_if))?;
@@ -236,13 +242,7 @@ fn af_packet_rx_ring_never_hears_itself() -> Result<()> {
 
 fn sends_in_batches(rx_ring: bool) -> Result<()> {
     let tb = Testbed::new()?;
-    let mut up = AfPacket::open(
-        &tb.daemon_if,
-        &AfPacketOptions {
-            rx_ring_mb: if rx_ring { 4 } else { 0 },
-            ..AfPacketOptions::default()
-        },
-    )?;
+    let mut up = open_af_packet(&tb, rx_ring)?;
     let mac = up.mac();
     let rx0 = peer_rx_packets(&tb)?;
 
