@@ -328,14 +328,7 @@ impl Engine {
 
     fn post(&mut self, app: AppId, worker: u32, ev: Event) {
         let r = match self.apps.get_mut(&app).and_then(|a| a.worker(worker)) {
-            Some(w) => {
-                let was = w.wake_pending;
-                let r = w.post(&ev);
-                if !was && w.wake_pending {
-                    self.wake_list.push((app, worker));
-                }
-                r
-            }
+            Some(w) => track_wake(&mut self.wake_list, app, w, |w| w.post(&ev)),
             None => return,
         };
         if r == Err(PostError::Broken) {
@@ -584,12 +577,8 @@ impl Engine {
         }
         if let Some(a) = self.apps.get_mut(&app) {
             for w in a.workers.iter_mut().flatten() {
-                let was = w.wake_pending;
-                if w.flush_backlog().is_err() {
+                if track_wake(&mut self.wake_list, app, w, |w| w.flush_backlog()).is_err() {
                     corrupt = true;
-                }
-                if !was && w.wake_pending {
-                    self.wake_list.push((app, w.index));
                 }
             }
         }
@@ -2237,6 +2226,22 @@ fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Run `f` on worker `w` of `app` and, if that left a wake-up pending
+/// that was not before, list the worker for [`Engine::flush_wakes`].
+fn track_wake<R>(
+    wake_list: &mut Vec<(AppId, u32)>,
+    app: AppId,
+    w: &mut crate::app::Worker,
+    f: impl FnOnce(&mut crate::app::Worker) -> R,
+) -> R {
+    let was = w.wake_pending;
+    let r = f(w);
+    if !was && w.wake_pending {
+        wake_list.push((app, w.index));
+    }
+    r
 }
 
 #[cfg(test)]

@@ -624,6 +624,11 @@ fn http_pairs(cli: &Cli, tb: &Testbed) -> Result<Vec<http_bench::Pair>> {
     )
 }
 
+/// The most removing a kernel share of the CPU can gain: 1 / (1 - share).
+fn bound(kernel_share: f64) -> f64 {
+    1.0 / (1.0 - kernel_share).max(1e-3)
+}
+
 /// Generic rows (JSON, chart) from the HTTP pairs.
 fn http_rows(pairs: &[http_bench::Pair]) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -637,7 +642,7 @@ fn http_rows(pairs: &[http_bench::Pair]) -> Vec<Row> {
             gain: if higher_better { hv / kv } else { kv / hv },
             note,
         };
-        let bound = 1.0 / (1.0 - k.kernel_share).max(1e-3);
+        let cpu1_bound = bound(k.kernel_share);
         let eff = k.cpu_per_1k / h.cpu_per_1k;
         rows.push(row(&p.unit, h.rps, k.rps, true, String::new()));
         rows.push(row(
@@ -671,8 +676,8 @@ fn http_rows(pairs: &[http_bench::Pair]) -> Vec<Row> {
             1000.0 / k.cpu_per_1k,
             true,
             format!(
-                "bound from the kernel share: {bound:.2}x; reached {:.0}% of it",
-                eff / bound * 100.0
+                "bound from the kernel share: {cpu1_bound:.2}x; reached {:.0}% of it",
+                eff / cpu1_bound * 100.0
             ),
         ));
         rows.push(row(
@@ -690,7 +695,7 @@ fn http_rows(pairs: &[http_bench::Pair]) -> Vec<Row> {
             true,
             format!(
                 "the app's own CPU (nginx, or Envoy); daemon not counted; ceiling {:.2}x (app kernel share {:.0}%)",
-                1.0 / (1.0 - k.app_kernel_share).max(1e-3),
+                bound(k.app_kernel_share),
                 k.app_kernel_share * 100.0
             ),
         ));
@@ -735,7 +740,7 @@ fn http_markdown(pairs: &[http_bench::Pair]) -> String {
             k.p50_ms / h.p50_ms,
             k.p99_ms / h.p99_ms,
             k.cpu_per_1k / h.cpu_per_1k,
-            1.0 / (1.0 - k.kernel_share).max(1e-3),
+            bound(k.kernel_share),
             k.cpu_per_1k / h.cpu_per_1k,
             k.app_cpu_per_1k / h.app_cpu_per_1k
         ));
@@ -749,7 +754,6 @@ fn http_accounting_markdown(pairs: &[http_bench::Pair]) -> String {
     let mut md = String::from(
         "| scenario | machine CPU ms / 1000 req, kernel | hoststack | ratio | bound from CPU 1's kernel share | reached | bound from the servers' kernel share | reached | per-app ceiling | reached |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    let bound = |share: f64| 1.0 / (1.0 - share).max(1e-3);
     for p in pairs {
         let (k, h) = (&p.kernel, &p.hoststack);
         let all_in = k.cpu_per_1k / h.cpu_per_1k;

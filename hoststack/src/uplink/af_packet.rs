@@ -328,13 +328,32 @@ fn aux_csum_ok(h: &libc::msghdr) -> bool {
                 let aux = libc::CMSG_DATA(c)
                     .cast::<libc::tpacket_auxdata>()
                     .read_unaligned();
-                return aux.tp_status & (libc::TP_STATUS_CSUMNOTREADY | libc::TP_STATUS_CSUM_VALID)
-                    != 0;
+                return status_csum_ok(aux.tp_status);
             }
             c = libc::CMSG_NXTHDR(h, c);
         }
     }
     false
+}
+
+/// Does a packet's `tp_status` say the L4 checksum is valid or not yet
+/// computed (a local sender's partial checksum)?
+fn status_csum_ok(tp_status: u32) -> bool {
+    tp_status & (libc::TP_STATUS_CSUMNOTREADY | libc::TP_STATUS_CSUM_VALID) != 0
+}
+
+/// The same from a virtio-net header's flags, or from the packet status.
+fn vnet_csum_ok(vnet: &[u8], status_ok: bool) -> bool {
+    status_ok || vnet[0] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID) != 0
+}
+
+/// A received buffer (`len` bytes, virtio-net header first if `vnet`) as
+/// (frame, checksum vouched for); `None` if too short for the header.
+fn strip_vnet(buf: &[u8], len: usize, vnet: bool, status_ok: bool) -> Option<(&[u8], bool)> {
+    if !vnet {
+        return Some((&buf[..len], status_ok));
+    }
+    (len >= VNET_HDR).then(|| (&buf[VNET_HDR..len], vnet_csum_ok(buf, status_ok)))
 }
 
 /// Receive one whole packet from the socket queue into `buf` (a ring
@@ -400,11 +419,8 @@ impl Uplink for AfPacket {
                     }
                     stats.rx_frames += 1;
                     stats.rx_bytes += len as u64;
-                    if !vnet {
-                        f(&big[..len], csum_ok);
-                    } else if len >= VNET_HDR {
-                        let ok = csum_ok || big[0] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID) != 0;
-                        f(&big[VNET_HDR..len], ok);
+                    if let Some((frame, ok)) = strip_vnet(big, len, vnet, csum_ok) {
+                        f(frame, ok);
                     }
                     return;
                 }
@@ -418,13 +434,11 @@ impl Uplink for AfPacket {
                 stats.rx_frames += 1;
                 stats.rx_ring_frames += 1;
                 stats.rx_bytes += fr.len as u64;
-                let csum_ok =
-                    fr.status & (libc::TP_STATUS_CSUMNOTREADY | libc::TP_STATUS_CSUM_VALID) != 0;
-                let ok = match fr.vnet {
-                    Some(h) => csum_ok || h[0] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID) != 0,
-                    None => csum_ok,
-                };
-                f(fr.data, ok);
+                let csum_ok = status_csum_ok(fr.status);
+                f(
+                    fr.data,
+                    fr.vnet.map_or(csum_ok, |h| vnet_csum_ok(h, csum_ok)),
+                );
             }));
         }
         // The headers live on the stack, rebuilt per call: they hold raw
@@ -486,15 +500,8 @@ impl Uplink for AfPacket {
             self.stats.rx_frames += 1;
             self.stats.rx_bytes += len as u64;
             let csum_ok = aux_csum_ok(&hdrs[i].msg_hdr);
-            if self.vnet {
-                if len < VNET_HDR {
-                    continue;
-                }
-                let flags = self.rx[i][0];
-                let ok = csum_ok || flags & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID) != 0;
-                f(&self.rx[i][VNET_HDR..len], ok);
-            } else {
-                f(&self.rx[i][..len], csum_ok);
+            if let Some((frame, ok)) = strip_vnet(&self.rx[i], len, self.vnet, csum_ok) {
+                f(frame, ok);
             }
         }
         Ok(got)
