@@ -7,12 +7,15 @@
 //! make the daemon read or write outside its own segment.
 
 use session_api::fifo::{fifo_footprint, fifo_init, FifoConsumer, FifoProducer};
+use session_api::mq::MAX_CHANNELS;
 use session_api::mq::{mq_footprint, mq_init, MqConsumer, MqError, MqProducer, RawMsg};
-use session_api::msg::{Event, SessionDesc, SESSION_DESC_SIZE};
+use session_api::msg::{Event, SessionDesc, DESC_CHANNEL_OFF, SESSION_DESC_SIZE};
 use session_api::segment::{SegmentAllocator, SegmentHeader, SEGMENT_HEADER_SIZE};
 use session_api::shm::{EventFd, ShmRegion};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Events that did not fit in a worker's queue wait here; past this many the
 /// app is considered stuck and is disconnected (bounded memory).
@@ -105,6 +108,31 @@ pub fn write_desc(seg: &Segment, blk: &SessionBlock, which: u32, d: &SessionDesc
     Some(off)
 }
 
+/// The wake-channel byte of a session's descriptor (app-written, so any
+/// value): which of the worker's channels its events should wake.
+#[derive(Debug, Clone, Copy)]
+pub struct ChanRef(NonNull<AtomicU8>);
+
+// SAFETY: a pointer into a shared segment, read with an atomic load only;
+// like the FIFO handles it is used by the daemon's one thread.
+unsafe impl Send for ChanRef {}
+
+impl ChanRef {
+    /// The app's current choice.
+    pub fn get(&self) -> u8 {
+        // SAFETY: `chan_ref` checked that the byte lies in the segment, and
+        // sessions (which hold their ChanRef) are dropped before their
+        // segment, as for the FIFO handles.
+        unsafe { self.0.as_ref() }.load(Ordering::Relaxed)
+    }
+}
+
+/// The wake-channel byte of the descriptor at `desc_off` in `seg`.
+pub fn chan_ref(seg: &Segment, desc_off: u32) -> Option<ChanRef> {
+    let p = seg.ptr(desc_off.checked_add(DESC_CHANNEL_OFF as u32)?, 1)?;
+    NonNull::new(p.cast()).map(ChanRef)
+}
+
 /// Daemon-side producer handle on a FIFO of a block.
 pub fn producer(seg: &Segment, off: u32, cap: u32) -> Option<FifoProducer> {
     let p = seg.ptr(off, fifo_footprint(cap))?;
@@ -147,6 +175,11 @@ pub struct Worker {
     /// the first event would, on a shared CPU, let it preempt the daemon
     /// and handle one event per wake-up instead of the whole batch.
     pub wake_pending: bool,
+    /// Wake channels (index = channel id; 0 is never used): eventfds of
+    /// the app's threads that sleep apart (see `session_api::mq`).
+    pub channels: Vec<Option<EventFd>>,
+    /// Channels that were sent events while their thread slept.
+    pub chan_pending: u64,
 }
 
 /// Result of posting an event.
@@ -158,7 +191,8 @@ pub enum PostError {
 
 impl Worker {
     /// Post an event, keeping order with anything already backlogged.
-    pub fn post(&mut self, ev: &Event) -> Result<(), PostError> {
+    /// `chan` is the wake-channel byte of the session the event concerns.
+    pub fn post(&mut self, ev: &Event, chan: Option<ChanRef>) -> Result<(), PostError> {
         let m = ev.encode();
         self.events += 1;
         if self.backlog.is_empty() {
@@ -167,6 +201,7 @@ impl Worker {
                     if self.evt.wake_needed() {
                         self.wake_pending = true;
                     }
+                    self.wake_channels(chan);
                     return Ok(());
                 }
                 Err(MqError::Full) => {}
@@ -193,17 +228,83 @@ impl Worker {
                 Err(_) => return Err(PostError::Broken),
             }
         }
-        if sent && self.evt.wake_needed() {
-            self.wake_pending = true;
+        if sent {
+            if self.evt.wake_needed() {
+                self.wake_pending = true;
+            }
+            self.wake_channels(None);
         }
         Ok(())
     }
 
-    /// Write the app's eventfd if events were posted while it slept.
-    pub fn flush_wake(&mut self) {
+    /// After an event was published (and `wake_needed`'s fence): note the
+    /// sleeping channels it concerns, that of its session (read now, after
+    /// the fence, so a thread that named it and then slept is seen) or, for
+    /// none or an unknown one, every channel.
+    fn wake_channels(&mut self, chan: Option<ChanRef>) {
+        if self.channels.is_empty() {
+            return;
+        }
+        let c = chan.map_or(0, |c| c.get()) as usize;
+        let want = if c > 0 && self.channels.get(c).is_some_and(|e| e.is_some()) {
+            1u64 << c
+        } else {
+            u64::MAX
+        };
+        self.chan_pending |= self.evt.take_sleeping_channels(want);
+    }
+
+    /// Does [`Worker::flush_wake`] have eventfds to write?
+    pub fn wake_due(&self) -> bool {
+        self.wake_pending || self.chan_pending != 0
+    }
+
+    /// Write the eventfds of the app's threads that were sent events while
+    /// they slept.
+    pub fn flush_wake(&mut self) -> bool {
+        let before = self.wakeups;
         if std::mem::take(&mut self.wake_pending) {
             self.wakeups += 1;
             self.app_wake.notify();
+        }
+        let mut p = std::mem::take(&mut self.chan_pending);
+        while p != 0 {
+            let c = p.trailing_zeros() as usize;
+            p &= p - 1;
+            // Bits of channels that do not exist (an app may set any) are
+            // dropped here.
+            if let Some(Some(e)) = self.channels.get(c) {
+                self.wakeups += 1;
+                e.notify();
+            }
+        }
+        self.wakeups != before
+    }
+
+    /// A new wake channel: its id and eventfd (None when all are taken).
+    pub fn add_channel(&mut self) -> std::io::Result<Option<(u32, &EventFd)>> {
+        if self.channels.is_empty() {
+            self.channels.push(None); // id 0 is "no channel"
+        }
+        let free = self.channels.iter().skip(1).position(|c| c.is_none());
+        let c = match free {
+            Some(i) => i + 1,
+            None if self.channels.len() < MAX_CHANNELS => {
+                self.channels.push(None);
+                self.channels.len() - 1
+            }
+            None => return Ok(None),
+        };
+        self.channels[c] = Some(EventFd::new()?);
+        Ok(self.channels[c].as_ref().map(|e| (c as u32, e)))
+    }
+
+    /// Free channel `c` (ignored if it is not one).
+    pub fn del_channel(&mut self, c: u32) {
+        if c > 0 {
+            if let Some(e) = self.channels.get_mut(c as usize) {
+                *e = None;
+            }
         }
     }
 }
@@ -280,6 +381,8 @@ impl App {
             requests: 0,
             wakeups: 0,
             wake_pending: false,
+            channels: Vec::new(),
+            chan_pending: 0,
         };
         self.workers[index as usize] = Some(w);
         Ok(index)

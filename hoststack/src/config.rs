@@ -18,6 +18,7 @@
 //! socket_dir = "/run/hoststack" # attach sockets <dir>/<namespace>.sock and ctl.sock
 //! busy_poll = false             # spin instead of sleeping in epoll (benchmarks only)
 //! poll_spin_us = 50             # adaptive: keep polling this long after work before sleeping
+//! yield_after_wake = true       # sched_yield after waking apps, so they run their batch before the daemon sleeps
 //! rx_batch = 64                 # frames read per uplink batch
 //!
 //! [tcp]
@@ -96,6 +97,11 @@ pub struct DaemonConfig {
     /// Adaptive polling: after work, poll this many microseconds before
     /// sleeping (0 = sleep as soon as idle).
     pub poll_spin_us: u64,
+    /// After a pass that woke app threads, `sched_yield` once before
+    /// deciding to sleep: on a CPU shared with the apps they run their
+    /// batch now and their requests are found without a wake-up; on a CPU
+    /// of its own the daemon just goes on.
+    pub yield_after_wake: bool,
     /// Frames per receive batch.
     pub rx_batch: usize,
 }
@@ -166,6 +172,7 @@ impl Default for DaemonConfig {
             socket_dir: PathBuf::from("/run/hoststack"),
             busy_poll: false,
             poll_spin_us: 50,
+            yield_after_wake: true,
             rx_batch: 64,
         }
     }

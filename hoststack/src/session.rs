@@ -12,7 +12,8 @@
 //! [`FrameTx`](crate::stack::FrameTx), time is passed in.
 
 use crate::app::{
-    alloc_block, consumer, producer, write_desc, App, AppId, PostError, Segment, SessionBlock,
+    alloc_block, chan_ref, consumer, producer, write_desc, App, AppId, ChanRef, PostError, Segment,
+    SessionBlock,
 };
 use crate::stack::{FlowId, FlowKind, FrameTx, ListenerId, Stack, StackError};
 use session_api::fifo::{FifoConsumer, FifoProducer};
@@ -69,6 +70,8 @@ struct Session {
     worker: u32,
     proto: Proto,
     blk: SessionBlock,
+    /// The wake-channel byte of the app's descriptor.
+    chan: Option<ChanRef>,
     kind: Kind,
     local: Option<SocketAddr>,
     remote: Option<SocketAddr>,
@@ -308,12 +311,15 @@ impl Engine {
     /// Wake the apps that were sent events during this pass (one eventfd
     /// write per sleeping worker). The daemon calls this before it sleeps
     /// or polls again.
-    pub fn flush_wakes(&mut self) {
+    /// Returns whether any app was woken.
+    pub fn flush_wakes(&mut self) -> bool {
+        let mut woke = false;
         for (app, w) in std::mem::take(&mut self.wake_list) {
             if let Some(w) = self.apps.get_mut(&app).and_then(|a| a.worker(w)) {
-                w.flush_wake();
+                woke |= w.flush_wake();
             }
         }
+        woke
     }
 
     fn mark_broken(&mut self, app: AppId) {
@@ -327,8 +333,19 @@ impl Engine {
     }
 
     fn post(&mut self, app: AppId, worker: u32, ev: Event) {
+        // Events about a session wake the channel its owner named.
+        let chan = match ev {
+            Event::Rx { handle }
+            | Event::TxSpace { handle }
+            | Event::PeerClosed { handle }
+            | Event::Reset { handle, .. } => self
+                .sess(handle)
+                .filter(|s| s.app == app && s.worker == worker)
+                .and_then(|s| s.chan),
+            _ => None,
+        };
         let r = match self.apps.get_mut(&app).and_then(|a| a.worker(worker)) {
-            Some(w) => track_wake(&mut self.wake_list, app, w, |w| w.post(&ev)),
+            Some(w) => track_wake(&mut self.wake_list, app, w, |w| w.post(&ev, chan)),
             None => return,
         };
         if r == Err(PostError::Broken) {
@@ -506,11 +523,13 @@ impl Engine {
         remote: Option<SocketAddr>,
     ) -> Result<(u64, SessionBlock, u32), i32> {
         let (blk, doff, rx, tx) = self.net_fifos(app, proto, local, remote)?;
+        let chan = self.chan_of(app, blk.segment, doff);
         let h = self.new_handle(Session {
             app,
             worker,
             proto,
             blk,
+            chan,
             kind: Kind::Net { flow, rx, tx },
             local,
             remote,
@@ -1149,11 +1168,13 @@ impl Engine {
         let ct = self.ct_segments.get(&segid).ok_or(libc::ENOMEM)?;
         let off_a = write_desc(&ct.seg, &blk, 0, &da).ok_or(libc::EFAULT)?;
         let off_b = write_desc(&ct.seg, &blk, 1, &db).ok_or(libc::EFAULT)?;
-        let mk = |app, worker, local, remote| Session {
+        let (chan_a, chan_b) = (chan_ref(&ct.seg, off_a), chan_ref(&ct.seg, off_b));
+        let mk = |app, worker, local, remote, chan| Session {
             app,
             worker,
             proto: Proto::Tcp,
             blk,
+            chan,
             kind: Kind::Ct { peer: None },
             local: Some(local),
             remote: Some(remote),
@@ -1167,8 +1188,8 @@ impl Engine {
             tx_bytes: 0,
             group: None,
         };
-        let ha = self.new_handle(mk(app, worker, client, server));
-        let hb = self.new_handle(mk(papp, pworker, server, client));
+        let ha = self.new_handle(mk(app, worker, client, server, chan_a));
+        let hb = self.new_handle(mk(papp, pworker, server, client, chan_b));
         if let Some(s) = self.sess(ha) {
             s.kind = Kind::Ct { peer: Some(hb) };
         }
@@ -1249,12 +1270,20 @@ impl Engine {
             set.remove(&h);
         }
         self.app_sessions.entry(app).or_default().insert(h);
+        // A network session's descriptor is at the start of its block.
+        let chan = self.chan_of(app, blk.segment, blk.off);
         let s = self.sess(h).ok_or(libc::EBADF)?;
         s.app = app;
         s.worker = worker;
         s.blk = blk;
+        s.chan = chan;
         s.kind = kind;
         Ok(())
+    }
+
+    /// The wake-channel byte of the descriptor at `off` in `app`'s segment.
+    fn chan_of(&self, app: AppId, segment: u32, off: u32) -> Option<ChanRef> {
+        chan_ref(self.apps.get(&app)?.segments.get(&segment)?, off)
     }
 
     /// Move an accepted, never-taken network session to another member of
@@ -2236,9 +2265,9 @@ fn track_wake<R>(
     w: &mut crate::app::Worker,
     f: impl FnOnce(&mut crate::app::Worker) -> R,
 ) -> R {
-    let was = w.wake_pending;
+    let was = w.wake_due();
     let r = f(w);
-    if !was && w.wake_pending {
+    if !was && w.wake_due() {
         wake_list.push((app, w.index));
     }
     r
@@ -2515,6 +2544,117 @@ mod tests {
         b.e.flush_wakes();
         assert_eq!(w(&mut b), 0, "and only one");
         assert_eq!(b.events().len(), 3);
+    }
+
+    #[test]
+    fn events_wake_only_the_channel_their_session_names() {
+        let mut b = Bench::new(4096, 8192);
+        b.request(Request::Listen {
+            req_id: 1,
+            proto: Proto::Tcp,
+            local: "0.0.0.0:80".parse().unwrap(),
+            backlog: 8,
+            flags: LISTEN_SHARED,
+        });
+        assert!(matches!(b.events()[..], [Event::Reply { errno: 0, .. }]));
+        let (c1, c2) = {
+            let w = b.e.apps.get_mut(&b.app).unwrap().worker(0).unwrap();
+            let c1 = w.add_channel().unwrap().unwrap().0 as u8;
+            let c2 = w.add_channel().unwrap().unwrap().0 as u8;
+            (c1, c2)
+        };
+        assert_ne!(c1, c2);
+        let f = b
+            .peer
+            .connect(
+                IpEndpoint::new(IpAddress::v4(198, 18, 0, 1), 80),
+                None,
+                1,
+                b.now,
+            )
+            .unwrap();
+        let mut tp = VecTx::default();
+        b.peer.egress(f, b.now, &mut tp);
+        b.deliver(Vec::new(), tp.0);
+        b.tick(5);
+        let (seg, desc) = match b.events()[..] {
+            [Event::Accepted { segment, desc, .. }] => (segment, desc),
+            ref other => panic!("expected Accepted, got {other:?}"),
+        };
+        let region = b.e.apps[&b.app].segments[&seg].region.as_ptr();
+        // SAFETY: the descriptor lies in the segment the engine wrote it to,
+        // which stays mapped for the test.
+        let chan_byte = unsafe {
+            &*region
+                .add(desc as usize + session_api::msg::DESC_CHANNEL_OFF)
+                .cast::<std::sync::atomic::AtomicU8>()
+        };
+        let d = {
+            let mut db = [0u8; SESSION_DESC_SIZE_T];
+            // SAFETY: as above.
+            unsafe {
+                std::ptr::copy_nonoverlapping(region.add(desc as usize), db.as_mut_ptr(), db.len())
+            };
+            SessionDesc::from_bytes(&db).unwrap()
+        };
+        // SAFETY: the rx FIFO lies in the same segment.
+        let mut rx = unsafe { FifoConsumer::new(region.add(d.rx_off as usize), d.rx_cap) };
+        // Eventfd counts: (global, c1, c2).
+        let wakes = |b: &mut Bench| {
+            b.e.flush_wakes();
+            let w = b.e.apps.get_mut(&b.app).unwrap().worker(0).unwrap();
+            let ch = |c: u8| w.channels[c as usize].as_ref().unwrap().drain();
+            (w.app_wake.drain(), ch(c1), ch(c2))
+        };
+        let mut round = |b: &mut Bench, chan: u8, global: bool| {
+            chan_byte.store(chan, std::sync::atomic::Ordering::Relaxed);
+            assert!(b.evt.prepare_sleep_channel(c1));
+            assert!(b.evt.prepare_sleep_channel(c2));
+            if global {
+                assert!(b.evt.prepare_sleep());
+            }
+            b.peer.tcp(f).unwrap().send_slice(b"ping").unwrap();
+            let mut tp = VecTx::default();
+            b.peer.egress(f, b.now, &mut tp);
+            b.deliver(Vec::new(), tp.0);
+            // Past the delayed ACK, so the peer's next send is not held
+            // back by Nagle.
+            b.tick(20);
+            let woke = wakes(b);
+            let evs = b.events();
+            assert!(matches!(evs[..], [Event::Rx { .. }]), "{evs:?} {woke:?}");
+            b.evt.cancel_sleep();
+            b.evt.cancel_sleep_channel(c1);
+            b.evt.cancel_sleep_channel(c2);
+            rx.clear_event();
+            let mut buf = [0u8; 16];
+            assert_eq!(rx.dequeue(&mut buf).unwrap(), 4);
+            woke
+        };
+        // The session names c2: only c2's thread wakes.
+        assert_eq!(round(&mut b, c2, false), (0, 0, 1));
+        assert_eq!(round(&mut b, c1, false), (0, 1, 0));
+        // No channel, or one that does not exist: every sleeper.
+        assert_eq!(round(&mut b, 0, false), (0, 1, 1));
+        assert_eq!(round(&mut b, 200, true), (1, 1, 1));
+        // A channel given back is no longer written (its sleepers count as
+        // unknown: everyone wakes).
+        b.e.apps
+            .get_mut(&b.app)
+            .unwrap()
+            .worker(0)
+            .unwrap()
+            .del_channel(c2 as u32);
+        chan_byte.store(c2, std::sync::atomic::Ordering::Relaxed);
+        assert!(b.evt.prepare_sleep_channel(c1));
+        b.peer.tcp(f).unwrap().send_slice(b"ping").unwrap();
+        let mut tp = VecTx::default();
+        b.peer.egress(f, b.now, &mut tp);
+        b.deliver(Vec::new(), tp.0);
+        b.tick(20);
+        b.e.flush_wakes();
+        let w = b.e.apps.get_mut(&b.app).unwrap().worker(0).unwrap();
+        assert_eq!(w.channels[c1 as usize].as_ref().unwrap().drain(), 1);
     }
 
     #[test]

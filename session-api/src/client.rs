@@ -233,16 +233,22 @@ impl AppShared {
         }
     }
 
-    fn take_reply(&self, timeout: Duration) -> Result<(DaemonCtrl, Vec<OwnedFd>)> {
+    /// The first queued reply `mine` accepts (errors always match).
+    fn take_reply(
+        &self,
+        timeout: Duration,
+        mine: impl Fn(&DaemonCtrl) -> bool,
+    ) -> Result<(DaemonCtrl, Vec<OwnedFd>)> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(r) = self
-                .replies
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_front()
             {
-                return Ok(r);
+                let mut q = self.replies.lock().unwrap_or_else(|e| e.into_inner());
+                let pos = q
+                    .iter()
+                    .position(|(m, _)| matches!(m, DaemonCtrl::Error { .. }) || mine(m));
+                if let Some(r) = pos.and_then(|i| q.remove(i)) {
+                    return Ok(r);
+                }
             }
             if self.dead.load(Ordering::Acquire) {
                 return Err(Error::DaemonGone);
@@ -363,7 +369,9 @@ impl App {
             send_with_fds(self.inner.ctrl.as_fd(), &AppCtrl::AddWorker.encode(), &[])
                 .map_err(|_| Error::DaemonGone)?;
         }
-        let (m, fds) = self.inner.take_reply(Duration::from_secs(5))?;
+        let (m, fds) = self.inner.take_reply(Duration::from_secs(5), |m| {
+            matches!(m, DaemonCtrl::WorkerOk { .. })
+        })?;
         match m {
             DaemonCtrl::WorkerOk {
                 worker,
@@ -444,6 +452,8 @@ struct Sess {
     rx: FifoConsumer,
     tx: FifoProducer,
     _seg: Arc<ShmRegion>,
+    /// Offset of the descriptor in `_seg` (checked when opened).
+    desc_off: u32,
     local: Option<SocketAddr>,
     remote: Option<SocketAddr>,
     peer_closed: bool,
@@ -611,6 +621,90 @@ impl Worker {
     /// Withdraw [`Worker::prepare_sleep`] (when no thread sleeps any more).
     pub fn cancel_sleep(&mut self) {
         self.evt.cancel_sleep();
+    }
+
+    /// A wake channel of this worker: its id and the eventfd the daemon
+    /// writes when an event concerns the channel while a thread sleeps on
+    /// it ([`Worker::prepare_sleep_channel`]). Events of a session go to the
+    /// channel named with [`Worker::set_wake_channel`]; events without one
+    /// (and of sessions with channel 0) wake every sleeping channel and
+    /// [`Worker::prepare_sleep`] sleepers. For apps whose threads each wait
+    /// in their own epoll set: a thread is woken only for its own sessions.
+    pub fn add_channel(&mut self) -> Result<(u8, OwnedFd)> {
+        if self.dead {
+            return Err(Error::DaemonGone);
+        }
+        {
+            let inner = &self.app.inner;
+            let _g = inner.ctrl_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let m = AppCtrl::AddChannel { worker: self.index }.encode();
+            send_with_fds(inner.ctrl.as_fd(), &m, &[]).map_err(|_| Error::DaemonGone)?;
+        }
+        let me = self.index;
+        let (m, fds) = self.app.inner.take_reply(
+            Duration::from_secs(5),
+            |m| matches!(m, DaemonCtrl::ChannelOk { worker, .. } if *worker == me),
+        )?;
+        match m {
+            DaemonCtrl::ChannelOk { channel, .. }
+                if (1..crate::mq::MAX_CHANNELS as u32).contains(&channel) =>
+            {
+                let fd = fds
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Error::Protocol("channel without eventfd".into()))?;
+                Ok((channel as u8, fd))
+            }
+            DaemonCtrl::Error { errno, message } => Err(Error::Refused { errno, message }),
+            other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Give a channel from [`Worker::add_channel`] back.
+    pub fn del_channel(&mut self, ch: u8) {
+        let inner = &self.app.inner;
+        let _g = inner.ctrl_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let m = AppCtrl::DelChannel {
+            worker: self.index,
+            channel: ch as u32,
+        }
+        .encode();
+        let _ = send_with_fds(inner.ctrl.as_fd(), &m, &[]);
+    }
+
+    /// Route the events of session `s` to wake channel `ch` (0 = any
+    /// sleeper). Takes effect for the next event: a thread that then
+    /// sleeps on `ch` is woken by it.
+    pub fn set_wake_channel(&mut self, s: SessionId, ch: u8) -> Result<()> {
+        let sess = self.sess(s)?;
+        let off = sess.desc_off as usize + crate::msg::DESC_CHANNEL_OFF;
+        // SAFETY: the descriptor (SESSION_DESC_SIZE bytes at `desc_off`) was
+        // checked to lie inside the segment when the session was opened,
+        // and `_seg` keeps it mapped; a byte is always aligned for AtomicU8.
+        let b = unsafe {
+            &*sess
+                ._seg
+                .as_ptr()
+                .add(off)
+                .cast::<std::sync::atomic::AtomicU8>()
+        };
+        // Relaxed: the fence in `prepare_sleep_channel` orders it before
+        // the thread's sleep (see the mq module docs).
+        b.store(ch, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Like [`Worker::prepare_sleep`] for a thread sleeping on wake channel
+    /// `ch` (on that channel's eventfd): only events for the channel wake
+    /// it. Returns false if events are pending (or `ch` is not a channel).
+    pub fn prepare_sleep_channel(&mut self, ch: u8) -> bool {
+        self.flush_wake();
+        self.evt.prepare_sleep_channel(ch)
+    }
+
+    /// Withdraw [`Worker::prepare_sleep_channel`].
+    pub fn cancel_sleep_channel(&mut self, ch: u8) {
+        self.evt.cancel_sleep_channel(ch);
     }
 
     /// After an external wait: reset the wake eventfd if it fired and
@@ -872,6 +966,7 @@ impl Worker {
                 rx,
                 tx,
                 _seg: seg,
+                desc_off,
                 local: d.local,
                 remote: d.remote,
                 peer_closed: false,

@@ -9,6 +9,7 @@
 //! | --- | --- | --- |
 //! | 0   | consumer | `head: u32`, free-running index of the next message to read |
 //! | 4   | both | `consumer_sleeping: u32`: consumer stores 1/0, producer swaps to 0 |
+//! | 8   | both | `channels_sleeping: u64`: bit `c` set while a thread sleeps on wake channel `c` |
 //! | 64  | producer | `tail: u32`, free-running index of the next free slot |
 //! | 128 | creator | `slots: u32` (power of two), `magic: u32` |
 //! | 192 | data | message `i` at `192 + (i & (slots - 1)) * 64` |
@@ -30,9 +31,23 @@
 //! not sleep; if the consumer's comes first, the producer sees the flag and
 //! writes the eventfd. Either way no wake-up is lost (Dekker's argument),
 //! and while the consumer is awake the producer makes no syscall.
+//!
+//! # Wake channels
+//!
+//! A consumer shared by several threads, each sleeping in its own epoll set
+//! (Envoy's main thread and workers), would be woken as a herd through one
+//! eventfd. Instead a thread can sleep on a *wake channel* `c` (1..=63, each
+//! with its own eventfd, see [`crate::proto::AppCtrl::AddChannel`]): it sets
+//! bit `c` of `channels_sleeping` ([`MqConsumer::prepare_sleep_channel`])
+//! with the same fence-and-recheck as above. The producer, after
+//! [`MqProducer::wake_needed`]'s fence, takes the bits of the channels the
+//! message concerns ([`MqProducer::take_sleeping_channels`]; the session's
+//! channel is named by the app in its descriptor, or all channels for a
+//! message without one) and writes only those channels' eventfds. The same
+//! Dekker argument holds per bit.
 
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Size of one message.
 pub const MSG_SIZE: usize = 64;
@@ -40,6 +55,10 @@ pub const MSG_SIZE: usize = 64;
 pub const MQ_HEADER_SIZE: usize = 192;
 /// Value of [`MqHeader::magic`] ("MQH1" little-endian).
 pub const MQ_MAGIC: u32 = u32::from_le_bytes(*b"MQH1");
+
+/// Wake channels per worker: ids `1..MAX_CHANNELS` (0 means "none": the
+/// message concerns every channel).
+pub const MAX_CHANNELS: usize = 64;
 
 /// One message slot: an opaque 64-byte record (typed messages are encoded
 /// into it elsewhere).
@@ -60,7 +79,9 @@ pub struct MqHeader {
     pub head: AtomicU32,
     /// 1 while the consumer is (about to be) blocked on its eventfd.
     pub consumer_sleeping: AtomicU32,
-    _pad0: [AtomicU32; 14],
+    /// Bit `c` set while a thread sleeps on wake channel `c`.
+    pub channels_sleeping: AtomicU64,
+    _pad0: [AtomicU32; 12],
     /// Free-running write index, written by the producer only.
     pub tail: AtomicU32,
     _pad1: [AtomicU32; 15],
@@ -75,6 +96,7 @@ const _: () = {
     assert!(std::mem::size_of::<MqHeader>() == MQ_HEADER_SIZE);
     assert!(std::mem::offset_of!(MqHeader, head) == 0);
     assert!(std::mem::offset_of!(MqHeader, consumer_sleeping) == 4);
+    assert!(std::mem::offset_of!(MqHeader, channels_sleeping) == 8);
     assert!(std::mem::offset_of!(MqHeader, tail) == 64);
     assert!(std::mem::offset_of!(MqHeader, slots) == 128);
     assert!(std::mem::offset_of!(MqHeader, magic) == 132);
@@ -245,6 +267,18 @@ impl MqProducer {
         // read-modify-write on its cache line.
         s.load(Ordering::Relaxed) != 0 && s.swap(0, Ordering::SeqCst) != 0
     }
+
+    /// After [`Self::wake_needed`] (whose fence orders this read after the
+    /// message's publication): clear and return the bits of `want` whose
+    /// channels have a sleeping thread. The caller writes those channels'
+    /// eventfds.
+    pub fn take_sleeping_channels(&self, want: u64) -> u64 {
+        let s = &self.q.hdr().channels_sleeping;
+        if s.load(Ordering::Relaxed) & want == 0 {
+            return 0;
+        }
+        s.fetch_and(!want, Ordering::SeqCst) & want
+    }
 }
 
 /// Receiving end of a message queue.
@@ -319,6 +353,27 @@ impl MqConsumer {
     /// Withdraw the sleep announcement.
     pub fn cancel_sleep(&self) {
         self.q.hdr().consumer_sleeping.store(0, Ordering::SeqCst);
+    }
+
+    /// Announce that a thread sleeps on wake channel `ch` (1..63; others
+    /// are ignored and return false). Same contract as
+    /// [`Self::prepare_sleep`]: true if the queue is still empty.
+    pub fn prepare_sleep_channel(&self, ch: u8) -> bool {
+        if !(1..MAX_CHANNELS).contains(&(ch as usize)) {
+            return false;
+        }
+        let s = &self.q.hdr().channels_sleeping;
+        s.fetch_or(1 << ch, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.len() == Ok(0)
+    }
+
+    /// Withdraw [`Self::prepare_sleep_channel`].
+    pub fn cancel_sleep_channel(&self, ch: u8) {
+        if (1..MAX_CHANNELS).contains(&(ch as usize)) {
+            let s = &self.q.hdr().channels_sleeping;
+            s.fetch_and(!(1 << ch), Ordering::SeqCst);
+        }
     }
 }
 
@@ -413,6 +468,31 @@ mod tests {
         assert_eq!(c.try_recv().unwrap(), Some(msg(1)));
         p.try_send(&msg(2)).unwrap();
         assert!(!p.wake_needed());
+    }
+
+    #[test]
+    fn wake_channels_wake_only_their_sleepers() {
+        let (_m, mut p, mut c) = queue(4);
+        assert!(c.prepare_sleep_channel(3));
+        assert!(c.prepare_sleep_channel(5));
+        assert!(!c.prepare_sleep_channel(0), "0 is not a channel");
+        assert!(!c.prepare_sleep_channel(64), "out of range");
+        p.try_send(&msg(1)).unwrap();
+        assert!(!p.wake_needed(), "no thread sleeps on the queue itself");
+        assert_eq!(p.take_sleeping_channels(1 << 4), 0, "channel 4 is awake");
+        assert_eq!(p.take_sleeping_channels(1 << 3), 1 << 3);
+        assert_eq!(p.take_sleeping_channels(1 << 3), 0, "one wake per sleep");
+        // A message for no particular channel wakes whoever sleeps.
+        assert_eq!(p.take_sleeping_channels(u64::MAX), 1 << 5);
+        assert_eq!(p.take_sleeping_channels(u64::MAX), 0);
+        assert!(!c.prepare_sleep_channel(3), "message pending: do not sleep");
+        c.cancel_sleep_channel(3);
+        assert_eq!(c.try_recv().unwrap(), Some(msg(1)));
+        assert!(c.prepare_sleep_channel(3));
+        c.cancel_sleep_channel(3);
+        p.try_send(&msg(2)).unwrap();
+        assert!(!p.wake_needed());
+        assert_eq!(p.take_sleeping_channels(u64::MAX), 0, "cancelled");
     }
 
     #[test]

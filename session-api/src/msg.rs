@@ -588,9 +588,16 @@ impl Event {
 pub const SESSION_DESC_SIZE: usize = 128;
 const DESC_MAGIC: u32 = 0x4853_4431; // "HSD1"
 
+/// Offset in a descriptor of the byte the *app* writes: the wake channel
+/// (see [`crate::mq`]) its events should wake; 0 = any sleeping thread.
+/// The daemon reads it only to choose an eventfd to write (anything out of
+/// range counts as 0), never for memory access.
+pub const DESC_CHANNEL_OFF: usize = 64;
+
 /// Where a session's FIFOs live and who its endpoints are. Written by the
-/// daemon into shared memory (the app trusts it; the daemon never reads it
-/// back).
+/// daemon into shared memory (the app trusts it; apart from the channel
+/// byte at [`DESC_CHANNEL_OFF`], which the app owns, the daemon never reads
+/// it back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionDesc {
     /// Protocol.

@@ -56,6 +56,20 @@ pub enum AppCtrl {
         /// Worker index.
         worker: u32,
     },
+    /// Ask for a wake channel of `worker` (see [`crate::mq`]): answered
+    /// with [`DaemonCtrl::ChannelOk`] and the channel's eventfd, or
+    /// [`DaemonCtrl::Error`] when all are taken.
+    AddChannel {
+        /// Worker index.
+        worker: u32,
+    },
+    /// Give a wake channel back (no answer).
+    DelChannel {
+        /// Worker index.
+        worker: u32,
+        /// Channel id.
+        channel: u32,
+    },
 }
 
 /// Daemon → app control messages.
@@ -100,6 +114,15 @@ pub enum DaemonCtrl {
         segment: u32,
         /// Size in bytes.
         size: u64,
+    },
+    /// A wake channel for `worker`; its eventfd (which the daemon writes
+    /// when a thread sleeps on the channel and an event for it arrives) is
+    /// attached.
+    ChannelOk {
+        /// Worker index.
+        worker: u32,
+        /// Channel id (1..63).
+        channel: u32,
     },
     /// A cut-through segment whose peer app is gone: no session uses it
     /// any more, the app should unmap it.
@@ -189,6 +212,8 @@ impl AppCtrl {
             } => Enc::new(1).str(namespace).str(secret).str(name).u32(*pid).0,
             AppCtrl::AddWorker => Enc::new(2).0,
             AppCtrl::DelWorker { worker } => Enc::new(3).u32(*worker).0,
+            AppCtrl::AddChannel { worker } => Enc::new(4).u32(*worker).0,
+            AppCtrl::DelChannel { worker, channel } => Enc::new(5).u32(*worker).u32(*channel).0,
         }
     }
     /// Parse an untrusted datagram.
@@ -203,6 +228,11 @@ impl AppCtrl {
             },
             2 => AppCtrl::AddWorker,
             3 => AppCtrl::DelWorker { worker: d.u32()? },
+            4 => AppCtrl::AddChannel { worker: d.u32()? },
+            5 => AppCtrl::DelChannel {
+                worker: d.u32()?,
+                channel: d.u32()?,
+            },
             t => return Err(ProtoError::UnknownType(t)),
         })
     }
@@ -237,6 +267,7 @@ impl DaemonCtrl {
             }
             DaemonCtrl::Segment { segment, size } => Enc::new(104).u32(*segment).u64(*size).0,
             DaemonCtrl::SegmentGone { segment } => Enc::new(105).u32(*segment).0,
+            DaemonCtrl::ChannelOk { worker, channel } => Enc::new(106).u32(*worker).u32(*channel).0,
         }
     }
     /// Parse.
@@ -265,6 +296,10 @@ impl DaemonCtrl {
                 size: d.u64()?,
             },
             105 => DaemonCtrl::SegmentGone { segment: d.u32()? },
+            106 => DaemonCtrl::ChannelOk {
+                worker: d.u32()?,
+                channel: d.u32()?,
+            },
             t => return Err(ProtoError::UnknownType(t)),
         })
     }
@@ -299,6 +334,20 @@ mod tests {
         assert_eq!(DaemonCtrl::decode(&e.encode()), Ok(e));
         let g = DaemonCtrl::SegmentGone { segment: 9 };
         assert_eq!(DaemonCtrl::decode(&g.encode()), Ok(g));
+        let c = DaemonCtrl::ChannelOk {
+            worker: 2,
+            channel: 7,
+        };
+        assert_eq!(DaemonCtrl::decode(&c.encode()), Ok(c));
+        for a in [
+            AppCtrl::AddChannel { worker: 3 },
+            AppCtrl::DelChannel {
+                worker: 3,
+                channel: 9,
+            },
+        ] {
+            assert_eq!(AppCtrl::decode(&a.encode()), Ok(a));
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 /* Threads: one socket created, bound/listened and accepted on by three
  * different threads; close from a thread other than the creator; two
  * concurrent blocking transfers; a full-duplex echo with a thread per
- * direction; shutdown(SHUT_RD) waking a reader blocked in another thread. */
+ * direction; shutdown(SHUT_RD) waking a reader blocked in another thread;
+ * threads each waiting in their own epoll set (as Envoy's do). */
 #define _GNU_SOURCE
 #include "conf.h"
 #include <pthread.h>
@@ -83,6 +84,43 @@ static void *t_blocked_read(void *arg)
 	if (blocked_result < 0)
 		blocked_result = -errno;
 	return NULL;
+}
+
+/* Waits in its own epoll set until `want` bytes came on `fd` (non-blocking)
+ * or `ms` passed; one read per wake-up. */
+struct epw {
+	int ep, fd, want, ms, got;
+};
+static void *t_ep_reader(void *arg)
+{
+	struct epw *w = arg;
+	double end = now_ms() + w->ms;
+	while (w->got < w->want) {
+		int left = (int)(end - now_ms());
+		if (left <= 0)
+			break;
+		struct epoll_event e;
+		int n = epoll_wait(w->ep, &e, 1, left);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			fail("epoll_wait: %s", ename(errno));
+		if (n == 0)
+			break;
+		char b[64];
+		ssize_t r = read(w->fd, b, sizeof b);
+		if (r > 0)
+			w->got += (int)r;
+	}
+	return NULL;
+}
+
+static pthread_t start(void *(*fn)(void *), void *arg)
+{
+	pthread_t t;
+	if (pthread_create(&t, NULL, fn, arg))
+		fail("pthread_create");
+	return t;
 }
 
 int main(void)
@@ -176,6 +214,48 @@ int main(void)
 	say("blocked read woken by data: %s", rs(blocked_result));
 	close(s1);
 	close(c1);
+
+	/* Two threads, each waiting in its own epoll set: data for a socket
+	 * wakes the thread whose set holds it, whatever the other does. */
+	tcp_pair(&c1, &s1);
+	tcp_pair(&c2, &s2);
+	set_nonblock(s1, 1);
+	set_nonblock(s2, 1);
+	int ea = CHK(epoll_create1(0)), eb = CHK(epoll_create1(0));
+	struct epoll_event ev = { .events = EPOLLIN };
+	CHK(epoll_ctl(ea, EPOLL_CTL_ADD, s1, &ev));
+	CHK(epoll_ctl(eb, EPOLL_CTL_ADD, s2, &ev));
+	struct epw wa = { ea, s1, 12, 3000, 0 }, wb = { eb, s2, 12, 3000, 0 };
+	pthread_t ta = start(t_ep_reader, &wa), tb = start(t_ep_reader, &wb);
+	for (int i = 0; i < 3; i++) {
+		sleep_ms(30);
+		CHK(write(c2, "bbbb", 4));
+		sleep_ms(30);
+		CHK(write(c1, "aaaa", 4));
+	}
+	pthread_join(ta, NULL);
+	pthread_join(tb, NULL);
+	say("own epoll sets: first got %d, second got %d", wa.got, wb.got);
+	/* A socket moved from one set to the other wakes the new set's thread
+	 * and not the old one's. */
+	CHK(epoll_ctl(ea, EPOLL_CTL_DEL, s1, NULL));
+	CHK(epoll_ctl(eb, EPOLL_CTL_ADD, s1, &ev));
+	struct epw wold = { ea, s1, 1, 400, 0 }, wnew = { eb, s1, 8, 3000, 0 };
+	ta = start(t_ep_reader, &wold);
+	tb = start(t_ep_reader, &wnew);
+	sleep_ms(50);
+	CHK(write(c1, "mmmm", 4));
+	sleep_ms(50);
+	CHK(write(c1, "mmmm", 4));
+	pthread_join(ta, NULL);
+	pthread_join(tb, NULL);
+	say("moved socket: old set got %d, new set got %d", wold.got, wnew.got);
+	close(ea);
+	close(eb);
+	close(s1);
+	close(c1);
+	close(s2);
+	close(c2);
 	say("done");
 	return 0;
 }

@@ -619,3 +619,109 @@ fn a_forking_server_hands_accepted_connections_to_its_children() -> Result<()> {
     srv.success(T)?;
     Ok(())
 }
+
+#[test]
+fn a_thread_idle_in_its_own_epoll_set_sleeps_through_other_threads_traffic() -> Result<()> {
+    // Envoy's shape: the main thread waits in its own epoll set on a
+    // listener that gets no connection (the admin port) while a worker
+    // thread serves traffic in another set. Each set has its own wake
+    // channel, so daemon events for the worker's connections must not wake
+    // the idle thread (before: one wake-up per event batch, thousands here).
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    const ROUNDS: usize = 2000;
+    let py = format!(
+        "import select, socket, threading\n\
+         def lsock(port):\n\
+         \x20   l = socket.socket(); l.bind(('127.0.0.1', port)); l.listen(8); return l\n\
+         idle, srv = lsock(7630), lsock(7631)\n\
+         stop, tid, ready = False, {{}}, threading.Event()\n\
+         def idle_thread():\n\
+         \x20   tid['idle'] = threading.get_native_id()\n\
+         \x20   ep = select.epoll(); ep.register(idle.fileno(), select.EPOLLIN)\n\
+         \x20   ready.set()\n\
+         \x20   while not stop: assert not ep.poll(0.25)\n\
+         def switches():\n\
+         \x20   for line in open('/proc/self/task/%d/status' % tid['idle']):\n\
+         \x20       if line.startswith('voluntary_ctxt_switches'): return int(line.split()[1])\n\
+         def echo(conn):\n\
+         \x20   ep = select.epoll(); conn.setblocking(False); ep.register(conn.fileno(), select.EPOLLIN)\n\
+         \x20   while True:\n\
+         \x20       ep.poll(5)\n\
+         \x20       b = conn.recv(4096)\n\
+         \x20       if not b: return\n\
+         \x20       conn.sendall(b.upper())\n\
+         t = threading.Thread(target=idle_thread); t.start(); ready.wait()\n\
+         c = socket.create_connection(('127.0.0.1', 7631)); a, _ = srv.accept()\n\
+         e = threading.Thread(target=echo, args=(a,)); e.start()\n\
+         ep = select.epoll(); c.setblocking(False); ep.register(c.fileno(), select.EPOLLIN)\n\
+         before, ok = switches(), 0\n\
+         for i in range({ROUNDS}):\n\
+         \x20   msg = b'ping %05d' % i; c.sendall(msg); got = b''\n\
+         \x20   while len(got) < len(msg):\n\
+         \x20       assert ep.poll(5), 'no echo'\n\
+         \x20       got += c.recv(64)\n\
+         \x20   ok += got == msg.upper()\n\
+         woke = switches() - before\n\
+         c.close(); e.join(); stop = True; t.join()\n\
+         print('echoed', ok, 'idle woke', woke)\n"
+    );
+    let before = d.counter(&["session", "cut_through_opened"])?;
+    let out = shim(&d, &["python3", "-c", &py])?.output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "python: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        d.counter(&["session", "cut_through_opened"])? > before,
+        "not a hoststack connection"
+    );
+    let nums: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [echoed, woke] = nums[..] else {
+        bail!("python said {text:?}");
+    };
+    ensure!(echoed == ROUNDS as u64, "{text}");
+    // Its own 250 ms timeouts (and the GIL) wake it a few times; one
+    // wake-up per event would be thousands.
+    ensure!(
+        woke < ROUNDS as u64 / 20,
+        "the idle thread woke {woke} times during {ROUNDS} round trips"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_daemon_yields_after_waking_apps_unless_told_not_to() -> Result<()> {
+    // After a pass that woke app threads the daemon yields the CPU once,
+    // so apps sharing its CPU run their batch before it decides to sleep
+    // (`daemon.yield_after_wake`, on by default).
+    let py = "import socket\n\
+              l = socket.socket(); l.bind(('127.0.0.1', 7640)); l.listen(8)\n\
+              c = socket.create_connection(('127.0.0.1', 7640)); a, _ = l.accept()\n\
+              for i in range(200):\n\
+              \x20   c.sendall(b'ping'); assert a.recv(4) == b'ping'\n\
+              \x20   a.sendall(b'pong'); assert c.recv(4) == b'pong'\n\
+              print('ok')\n";
+    let mut seen = Vec::new();
+    for args in [&[][..], &["--yield-after-wake", "false"][..]] {
+        let tb = Testbed::new()?;
+        let d = Daemon::start(&tb, args)?;
+        let out = shim(&d, &["python3", "-c", py])?.output()?;
+        ensure!(
+            out.status.success() && out.stdout == b"ok\n",
+            "python: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen.push(d.counter(&["yields"])?);
+    }
+    ensure!(
+        seen[0] > 0 && seen[1] == 0,
+        "yields with the default / with false: {seen:?}"
+    );
+    Ok(())
+}

@@ -1,8 +1,9 @@
 //! epoll, poll and select over a mix of kernel fds and hoststack sockets.
 //!
 //! Kernel fds stay in the kernel's own sets. For an epoll instance with
-//! hoststack entries, the kernel set also holds the worker's wake eventfd,
-//! its attach socket and a per-instance eventfd (tagged with
+//! hoststack entries, the kernel set also holds the instance's own wake
+//! channel eventfd (or, without one, the worker's wake eventfd), the
+//! attach socket and a per-instance eventfd (tagged with
 //! [`MAGIC`](crate::state::MAGIC) data), so `epoll_wait` blocks in the
 //! kernel exactly once when nothing is ready: no busy loop, signals
 //! interrupt it, timeouts are the kernel's. Hoststack readiness is kept as a
@@ -10,8 +11,8 @@
 
 use crate::real;
 use crate::state::{
-    block, is_bypass, is_epoll, lock, st, Reg, SState, State, Woke, G, MAGIC, MAGIC_CTRL, MAGIC_MQ,
-    MAGIC_WAKE, R,
+    block, is_bypass, is_epoll, lock, st, Reg, SState, State, Woke, G, MAGIC, MAGIC_CHAN,
+    MAGIC_CTRL, MAGIC_MQ, MAGIC_WAKE, R,
 };
 use crate::sys::{self, efd_drain, efd_signal};
 use libc::{c_int, epoll_event, pollfd};
@@ -111,6 +112,9 @@ pub fn ctl(epfd: c_int, op: c_int, fd: c_int, ev: Option<epoll_event>) -> R<()> 
         }
         _ => return Err(libc::EINVAL),
     }
+    if op != libc::EPOLL_CTL_MOD {
+        s.sync_chan(id);
+    }
     Ok(())
 }
 
@@ -121,10 +125,21 @@ pub fn mark_nested(epfd: c_int) {
     let s = st(&mut g);
     s.pump();
     if let Some(ep) = s.eps.get_mut(&epfd) {
+        let first = !ep.nested;
         ep.nested = true;
         if !ep.ready.is_empty() && !ep.signaled {
             ep.signaled = true;
             efd_signal(ep.wake);
+        }
+        if first && ep.chan.is_some() {
+            // Waiters of the outer set must hear about this instance's
+            // sockets: back to the worker's eventfd and "any sleeper".
+            ep.magic_gen = 0;
+            let ids: Vec<u64> = ep.regs.values().map(|r| r.sock).collect();
+            s.ep_arm(epfd);
+            for id in ids {
+                s.sync_chan(id);
+            }
         }
     }
 }
@@ -205,10 +220,15 @@ fn filter_magic(s: &mut State, epfd: c_int, ev: &mut [epoll_event], n: usize) ->
     let mut k = 0;
     for i in 0..n {
         let d = ev[i].u64;
-        if d & !0xffff == MAGIC && d & 0xffff <= 3 {
+        if d & !0xffff == MAGIC && d & 0xffff <= 4 {
             match d {
                 MAGIC_MQ => mq = true,
                 MAGIC_CTRL => ctrl = true,
+                MAGIC_CHAN => {
+                    if let Some(c) = s.eps.get(&epfd).and_then(|ep| ep.chan.as_ref()) {
+                        efd_drain(c.efd);
+                    }
+                }
                 MAGIC_WAKE => {
                     if let Some(ep) = s.eps.get_mut(&epfd) {
                         efd_drain(ep.wake);
@@ -338,17 +358,30 @@ fn wait_inner(
             }
             return (Ok(n + k), Some(g));
         }
-        let sleepers_ok = s.worker.as_mut().is_none_or(|w| w.prepare_sleep());
+        // Sleep on the instance's own channel when it has one: only events
+        // of its sockets wake it.
+        let chan = s.ep_chan(epfd);
+        let alone = s.eps.get(&epfd).is_none_or(|e| e.chan_sleepers == 0);
+        let sleepers_ok = s.worker.as_mut().is_none_or(|w| match chan {
+            Some(c) => {
+                let ok = w.prepare_sleep_channel(c);
+                if !ok && alone {
+                    w.cancel_sleep_channel(c);
+                }
+                ok
+            }
+            None => w.prepare_sleep(),
+        });
         if !sleepers_ok {
             continue;
         }
         let wake = s.eps.get(&epfd).map_or(-1, |e| e.wake);
-        s.sleep_begin(wake);
+        s.sleep_begin(wake, epfd, chan);
         drop(g);
         let (r, e) = kernel_wait(epfd, out, sys::ms_left(deadline), sig);
         g = lock();
         let s = st(&mut g);
-        s.sleep_end(wake);
+        s.sleep_end(wake, epfd, chan);
         if r < 0 {
             return (Err(e), Some(g));
         }

@@ -168,6 +168,8 @@ pub struct Sock {
     pub opts: Opts,
     /// The reset error was reported once (then reads see EOF, like Linux).
     pub reset_seen: bool,
+    /// Wake channel last written into the session's descriptor.
+    pub chan: u8,
 }
 
 pub struct Reg {
@@ -195,6 +197,22 @@ pub struct Ep {
     /// set, and when it was last looked at (see `iomux::wait_inner`).
     pub kernel_skips: u32,
     pub kernel_polled: Option<std::time::Instant>,
+    /// The instance's own wake channel: its sleepers are woken only for
+    /// events of sockets registered here alone, not for every event of the
+    /// process (Envoy's main thread would otherwise wake for each of the
+    /// worker thread's events).
+    pub chan: Option<EpChan>,
+    /// No channel for this instance (inherited over fork, or refused).
+    pub no_chan: bool,
+    /// Threads sleeping in this instance on its channel.
+    pub chan_sleepers: u32,
+}
+
+/// A wake channel of the worker of generation `gen`.
+pub struct EpChan {
+    pub gen: u64,
+    pub id: u8,
+    pub efd: c_int,
 }
 
 /// epoll data tags of the shim's own fds in an app's epoll set.
@@ -202,6 +220,7 @@ pub const MAGIC: u64 = 0x4853_5f50_524c_0000;
 pub const MAGIC_MQ: u64 = MAGIC | 1;
 pub const MAGIC_CTRL: u64 = MAGIC | 2;
 pub const MAGIC_WAKE: u64 = MAGIC | 3;
+pub const MAGIC_CHAN: u64 = MAGIC | 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -224,7 +243,9 @@ pub struct State {
     pub abandoned: FastSet<ConnectToken>,
     pub eps: FastMap<c_int, Ep>,
     sleepers: u32,
-    waiters: Vec<c_int>,
+    /// Eventfds of sleeping threads, with the epoll instance each sleeps in
+    /// (-1: a blocking call, woken for any event).
+    waiters: Vec<(c_int, c_int)>,
     notes: Vec<Notify>,
     warned: bool,
     /// The daemon died: never wait on its fds again (they stay readable).
@@ -454,6 +475,7 @@ impl State {
                     ..Opts::default()
                 },
                 reset_seen: false,
+                chan: 0,
             },
         );
         self.fds.insert(fd, id);
@@ -496,7 +518,49 @@ impl State {
             _ => {}
         }
         s.state = new;
-        self.index(id);
+        if matches!(new, SState::Connected { .. } | SState::Udp { .. }) {
+            // A new session: its descriptor names no channel yet.
+            s.chan = 0;
+            self.index(id);
+            self.sync_chan(id);
+        } else {
+            self.index(id);
+        }
+    }
+
+    /// The wake channel of epoll instance `epfd`, if it has one that
+    /// belongs to the current worker (nested instances use none: their
+    /// events must reach whoever waits on the outer set).
+    pub fn ep_chan(&self, epfd: c_int) -> Option<u8> {
+        let ep = self.eps.get(&epfd)?;
+        let c = ep.chan.as_ref()?;
+        (c.gen == self.gen && !ep.nested).then_some(c.id)
+    }
+
+    /// Name in the session's descriptor the wake channel its events should
+    /// use: that of the one epoll instance it is registered with, or none
+    /// (any sleeper) when it is in several, or in none.
+    pub fn sync_chan(&mut self, id: u64) {
+        let Some(k) = self.socks.get(&id) else { return };
+        let sid = match k.state {
+            SState::Connected { sid } | SState::Udp { sid } => sid,
+            _ => return,
+        };
+        let mut eps = k.regs.iter().map(|&(e, _)| e);
+        let c = match eps.next() {
+            Some(e) if eps.all(|x| x == e) => self.ep_chan(e).unwrap_or(0),
+            _ => 0,
+        };
+        if k.chan == c {
+            return;
+        }
+        if let Some(w) = self.worker.as_mut() {
+            if w.set_wake_channel(sid, c).is_ok() {
+                if let Some(k) = self.socks.get_mut(&id) {
+                    k.chan = c;
+                }
+            }
+        }
     }
 
     pub fn sock_of(&self, fd: c_int) -> Option<u64> {
@@ -670,15 +734,20 @@ impl State {
             }
         }
         if touched {
-            for &fd in &self.waiters {
-                efd_signal(fd);
+            // Threads in blocking calls may wait for any socket; a thread
+            // in an epoll instance only when that instance has something
+            // to report.
+            for &(fd, epfd) in &self.waiters {
+                if epfd < 0 || dead || self.eps.get(&epfd).is_some_and(|e| !e.ready.is_empty()) {
+                    efd_signal(fd);
+                }
             }
         }
     }
 
     /// Wake every sleeping thread (a local state change such as shutdown).
     pub fn wake_all(&mut self) {
-        for &fd in &self.waiters {
+        for &(fd, _) in &self.waiters {
             efd_signal(fd);
         }
     }
@@ -886,6 +955,16 @@ impl State {
         self.mode = Mode::Unattached;
         self.sleepers = 0;
         self.waiters.clear();
+        for ep in self.eps.values_mut() {
+            // The parent's channels are not ours; an inherited instance
+            // (shared with the parent) keeps waking the old way.
+            if let Some(c) = ep.chan.take() {
+                // SAFETY: our copy of the channel eventfd.
+                unsafe { real::close(c.efd) };
+            }
+            ep.no_chan = true;
+            ep.chan_sleepers = 0;
+        }
         self.by_sess.clear();
         self.by_lid.clear();
         self.by_token.clear();
@@ -987,19 +1066,28 @@ impl State {
         }
     }
 
-    /// Make sure the kernel epoll set `epfd` holds this process's wake fds.
+    /// Make sure the kernel epoll set `epfd` holds this process's wake fds:
+    /// its own wake channel's eventfd if it can have one, else the worker's
+    /// eventfd (woken for every event).
     pub fn ep_arm(&mut self, epfd: c_int) {
         if self.daemon_gone {
             return;
         }
         let gen = self.gen;
-        let fds = self.worker.as_ref().map(|w| w.wait_fds());
-        let Some(ep) = self.eps.get_mut(&epfd) else {
+        let Some(ep) = self.eps.get(&epfd) else {
             return;
         };
         if ep.magic_gen == gen {
             return;
         }
+        if !ep.no_chan && !ep.nested && ep.chan.as_ref().is_none_or(|c| c.gen != gen) {
+            self.ep_get_chan(epfd);
+        }
+        let chan = self.ep_chan(epfd);
+        let fds = self.worker.as_ref().map(|w| w.wait_fds());
+        let Some(ep) = self.eps.get_mut(&epfd) else {
+            return;
+        };
         let add = |fd: c_int, tag: u64| {
             let mut ev = libc::epoll_event {
                 events: libc::EPOLLIN as u32,
@@ -1012,9 +1100,47 @@ impl State {
             add(ep.wake, MAGIC_WAKE);
         }
         if let Some([wake, ctrl]) = fds {
-            add(wake, MAGIC_MQ);
+            match (chan, ep.chan.as_ref()) {
+                (Some(_), Some(c)) => add(c.efd, MAGIC_CHAN),
+                _ => add(wake, MAGIC_MQ),
+            }
             add(ctrl, MAGIC_CTRL);
             ep.magic_gen = gen;
+        }
+    }
+
+    /// Ask the daemon for a wake channel for instance `epfd`.
+    fn ep_get_chan(&mut self, epfd: c_int) {
+        let gen = self.gen;
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        let r = w.add_channel();
+        let Some(ep) = self.eps.get_mut(&epfd) else {
+            if let (Ok((id, _)), Some(w)) = (&r, self.worker.as_mut()) {
+                w.del_channel(*id);
+            }
+            return;
+        };
+        match r {
+            Ok((id, fd)) => {
+                if let Some(old) = ep.chan.take() {
+                    // SAFETY: our eventfd of an older worker.
+                    unsafe { real::close(old.efd) };
+                }
+                use std::os::fd::IntoRawFd;
+                ep.chan = Some(EpChan {
+                    gen,
+                    id,
+                    efd: fd.into_raw_fd(),
+                });
+            }
+            Err(e) => {
+                ep.no_chan = true;
+                log_debug(&self.cfg, || {
+                    format!("epoll {epfd}: no wake channel ({e}); woken for every event")
+                });
+            }
         }
     }
 
@@ -1029,6 +1155,9 @@ impl State {
             signaled: false,
             kernel_skips: 0,
             kernel_polled: None,
+            chan: None,
+            no_chan: false,
+            chan_sleepers: 0,
         })
     }
 
@@ -1040,9 +1169,22 @@ impl State {
                     s.regs.retain(|&(e, f)| !(e == epfd && f == *fd));
                 }
             }
+            let ids: Vec<u64> = ep.regs.values().map(|r| r.sock).collect();
+            for id in ids {
+                self.sync_chan(id);
+            }
             if ep.wake >= 0 {
                 // SAFETY: our eventfd.
                 unsafe { real::close(ep.wake) };
+            }
+            if let Some(c) = ep.chan {
+                if c.gen == self.gen {
+                    if let Some(w) = self.worker.as_mut() {
+                        w.del_channel(c.id);
+                    }
+                }
+                // SAFETY: our eventfd.
+                unsafe { real::close(c.efd) };
             }
         }
     }
@@ -1078,7 +1220,7 @@ pub fn block(
         }
         base = 3;
         s.sleepers += 1;
-        s.waiters.push(tefd);
+        s.waiters.push((tefd, -1));
     }
     pfds.extend_from_slice(extra);
     let ts = deadline.map(sys::ts_left);
@@ -1097,7 +1239,7 @@ pub fn block(
     let s = st(&mut g);
     if base == 3 {
         s.sleepers = s.sleepers.saturating_sub(1);
-        if let Some(p) = s.waiters.iter().position(|&f| f == tefd) {
+        if let Some(p) = s.waiters.iter().position(|&(f, _)| f == tefd) {
             s.waiters.swap_remove(p);
         }
         if pfds[2].revents != 0 {
@@ -1130,21 +1272,38 @@ pub fn block(
 }
 
 impl State {
-    /// A thread is about to sleep in the kernel on its own set that holds
-    /// `wake` (signalled by whoever drains events meanwhile).
-    pub fn sleep_begin(&mut self, wake: c_int) {
-        self.sleepers += 1;
+    /// A thread is about to sleep in the kernel in epoll instance `epfd`,
+    /// whose set holds `wake` (signalled by whoever drains events for it
+    /// meanwhile), on the instance's wake channel `chan` or, without one,
+    /// on the worker's eventfd.
+    pub fn sleep_begin(&mut self, wake: c_int, epfd: c_int, chan: Option<u8>) {
+        match (chan, self.eps.get_mut(&epfd)) {
+            (Some(_), Some(ep)) => ep.chan_sleepers += 1,
+            _ => self.sleepers += 1,
+        }
         if wake >= 0 {
-            self.waiters.push(wake);
+            self.waiters.push((wake, epfd));
         }
     }
 
     /// The thread is back (lock held).
-    pub fn sleep_end(&mut self, wake: c_int) {
-        self.sleepers = self.sleepers.saturating_sub(1);
-        if let Some(p) = self.waiters.iter().position(|&f| f == wake) {
+    pub fn sleep_end(&mut self, wake: c_int, epfd: c_int, chan: Option<u8>) {
+        if let Some(p) = self.waiters.iter().position(|&(f, _)| f == wake) {
             self.waiters.swap_remove(p);
         }
+        if let Some(c) = chan {
+            let last = self.eps.get_mut(&epfd).is_none_or(|ep| {
+                ep.chan_sleepers = ep.chan_sleepers.saturating_sub(1);
+                ep.chan_sleepers == 0
+            });
+            if last {
+                if let Some(w) = self.worker.as_mut() {
+                    w.cancel_sleep_channel(c);
+                }
+            }
+            return;
+        }
+        self.sleepers = self.sleepers.saturating_sub(1);
         if self.sleepers == 0 {
             if let Some(w) = self.worker.as_mut() {
                 w.cancel_sleep();

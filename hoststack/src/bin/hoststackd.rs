@@ -20,6 +20,7 @@ CONFIG FILE (TOML; every key optional unless noted, flags override the file):
     socket_dir = \"/run/hoststack\"  attach sockets <dir>/<namespace>.sock, ctl.sock
     busy_poll = false          spin instead of sleeping (benchmarks)
     poll_spin_us = 50          adaptive: after work keep polling this long, then sleep (0 = off)
+    yield_after_wake = true    sched_yield after waking apps (they run their batch first)
     rx_batch = 64              frames per uplink receive batch (1..=1024)
   [tcp]
     rx_buffer = 262144         smoltcp receive buffer per connection
@@ -82,6 +83,9 @@ struct Cli {
     /// Adaptive polling window in microseconds (overrides daemon.poll_spin_us).
     #[arg(long)]
     poll_spin_us: Option<u64>,
+    /// sched_yield after waking apps: true or false (overrides daemon.yield_after_wake).
+    #[arg(long, value_name = "BOOL")]
+    yield_after_wake: Option<bool>,
     /// FIFO size in bytes (overrides session.fifo_size).
     #[arg(long)]
     fifo_size: Option<u32>,
@@ -141,6 +145,9 @@ fn main() -> Result<()> {
     }
     if cli.busy_poll {
         cfg.daemon.busy_poll = true;
+    }
+    if let Some(y) = cli.yield_after_wake {
+        cfg.daemon.yield_after_wake = y;
     }
     if let Some(us) = cli.poll_spin_us {
         cfg.daemon.poll_spin_us = us;
