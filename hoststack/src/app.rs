@@ -6,13 +6,14 @@
 //! the app owns. An app that corrupts its queues is disconnected; it cannot
 //! make the daemon read or write outside its own segment.
 
+use session_api::fasthash::FastMap;
 use session_api::fifo::{fifo_footprint, fifo_init, FifoConsumer, FifoProducer};
 use session_api::mq::MAX_CHANNELS;
 use session_api::mq::{mq_footprint, mq_init, MqConsumer, MqError, MqProducer, RawMsg};
 use session_api::msg::{Event, SessionDesc, DESC_CHANNEL_OFF, SESSION_DESC_SIZE};
 use session_api::segment::{SegmentAllocator, SegmentHeader, SEGMENT_HEADER_SIZE};
 use session_api::shm::{EventFd, ShmRegion};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -242,7 +243,10 @@ impl Worker {
     /// the fence, so a thread that named it and then slept is seen) or, for
     /// none or an unknown one, every channel.
     fn wake_channels(&mut self, chan: Option<ChanRef>) {
-        if self.channels.is_empty() {
+        // The sleeping-channels word shares a line with the flag
+        // `wake_needed` just read: look at it before touching the
+        // descriptor's line.
+        if self.channels.is_empty() || !self.evt.channels_sleeping() {
             return;
         }
         let c = chan.map_or(0, |c| c.get()) as usize;
@@ -322,7 +326,7 @@ pub struct App {
     /// The attach socket (closing it = detach).
     pub ctrl: OwnedFd,
     /// Its private segments.
-    pub segments: HashMap<u32, Segment>,
+    pub segments: FastMap<u32, Segment>,
     /// Id of the segment new sessions and queues go to.
     pub main_segment: u32,
     /// Workers (None = removed).

@@ -19,6 +19,7 @@
 
 use crate::bufpool::{Lease, Pool};
 use crate::timers::Wheel;
+use session_api::fasthash::FastSet;
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::{tcp, udp};
@@ -221,7 +222,7 @@ pub struct Stack {
     /// TCP socket buffers, recycled across connections.
     pool: Pool,
     touched: Vec<FlowId>,
-    touched_set: HashSet<FlowId>,
+    touched_set: FastSet<FlowId>,
     cfg: StackConfig,
     caps: DeviceCapabilities,
     /// Set when an ARP/NDP frame arrived: flows blocked on neighbour
@@ -504,7 +505,7 @@ impl Stack {
             expired: Vec::new(),
             pool: Pool::default(),
             touched: Vec::new(),
-            touched_set: HashSet::new(),
+            touched_set: FastSet::default(),
             cfg,
             caps,
             neighbor_changed: false,
@@ -928,7 +929,8 @@ impl Stack {
         }
     }
 
-    fn touch(&mut self, id: FlowId) {
+    /// List `id` for the next [`Stack::take_touched`] (its state changed).
+    pub fn touch(&mut self, id: FlowId) {
         if self.touched_set.insert(id) {
             self.touched.push(id);
         }

@@ -736,7 +736,8 @@ impl Worker {
             return Err(Error::DaemonGone);
         }
         let m = r.encode();
-        let start = Instant::now();
+        // Read the clock only once the queue turns out to be full.
+        let mut start = None;
         loop {
             match self.req.try_send(&m) {
                 Ok(()) => break,
@@ -744,7 +745,7 @@ impl Worker {
                     // The daemon drains continuously; a full queue for long
                     // means it is gone or wedged.
                     self.daemon_wake.notify();
-                    if start.elapsed() > Duration::from_secs(5) {
+                    if start.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(5) {
                         return Err(Error::TimedOut);
                     }
                     self.process_events()?;

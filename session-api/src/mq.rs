@@ -268,6 +268,12 @@ impl MqProducer {
         s.load(Ordering::Relaxed) != 0 && s.swap(0, Ordering::SeqCst) != 0
     }
 
+    /// Does any thread sleep on a wake channel? (a cheap pre-check for
+    /// [`Self::take_sleeping_channels`], after [`Self::wake_needed`].)
+    pub fn channels_sleeping(&self) -> bool {
+        self.q.hdr().channels_sleeping.load(Ordering::Relaxed) != 0
+    }
+
     /// After [`Self::wake_needed`] (whose fence orders this read after the
     /// message's publication): clear and return the bits of `want` whose
     /// channels have a sleeping thread. The caller writes those channels'
