@@ -714,6 +714,7 @@ impl Daemon {
                     "workers": a.workers.iter().flatten().map(|w| json!({
                         "index": w.index, "requests": w.requests, "events": w.events,
                         "wakeups": w.wakeups, "backlog": w.backlog.len(),
+                        "channels": w.channels.iter().filter(|c| c.is_some()).count(),
                     })).collect::<Vec<_>>(),
                     "shm_bytes": a.shm_bytes(),
                 })

@@ -229,11 +229,20 @@ impl Proc {
     /// Spawn with stdout captured (stderr inherited so failures show), in
     /// its own process group, so that dropping it also kills what it
     /// started (nginx's workers outlive a killed master otherwise).
-    pub fn spawn(mut cmd: Command, name: &str) -> Result<Self> {
+    pub fn spawn(cmd: Command, name: &str) -> Result<Self> {
+        Self::spawn_inner(cmd, name, Stdio::null())
+    }
+
+    /// [`Proc::spawn`] with a pipe to its stdin.
+    pub fn spawn_with_stdin(cmd: Command, name: &str) -> Result<(Self, std::process::ChildStdin)> {
+        let mut p = Self::spawn_inner(cmd, name, Stdio::piped())?;
+        let stdin = p.child.stdin.take().context("stdin")?;
+        Ok((p, stdin))
+    }
+
+    fn spawn_inner(mut cmd: Command, name: &str, stdin: Stdio) -> Result<Self> {
         use std::os::unix::process::CommandExt;
-        cmd.stdout(Stdio::piped())
-            .stdin(Stdio::null())
-            .process_group(0);
+        cmd.stdout(Stdio::piped()).stdin(stdin).process_group(0);
         let mut child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
         let out = child.stdout.take().context("stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();

@@ -728,3 +728,102 @@ fn the_daemon_yields_after_waking_apps_unless_told_not_to() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn more_epoll_sets_than_wake_channels_all_still_report_their_sockets() -> Result<()> {
+    // 63 wake channels per process: the 64th epoll set and beyond fall
+    // back to waking on every event; a socket in several sets names no
+    // channel. Every set must still report data, sets closed give their
+    // channels back, and new sets work again.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    // A writer thread sends to one socket at a time, so each wait blocks
+    // (on its set's channel, or on the worker's eventfd past the limit).
+    let py = "import select, socket, threading, time\n\
+              l = socket.socket(); l.bind(('127.0.0.1', 7650)); l.listen(128)\n\
+              pairs = []\n\
+              for i in range(70):\n\
+              \x20   c = socket.create_connection(('127.0.0.1', 7650)); a, _ = l.accept(); pairs.append((c, a))\n\
+              def sets(n):\n\
+              \x20   eps = []\n\
+              \x20   for i in range(n):\n\
+              \x20       ep = select.epoll(); ep.register(pairs[i][1].fileno(), select.EPOLLIN)\n\
+              \x20       if i % 10 == 0: ep.register(pairs[69][1].fileno(), select.EPOLLIN)\n\
+              \x20       eps.append(ep)\n\
+              \x20   return eps\n\
+              def check(eps, tag):\n\
+              \x20   def send():\n\
+              \x20       for i in range(len(eps)): time.sleep(0.002); pairs[i][0].sendall(tag)\n\
+              \x20   t = threading.Thread(target=send); t.start(); ok = 0\n\
+              \x20   for i, ep in enumerate(eps):\n\
+              \x20       ok += pairs[i][1].fileno() in [fd for fd, _ in ep.poll(5)]\n\
+              \x20       assert pairs[i][1].recv(16) == tag\n\
+              \x20   t.join(); return ok\n\
+              eps = sets(69)\n\
+              first = check(eps, b'one')\n\
+              print('first', first, flush=True); sys.stdin.readline()\n\
+              for ep in eps: ep.close()\n\
+              eps = sets(40); second = check(eps, b'two')\n\
+              print('second', second, flush=True); sys.stdin.readline()\n";
+    let channels = || -> Result<u64> {
+        let v = d.ctl("workers")?;
+        let apps = v["apps"].as_array().context("no apps")?;
+        apps.iter()
+            .flat_map(|a| a["workers"].as_array().into_iter().flatten())
+            .map(|w| w["channels"].as_u64().context("no channel count"))
+            .sum()
+    };
+    let py = py.replace("import select", "import sys, select");
+    let (mut p, mut stdin) =
+        Proc::spawn_with_stdin(shim(&d, &["python3", "-c", &py])?, "epoll sets")?;
+    ensure!(
+        p.expect("first ", T)?.contains("first 69"),
+        "not every set reported"
+    );
+    ensure!(channels()? == 63, "channels with 69 sets: {}", channels()?);
+    use std::io::Write as _;
+    stdin.write_all(b"\n")?;
+    ensure!(
+        p.expect("second ", T)?.contains("second 40"),
+        "not every set reported"
+    );
+    ensure!(channels()? == 40, "channels with 40 sets: {}", channels()?);
+    stdin.write_all(b"\n")?;
+    p.success(T)?;
+    Ok(())
+}
+
+#[test]
+fn a_subprocess_started_with_vfork_leaves_the_parents_sockets_alone() -> Result<()> {
+    // Python's subprocess (like posix_spawn) uses vfork: the child shares
+    // the parent's memory until it execs and first closes every fd above 2
+    // (close_range). The shim must not take that for the parent closing
+    // its sockets and epoll sets.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let py = "import select, socket, subprocess\n\
+              l = socket.socket(); l.bind(('127.0.0.1', 7660)); l.listen(8)\n\
+              c = socket.create_connection(('127.0.0.1', 7660)); a, _ = l.accept()\n\
+              ep = select.epoll(); ep.register(a.fileno(), select.EPOLLIN)\n\
+              for i in range(3):\n\
+              \x20   out = subprocess.run(['echo', 'child %d' % i], capture_output=True).stdout\n\
+              \x20   c.sendall(b'ping %d' % i); assert ep.poll(5), 'no event'\n\
+              \x20   a.sendall(a.recv(16).upper()); print(out.decode().strip(), c.recv(16).decode())\n";
+    let before = d.counter(&["session", "cut_through_opened"])?;
+    let out = shim(&d, &["python3", "-c", py])?.output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "python: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        d.counter(&["session", "cut_through_opened"])? > before,
+        "not a hoststack connection"
+    );
+    ensure!(
+        text == "child 0 PING 0\nchild 1 PING 1\nchild 2 PING 2\n",
+        "{text}"
+    );
+    Ok(())
+}

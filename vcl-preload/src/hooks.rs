@@ -655,6 +655,10 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
 fn forget_fd(fd: c_int) {
     let mut g = lock();
     let s = st(&mut g);
+    if s.in_vfork_child() {
+        // Its fds are its own copies; the sockets stay the parent's.
+        return;
+    }
     if is_bypass(fd) {
         s.drop_fd(fd);
     }
@@ -695,6 +699,9 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
 fn dup_track(old: c_int, new: c_int) {
     let mut g = lock();
     let s = st(&mut g);
+    if s.in_vfork_child() {
+        return;
+    }
     if let Some(id) = s.sock_of(old) {
         s.add_fd(new, id);
     }

@@ -30,6 +30,7 @@ mod sys;
 
 /// Registered from the ELF constructor: keep the shim consistent over fork.
 extern "C" fn init() {
+    state::note_pid();
     state::env();
     // SAFETY: registering plain extern "C" callbacks.
     unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
@@ -55,6 +56,7 @@ extern "C" fn fork_parent() {
 }
 
 extern "C" fn fork_child() {
+    state::note_pid();
     // SAFETY: the child has one thread; the lock copy is ours.
     unsafe {
         if let Some(s) = state::STATE.get_locked().as_mut() {

@@ -36,6 +36,15 @@ pub const MAX_FD: usize = 1 << 20;
 static BYPASS: [AtomicBool; MAX_FD] = [const { AtomicBool::new(false) }; MAX_FD];
 static EPOLL: [AtomicBool; MAX_FD] = [const { AtomicBool::new(false) }; MAX_FD];
 
+/// This process's pid, noted when the library loads and in every fork
+/// child: a hook that sees another pid runs in a vfork child.
+static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Note the current pid (library load, fork child).
+pub fn note_pid() {
+    PID.store(std::process::id(), Ordering::Relaxed);
+}
+
 /// Is `fd` a hoststack socket? (lock-free fast path for every hooked call)
 #[inline]
 pub fn is_bypass(fd: c_int) -> bool {
@@ -689,6 +698,16 @@ impl State {
             }
             _ => {}
         }
+    }
+
+    /// Running in a vfork child (`posix_spawn`, Python's `subprocess`)?
+    /// It shares this memory with the suspended parent until it execs, and
+    /// closes its copies of the fds first (`close_range`): forgetting
+    /// sockets or epoll sets here would close the parent's connections
+    /// (through the shared request queue) and wake channels. No atfork
+    /// handler runs for vfork, so the pid tells.
+    pub fn in_vfork_child(&self) -> bool {
+        std::process::id() != PID.load(Ordering::Relaxed)
     }
 
     /// Drain daemon events and queue the sockets they concern on the epoll

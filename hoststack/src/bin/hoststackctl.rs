@@ -98,8 +98,8 @@ fn render(cli: &Cli) -> Result<String> {
                 for w in a["workers"].as_array().into_iter().flatten() {
                     writeln!(
         o,
-                        "       worker {:>3}: requests {:>10} events {:>10} wakeups {:>8} backlog {}",
-                        s(&w["index"]), s(&w["requests"]), s(&w["events"]), s(&w["wakeups"]), s(&w["backlog"])
+                        "       worker {:>3}: requests {:>10} events {:>10} wakeups {:>8} backlog {} wake channels {}",
+                        s(&w["index"]), s(&w["requests"]), s(&w["events"]), s(&w["wakeups"]), s(&w["backlog"]), s(&w["channels"])
                     )?;
                 }
             }
