@@ -34,6 +34,26 @@ fn shim(d: &Daemon, args: &[&str]) -> Result<Command> {
     Ok(c)
 }
 
+/// Run a Python program under the shim; it must succeed and open at least
+/// `conns` cut-through connections (so it really used hoststack). Returns
+/// its stdout.
+fn shim_python(d: &Daemon, py: &str, conns: u64) -> Result<String> {
+    let before = d.counter(&["session", "cut_through_opened"])?;
+    let out = shim(d, &["python3", "-c", py])?.output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "python: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let opened = d.counter(&["session", "cut_through_opened"])? - before;
+    ensure!(
+        opened >= conns,
+        "{opened} hoststack connections, expected {conns}"
+    );
+    Ok(text)
+}
+
 fn sha(b: &[u8]) -> String {
     format!("{:x}", Sha256::digest(b))
 }
@@ -531,18 +551,7 @@ fn accepted_fds_are_cheap_dups_and_survive_the_app_closing_the_template() -> Res
               for c, a in ((c2, a2), (c3, a3)):\n\
               \x20   c.sendall(b'ping'); a.sendall(a.recv(4).upper()); print(c.recv(4).decode())\n\
               print('decoy', decoy.getsockname()[1] == port)\n";
-    let before = d.counter(&["session", "cut_through_opened"])?;
-    let out = shim(&d, &["python3", "-c", py])?.output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "python: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ensure!(
-        d.counter(&["session", "cut_through_opened"])? >= before + 3,
-        "not hoststack connections"
-    );
+    let text = shim_python(&d, py, 3)?;
     ensure!(
         text == "socket True shared True\nclosed 1 decoy_dup False\nPING\nPING\ndecoy True\n",
         "{text}"
@@ -666,18 +675,7 @@ fn a_thread_idle_in_its_own_epoll_set_sleeps_through_other_threads_traffic() -> 
          c.close(); e.join(); stop = True; t.join()\n\
          print('echoed', ok, 'idle woke', woke)\n"
     );
-    let before = d.counter(&["session", "cut_through_opened"])?;
-    let out = shim(&d, &["python3", "-c", &py])?.output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "python: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ensure!(
-        d.counter(&["session", "cut_through_opened"])? > before,
-        "not a hoststack connection"
-    );
+    let text = shim_python(&d, &py, 1)?;
     let nums: Vec<u64> = text
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
@@ -714,12 +712,8 @@ fn the_daemon_yields_after_waking_apps_unless_told_not_to() -> Result<()> {
     for args in [&[][..], &["--yield-after-wake", "false"][..]] {
         let tb = Testbed::new()?;
         let d = Daemon::start(&tb, args)?;
-        let out = shim(&d, &["python3", "-c", py])?.output()?;
-        ensure!(
-            out.status.success() && out.stdout == b"ok\n",
-            "python: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = shim_python(&d, py, 1)?;
+        ensure!(text == "ok\n", "python said {text:?}");
         seen.push(d.counter(&["yields"])?);
     }
     ensure!(
@@ -809,18 +803,7 @@ fn a_subprocess_started_with_vfork_leaves_the_parents_sockets_alone() -> Result<
               \x20   out = subprocess.run(['echo', 'child %d' % i], capture_output=True).stdout\n\
               \x20   c.sendall(b'ping %d' % i); assert ep.poll(5), 'no event'\n\
               \x20   a.sendall(a.recv(16).upper()); print(out.decode().strip(), c.recv(16).decode())\n";
-    let before = d.counter(&["session", "cut_through_opened"])?;
-    let out = shim(&d, &["python3", "-c", py])?.output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "python: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ensure!(
-        d.counter(&["session", "cut_through_opened"])? > before,
-        "not a hoststack connection"
-    );
+    let text = shim_python(&d, py, 1)?;
     ensure!(
         text == "child 0 PING 0\nchild 1 PING 1\nchild 2 PING 2\n",
         "{text}"
