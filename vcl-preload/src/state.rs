@@ -259,6 +259,9 @@ pub struct State {
     warned: bool,
     /// The daemon died: never wait on its fds again (they stay readable).
     pub daemon_gone: bool,
+    /// Sockets in the `Inherited` state: while there are none, `adopt`
+    /// (run before every operation) needs no table lookup.
+    inherited: usize,
     /// Unconnected kernel sockets (AF_INET, AF_INET6) whose dups stand in
     /// for accepted hoststack connections, each with its inode.
     templates: [(c_int, u64); 2],
@@ -389,6 +392,7 @@ impl State {
             notes: Vec::new(),
             warned: false,
             daemon_gone: false,
+            inherited: 0,
             templates: [(-1, 0); 2],
         }
     }
@@ -524,6 +528,7 @@ impl State {
             SState::Connected { sid } | SState::Udp { sid } => {
                 self.by_sess.remove(&sid);
             }
+            SState::Inherited { .. } => self.inherited = self.inherited.saturating_sub(1),
             _ => {}
         }
         s.state = new;
@@ -654,6 +659,9 @@ impl State {
         let Some(s) = self.socks.remove(&id) else {
             return;
         };
+        if matches!(s.state, SState::Inherited { .. }) {
+            self.inherited = self.inherited.saturating_sub(1);
+        }
         for (epfd, fd) in &s.regs {
             if let Some(ep) = self.eps.get_mut(epfd) {
                 if ep.regs.get(fd).is_some_and(|r| r.sock == id) {
@@ -793,6 +801,9 @@ impl State {
     /// First use of a socket inherited over fork: take the session over
     /// from the parent (the daemon checks that it is our parent's).
     pub fn adopt(&mut self, id: u64) {
+        if self.inherited == 0 {
+            return;
+        }
         let Some(SState::Inherited { handle, udp }) = self.socks.get(&id).map(|s| s.state) else {
             return;
         };
@@ -1009,6 +1020,11 @@ impl State {
                 _ => SState::Orphan,
             };
         }
+        self.inherited = self
+            .socks
+            .values()
+            .filter(|s| matches!(s.state, SState::Inherited { .. }))
+            .count();
         for ep in self.eps.values_mut() {
             ep.magic_gen = 0;
         }
