@@ -1327,9 +1327,12 @@ impl State {
             self.waiters.swap_remove(p);
         }
         if let Some(c) = chan {
-            let last = self.eps.get_mut(&epfd).is_none_or(|ep| {
+            // If the set was closed meanwhile its channel may belong to
+            // another set by now: leave the bit alone (at worst one
+            // spurious wake-up for that set's thread).
+            let last = self.eps.get_mut(&epfd).is_some_and(|ep| {
                 ep.chan_sleepers = ep.chan_sleepers.saturating_sub(1);
-                ep.chan_sleepers == 0
+                ep.chan_sleepers == 0 && ep.chan.as_ref().is_some_and(|k| k.id == c)
             });
             if last {
                 if let Some(w) = self.worker.as_mut() {
