@@ -1151,10 +1151,8 @@ impl State {
             return;
         };
         let r = w.add_channel();
+        // The caller holds the set; the round trip does not remove it.
         let Some(ep) = self.eps.get_mut(&epfd) else {
-            if let (Ok((id, _)), Some(w)) = (&r, self.worker.as_mut()) {
-                w.del_channel(*id);
-            }
             return;
         };
         match r {
@@ -1203,10 +1201,7 @@ impl State {
                 if let Some(s) = self.socks.get_mut(&r.sock) {
                     s.regs.retain(|&(e, f)| !(e == epfd && f == *fd));
                 }
-            }
-            let ids: Vec<u64> = ep.regs.values().map(|r| r.sock).collect();
-            for id in ids {
-                self.sync_chan(id);
+                self.sync_chan(r.sock);
             }
             if ep.wake >= 0 {
                 // SAFETY: our eventfd.
