@@ -286,6 +286,27 @@ struct CmsgBuf([u8; 128]);
 
 const _: () = assert!(std::mem::size_of::<libc::c_int>() * MAX_FDS + 16 <= 128);
 
+/// Where descriptors this library keeps for itself end up: set once per
+/// process (see [`set_fd_placer`]).
+static FD_PLACER: std::sync::OnceLock<fn(OwnedFd) -> OwnedFd> = std::sync::OnceLock::new();
+
+/// Route every descriptor the client side opens or receives for itself
+/// (the daemon socket, eventfds, segment memfds) through `placer` first.
+/// An LD_PRELOAD shim shares the fd table with an app that may close or
+/// `dup2` over numbers it does not know; the placer can move them out of
+/// its way and remember them. Only the first call has an effect.
+pub fn set_fd_placer(placer: fn(OwnedFd) -> OwnedFd) {
+    let _ = FD_PLACER.set(placer);
+}
+
+/// `fd` after the process's placer (itself if none is set).
+pub fn place_fd(fd: OwnedFd) -> OwnedFd {
+    match FD_PLACER.get() {
+        Some(p) => p(fd),
+        None => fd,
+    }
+}
+
 /// Send one datagram on a `SOCK_SEQPACKET` (or datagram) unix socket with up
 /// to [`MAX_FDS`] fds attached as `SCM_RIGHTS`; `MSG_NOSIGNAL`, so a closed
 /// peer gives `EPIPE` rather than a signal. Returns the bytes sent.
@@ -387,7 +408,7 @@ pub fn recv_with_fds(
                 let payload = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
                 let d = libc::CMSG_DATA(c).cast::<libc::c_int>();
                 for i in 0..payload / std::mem::size_of::<libc::c_int>() {
-                    fds.push(OwnedFd::from_raw_fd(d.add(i).read_unaligned()));
+                    fds.push(place_fd(OwnedFd::from_raw_fd(d.add(i).read_unaligned())));
                 }
             }
             c = libc::CMSG_NXTHDR(&msg, c);

@@ -36,7 +36,7 @@ pub fn seqpacket_connect(path: &Path) -> io::Result<OwnedFd> {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        let fd = OwnedFd::from_raw_fd(r);
+        let fd = crate::shm::place_fd(OwnedFd::from_raw_fd(r));
         if libc::connect(fd.as_raw_fd(), &a as *const _ as *const libc::sockaddr, len) < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -810,3 +810,48 @@ fn a_subprocess_started_with_vfork_leaves_the_parents_sockets_alone() -> Result<
     );
     Ok(())
 }
+
+#[test]
+fn an_app_that_closes_every_fd_it_does_not_know_keeps_working() -> Result<()> {
+    // Daemons and sandboxes close every descriptor they did not open
+    // (a close() loop, closefrom, close_range); the shim's own descriptors
+    // (daemon socket, eventfds, segments) must survive that, never be
+    // reused under the app (an eventfd write would land in the app's file),
+    // and dup2 onto one must fail instead of breaking the shim.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let py = "import ctypes, errno, os, select, socket, tempfile\n\
+              libc = ctypes.CDLL(None, use_errno=True)\n\
+              l = socket.socket(); l.bind(('127.0.0.1', 7662)); l.listen(8)\n\
+              c = socket.create_connection(('127.0.0.1', 7662)); a, _ = l.accept()\n\
+              ep = select.epoll(); ep.register(a.fileno(), select.EPOLLIN)\n\
+              keep = sorted({l.fileno(), c.fileno(), a.fileno(), ep.fileno()})\n\
+              own = [int(f) for f in os.listdir('/proc/self/fd') if int(f) > 2 and int(f) not in keep]\n\
+              assert own, 'the shim holds no descriptors?'\n\
+              for fd in range(3, keep[-1]):\n\
+              \x20   if fd not in keep:\n\
+              \x20       try: os.close(fd)\n\
+              \x20       except OSError: pass\n\
+              os.closerange(keep[-1] + 1, 1 << 16)\n\
+              assert libc.closefrom is not None; libc.closefrom(keep[-1] + 1)\n\
+              f = tempfile.TemporaryFile(); f.write(b'app data'); f.flush()\n\
+              busy = 0\n\
+              for fd in (fd for fd in own if fd != f.fileno()):\n\
+              \x20   try:\n\
+              \x20       os.fstat(fd)\n\
+              \x20       try: os.dup2(f.fileno(), fd); print('dup2 onto', fd, 'worked')\n\
+              \x20       except OSError as e: assert e.errno == errno.EBUSY, e; busy += 1\n\
+              \x20   except OSError: pass\n\
+              for i in range(3):\n\
+              \x20   c.sendall(b'ping %d' % i); assert ep.poll(5), 'no event'\n\
+              \x20   a.sendall(a.recv(16).upper()); print(c.recv(16).decode())\n\
+              c2 = socket.create_connection(('127.0.0.1', 7662)); a2, _ = l.accept()\n\
+              c2.sendall(b'second'); print(a2.recv(16).decode())\n\
+              f.seek(0); print(f.read().decode(), busy > 0)\n";
+    let text = shim_python(&d, py, 2)?;
+    ensure!(
+        text == "PING 0\nPING 1\nPING 2\nsecond\napp data True\n",
+        "{text}"
+    );
+    Ok(())
+}

@@ -7,7 +7,7 @@ use crate::iomux;
 use crate::ops::{self, Route};
 use crate::real;
 use crate::sockopt;
-use crate::state::{is_bypass, is_epoll, lock, st, R};
+use crate::state::{is_bypass, is_epoll, is_own, lock, st, R};
 use crate::sys::{self, read_sockaddr, write_sockaddr};
 use libc::{c_int, c_uint, c_ulong, c_void, iovec, msghdr, size_t, sockaddr, socklen_t, ssize_t};
 use std::cell::Cell;
@@ -17,7 +17,7 @@ thread_local! {
     static INSIDE: Cell<bool> = const { Cell::new(false) };
 }
 
-struct Inside;
+pub(crate) struct Inside;
 
 impl Drop for Inside {
     fn drop(&mut self) {
@@ -25,7 +25,9 @@ impl Drop for Inside {
     }
 }
 
-fn enter() -> Option<Inside> {
+/// Mark this thread as inside the shim (None if it already is): calls it
+/// makes into hooked functions go straight to libc.
+pub(crate) fn enter() -> Option<Inside> {
     INSIDE
         .try_with(|c| {
             if c.get() {
@@ -667,8 +669,23 @@ fn forget_fd(fd: c_int) {
     }
 }
 
+/// A call from the app (not from inside the shim) aimed at one of the
+/// shim's own descriptors.
+fn app_targets_own(fd: c_int) -> bool {
+    is_own(fd) && INSIDE.try_with(|c| !c.get()).unwrap_or(false)
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if is_own(fd) {
+        return match enter() {
+            // The shim closing its own (a worker or segment going away).
+            None => crate::state::close_own(fd),
+            // The app closing a number it never opened (a sweep over every
+            // fd): for the app it is gone, the shim keeps it.
+            Some(_inside) => 0,
+        };
+    }
     if !is_bypass(fd) && !is_epoll(fd) {
         return real::close(fd);
     }
@@ -678,9 +695,35 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     })
 }
 
+/// close_range() around the shim's own descriptors (setting close-on-exec
+/// on them is harmless: they have it).
+unsafe fn close_range_sparing_own(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 || first > last {
+        return real::close_range(first, last, flags);
+    }
+    let end = (last as usize).min(crate::state::own_end().saturating_sub(1));
+    let mut lo = first as usize;
+    for fd in first as usize..=end {
+        if is_own(fd as c_int) {
+            if fd > lo {
+                let r = real::close_range(lo as c_uint, (fd - 1) as c_uint, flags);
+                if r != 0 {
+                    return r;
+                }
+            }
+            lo = fd + 1;
+        }
+    }
+    if lo <= last as usize {
+        real::close_range(lo as c_uint, last, flags)
+    } else {
+        0
+    }
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
-    let r = real::close_range(first, last, flags);
+    let r = close_range_sparing_own(first, last, flags);
     if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
         if let Some(_inside) = enter() {
             let hi = (last as usize).min(crate::state::MAX_FD - 1);
@@ -694,6 +737,26 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
         }
     }
     r
+}
+
+/// glibc's closefrom() closes with the raw system call, past our
+/// close_range hook: route it through the hook.
+#[no_mangle]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    close_range(low.max(0) as c_uint, c_uint::MAX, 0);
+}
+
+/// dup2/dup3 onto one of the shim's own descriptors would close it under
+/// the shim: refuse with EBUSY (what Linux returns when the target number
+/// is being allocated) and say why.
+fn refuse_own_target(new: c_int) -> c_int {
+    let env = crate::state::env();
+    crate::state::log_warn(
+        &env.cfg,
+        &format!("fd {new} is the preload's own (daemon socket, eventfd or segment); dup2 onto it fails with EBUSY"),
+    );
+    sys::set_errno(libc::EBUSY);
+    -1
 }
 
 fn dup_track(old: c_int, new: c_int) {
@@ -733,12 +796,18 @@ unsafe fn dup_to(old: c_int, new: c_int, r: c_int) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    if old != new && app_targets_own(new) {
+        return refuse_own_target(new);
+    }
     let r = real::dup2(old, new);
     dup_to(old, new, r)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    if old != new && app_targets_own(new) {
+        return refuse_own_target(new);
+    }
     let r = real::dup3(old, new, flags);
     dup_to(old, new, r)
 }

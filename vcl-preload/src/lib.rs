@@ -34,6 +34,7 @@ extern "C" fn init() {
     state::env();
     // SAFETY: registering plain extern "C" callbacks.
     unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    session_api::shm::set_fd_placer(state::place_own_fd);
 }
 
 #[used]
@@ -46,6 +47,8 @@ extern "C" fn fork_prepare() {
 }
 
 extern "C" fn fork_parent() {
+    // The shim's own work: descriptors it drops are really closed.
+    let _inside = hooks::enter();
     // SAFETY: fork_prepare took the lock; no guard exists.
     unsafe {
         if let Some(s) = state::STATE.get_locked().as_mut() {
@@ -57,6 +60,7 @@ extern "C" fn fork_parent() {
 
 extern "C" fn fork_child() {
     state::note_pid();
+    let _inside = hooks::enter();
     // SAFETY: the child has one thread; the lock copy is ours.
     unsafe {
         if let Some(s) = state::STATE.get_locked().as_mut() {

@@ -57,6 +57,89 @@ pub fn is_epoll(fd: c_int) -> bool {
     fd >= 0 && (fd as usize) < MAX_FD && EPOLL[fd as usize].load(Ordering::Relaxed)
 }
 
+/// Descriptors the shim keeps for itself (daemon socket, eventfds, segment
+/// memfds): an app that closes every fd it does not know (daemons,
+/// sandboxes: a close() loop, closefrom, close_range) must not close them,
+/// or their numbers would be reused under the shim (an eventfd signal would
+/// then write 8 bytes into the app's file).
+static OWN: [AtomicBool; MAX_FD] = [const { AtomicBool::new(false) }; MAX_FD];
+/// One past the highest fd ever marked in [`OWN`] (bounds range scans).
+static OWN_END: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Is `fd` one of the shim's own descriptors?
+#[inline]
+pub fn is_own(fd: c_int) -> bool {
+    fd >= 0 && (fd as usize) < MAX_FD && OWN[fd as usize].load(Ordering::Relaxed)
+}
+
+/// One past the highest descriptor that may be the shim's own.
+pub fn own_end() -> usize {
+    OWN_END.load(Ordering::Relaxed)
+}
+
+/// Lowest number for the shim's own descriptors: half the soft fd limit,
+/// at most 1024, so they stay out of the low numbers apps expect from
+/// open() and pass to dup2 (and out of select()'s range when the limit
+/// allows).
+fn own_floor() -> c_int {
+    // SAFETY: getrlimit writes one rlimit we own.
+    let soft = unsafe {
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return 3;
+        }
+        rl.rlim_cur.min(MAX_FD as u64) as c_int
+    };
+    (soft / 2).clamp(3, 1024)
+}
+
+/// Take `fd` (fresh, ours) as one of the shim's own: moved to
+/// [`own_floor`] or above when there is room, close-on-exec, and marked so
+/// the app's close calls leave it alone. Returns the number to use.
+pub fn place_own(fd: c_int) -> c_int {
+    if fd < 0 || fd as usize >= MAX_FD {
+        return fd;
+    }
+    let floor = own_floor();
+    let mut fd = fd;
+    if fd < floor {
+        // SAFETY: plain fcntl on our own descriptor; the result is checked.
+        let n = unsafe { real::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor as usize) };
+        if n >= 0 && (n as usize) < MAX_FD {
+            // SAFETY: the original, now duplicated; nobody else holds it.
+            unsafe { real::close(fd) };
+            fd = n;
+        } else if n >= 0 {
+            // SAFETY: the dup we just made, unusable above MAX_FD.
+            unsafe { real::close(n) };
+        }
+    }
+    set_flag(&OWN, fd, true);
+    OWN_END.fetch_max(fd as usize + 1, Ordering::Relaxed);
+    fd
+}
+
+/// [`place_own`] for the client library's descriptors.
+pub fn place_own_fd(fd: std::os::fd::OwnedFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let n = place_own(fd.into_raw_fd());
+    // SAFETY: `place_own` returns the descriptor it was given, or a dup of
+    // it after closing the original: either way one we own.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(n) }
+}
+
+/// Close one of the shim's own descriptors.
+pub fn close_own(fd: c_int) -> c_int {
+    set_flag(&OWN, fd, false);
+    // SAFETY: our descriptor; forgotten above before its number is free.
+    unsafe { real::close(fd) }
+}
+
+/// A close-on-exec, non-blocking eventfd of the shim's own.
+fn own_eventfd() -> c_int {
+    place_own(sys::eventfd())
+}
+
 fn set_flag(t: &[AtomicBool; MAX_FD], fd: c_int, v: bool) {
     if fd >= 0 && (fd as usize) < MAX_FD {
         t[fd as usize].store(v, Ordering::Relaxed);
@@ -272,15 +355,14 @@ pub fn api_errno(e: &ApiError) -> c_int {
 }
 
 thread_local! {
-    static TEFD: ThreadEfd = ThreadEfd(sys::eventfd());
+    static TEFD: ThreadEfd = ThreadEfd(own_eventfd());
 }
 
 struct ThreadEfd(c_int);
 impl Drop for ThreadEfd {
     fn drop(&mut self) {
         if self.0 >= 0 {
-            // SAFETY: our own eventfd.
-            unsafe { real::close(self.0) };
+            close_own(self.0);
         }
     }
 }
@@ -989,8 +1071,8 @@ impl State {
             // The parent's channels are not ours; an inherited instance
             // (shared with the parent) keeps waking the old way.
             if let Some(c) = ep.chan.take() {
-                // SAFETY: our copy of the channel eventfd.
-                unsafe { real::close(c.efd) };
+                // Our copy of the channel eventfd.
+                close_own(c.efd);
             }
             ep.no_chan = true;
             ep.chan_sleepers = 0;
@@ -1158,8 +1240,8 @@ impl State {
         match r {
             Ok((id, fd)) => {
                 if let Some(old) = ep.chan.take() {
-                    // SAFETY: our eventfd of an older worker.
-                    unsafe { real::close(old.efd) };
+                    // Our eventfd of an older worker.
+                    close_own(old.efd);
                 }
                 use std::os::fd::IntoRawFd;
                 ep.chan = Some(EpChan {
@@ -1182,7 +1264,7 @@ impl State {
         self.eps.entry(epfd).or_insert_with(|| Ep {
             regs: FastMap::default(),
             ready: VecDeque::new(),
-            wake: sys::eventfd(),
+            wake: own_eventfd(),
             magic_gen: 0,
             nested: false,
             signaled: false,
@@ -1204,8 +1286,7 @@ impl State {
                 self.sync_chan(r.sock);
             }
             if ep.wake >= 0 {
-                // SAFETY: our eventfd.
-                unsafe { real::close(ep.wake) };
+                close_own(ep.wake);
             }
             if let Some(c) = ep.chan {
                 if c.gen == self.gen {
@@ -1213,8 +1294,7 @@ impl State {
                         w.del_channel(c.id);
                     }
                 }
-                // SAFETY: our eventfd.
-                unsafe { real::close(c.efd) };
+                close_own(c.efd);
             }
         }
     }
