@@ -272,6 +272,8 @@ pub struct Plan {
     pub reps: usize,
     pub secs: u64,
     pub short: bool,
+    /// nginx keep-alive with sendfile off too.
+    pub plain: bool,
     pub scale: bool,
     pub envoy: bool,
 }
@@ -435,6 +437,22 @@ pub fn run_pairs(tb: &Testbed, d: &Daemon, plan: &Plan) -> Result<Vec<Pair>> {
         "requests/s",
         nginx(true, ka)?,
     );
+    if plan.plain {
+        // The same file through nginx's own read + writev path.
+        let plain = |url: &str| url.replace("/small", "/plain/small");
+        let (kp, hp) = (plain(&kurl), plain(&hurl));
+        add(
+            "wrk -> nginx, 64 B keep-alive, sendfile off (32 conns)".into(),
+            "requests/s",
+            pair(
+                tb,
+                reps,
+                (&kp, &nginx_who(&kng, false)),
+                (&hp, &nginx_who(&hng, false)),
+                ka,
+            )?,
+        );
+    }
     if plan.short {
         add(
             "short connections: wrk -> nginx, new connection per request".into(),

@@ -148,6 +148,18 @@ int main(void)
 	    yesno(m.sin_family == AF_INET), yesno(m.sin_addr.s_addr == 0xffffffff));
 	say("SO_ACCEPTCONN on accepted: %s", gs(s, SOL_SOCKET, SO_ACCEPTCONN));
 	say("accepted inherits TCP_NODELAY 0: %s", gbool(s, IPPROTO_TCP, TCP_NODELAY));
+	/* nginx's tcp_nopush: cork around a response, nodelay set on every
+	 * keep-alive turn; the bytes still arrive once uncorked. */
+	CHK(seti(s, IPPROTO_TCP, TCP_CORK, 1));
+	say("TCP_CORK set: %s", gbool(s, IPPROTO_TCP, TCP_CORK));
+	CHK(write(s, "cork", 4));
+	CHK(seti(s, IPPROTO_TCP, TCP_CORK, 0));
+	CHK(seti(s, IPPROTO_TCP, TCP_NODELAY, 1));
+	CHK(seti(s, IPPROTO_TCP, TCP_NODELAY, 1));
+	char cb[8] = {0};
+	read_exact(c, cb, 4, 2000);
+	say("TCP_CORK cleared: %s, TCP_NODELAY twice: %s, corked bytes: %s", gbool(s, IPPROTO_TCP, TCP_CORK),
+	    gbool(s, IPPROTO_TCP, TCP_NODELAY), cb);
 	struct sockaddr_in pa;
 	len = sizeof pa;
 	int s2c = connect4(&a);

@@ -51,7 +51,11 @@ impl Site {
         self.conf_listens(name, &[listen], workers)
     }
 
-    /// Like [`Site::conf`] with several listen addresses.
+    /// Like [`Site::conf`] with several listen addresses. The settings are
+    /// Debian's stock `nginx.conf` ones (`sendfile on; tcp_nopush on`: the
+    /// kernel sends header and body in one segment); `/plain/...` serves
+    /// the same files with `sendfile off` (nginx's built-in default: `pread`
+    /// into a buffer, then `writev`).
     pub fn conf_listens(&self, name: &str, listens: &[&str], workers: u32) -> Result<PathBuf> {
         let d = self.dir.display();
         let listen: String = listens
@@ -62,9 +66,10 @@ impl Site {
             "worker_processes {workers};\ndaemon off;\nerror_log {d}/logs/{name}.err warn;\n\
              pid {d}/{name}.pid;\nevents {{ worker_connections 16384; }}\n\
              worker_rlimit_nofile 40000;\n\
-             http {{ access_log off; sendfile on; keepalive_requests 100000000;\n\
+             http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000000;\n\
              keepalive_timeout 300s; open_file_cache max=64;\n\
-             server {{ {listen}root {d}/www; }} }}\n"
+             server {{ {listen}root {d}/www;\n\
+             location /plain/ {{ sendfile off; alias {d}/www/; }} }} }}\n"
         );
         let p = self.dir.join(format!("{name}.conf"));
         std::fs::write(&p, conf)?;

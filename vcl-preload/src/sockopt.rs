@@ -149,12 +149,18 @@ pub fn set(fd: c_int, level: c_int, name: c_int, val: &[u8]) -> R<Route<()>> {
         (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL) => k.opts.keepintvl = int_of(val)?,
         (libc::IPPROTO_TCP, libc::TCP_KEEPCNT) => k.opts.keepcnt = int_of(val)?,
         (libc::IPPROTO_TCP, libc::TCP_NODELAY) => {
-            k.opts.nodelay = int_of(val)? != 0;
-            let on = k.opts.nodelay;
-            if let (Some(sid), Ok(w)) = (sid, s.worker()) {
+            let on = int_of(val)? != 0;
+            let changed = on != k.opts.nodelay;
+            k.opts.nodelay = on;
+            // nginx sets it on every keep-alive turn: only a change costs a
+            // request to the daemon.
+            if let (Some(sid), true, Ok(w)) = (sid, changed, s.worker()) {
                 w.set_nodelay(sid, on).map_err(|e| e.errno())?;
             }
         }
+        // Around every response with `tcp_nopush on` (nginx): a flag, no
+        // allocation. The daemon already sends what a batch wrote at once.
+        (libc::IPPROTO_TCP, libc::TCP_CORK) => k.opts.cork = int_of(val)? != 0,
         (libc::SOL_SOCKET, libc::SO_LINGER) => {
             if val.len() < std::mem::size_of::<libc::linger>() {
                 return Err(libc::EINVAL);
@@ -261,6 +267,7 @@ pub fn get(fd: c_int, level: c_int, name: c_int) -> R<Vec<u8>> {
             v
         }
         (libc::IPPROTO_TCP, libc::TCP_NODELAY) => b(k.opts.nodelay),
+        (libc::IPPROTO_TCP, libc::TCP_CORK) => b(k.opts.cork),
         (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => put_int(if k.opts.keepidle > 0 {
             k.opts.keepidle
         } else {

@@ -220,6 +220,7 @@ pub struct Opts {
     pub reuseport: bool,
     pub keepalive: bool,
     pub nodelay: bool,
+    pub cork: bool,
     pub linger: Option<libc::linger>,
     pub rcvbuf: c_int,
     pub sndbuf: c_int,

@@ -618,6 +618,7 @@ fn http_pairs(cli: &Cli, tb: &Testbed) -> Result<Vec<http_bench::Pair>> {
             reps: cli.reps.max(1),
             secs,
             short: true,
+            plain: true,
             scale: !cli.no_scale,
             envoy: !cli.no_envoy,
         },
