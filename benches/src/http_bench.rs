@@ -81,6 +81,28 @@ pub struct Pair {
     pub unit: String,
     pub kernel: Sample,
     pub hoststack: Sample,
+    /// Lowest and highest all-in ratio (kernel CPU / hoststack CPU per
+    /// request) over the rounds, each round's two runs taken back to back:
+    /// how much the machine moved during the measurement.
+    pub all_in_range: (f64, f64),
+    /// The same for the whole machine's CPU.
+    pub machine_range: (f64, f64),
+}
+
+/// Both sides' medians and the per-round spread of the CPU ratios.
+struct Measured {
+    kernel: Sample,
+    hoststack: Sample,
+    all_in_range: (f64, f64),
+    machine_range: (f64, f64),
+}
+
+/// (min, max) of `f(kernel run) / f(hoststack run)` over the rounds.
+fn ratio_range(k: &[Sample], h: &[Sample], f: impl Fn(&Sample) -> f64) -> (f64, f64) {
+    k.iter()
+        .zip(h)
+        .map(|(a, b)| f(a) / f(b))
+        .fold((f64::INFINITY, 0.0), |(lo, hi), r| (lo.min(r), hi.max(r)))
 }
 
 /// (busy, kernel) seconds of one CPU from /proc/stat: busy is user, nice,
@@ -370,7 +392,7 @@ fn pair(
     kernel: (&str, &Who),
     hs: (&str, &Who),
     load: Load,
-) -> Result<(Sample, Sample)> {
+) -> Result<Measured> {
     let (mut k, mut h) = (Vec::new(), Vec::new());
     for r in 0..reps {
         if r % 2 == 0 {
@@ -381,7 +403,12 @@ fn pair(
             k.push(measure(tb, kernel.0, kernel.1, load)?);
         }
     }
-    Ok((med(&k), med(&h)))
+    Ok(Measured {
+        kernel: med(&k),
+        hoststack: med(&h),
+        all_in_range: ratio_range(&k, &h, |s| s.cpu_per_1k),
+        machine_range: ratio_range(&k, &h, |s| s.machine_cpu_per_1k),
+    })
 }
 
 /// Every planned scenario, kernel and hoststack (daemon `d`) side by side:
@@ -410,12 +437,14 @@ pub fn run_pairs(tb: &Testbed, d: &Daemon, plan: &Plan) -> Result<Vec<Pair>> {
     let (mut hng, hurl) = hs.nginx(tb, &site)?;
     let reps = plan.reps.max(1);
     let mut out = Vec::new();
-    let mut add = |scenario: String, unit: &str, (kernel, hoststack): (Sample, Sample)| {
+    let mut add = |scenario: String, unit: &str, m: Measured| {
         out.push(Pair {
             scenario,
             unit: unit.into(),
-            kernel,
-            hoststack,
+            kernel: m.kernel,
+            hoststack: m.hoststack,
+            all_in_range: m.all_in_range,
+            machine_range: m.machine_range,
         })
     };
     let ka = Load {

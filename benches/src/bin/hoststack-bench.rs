@@ -735,7 +735,7 @@ fn http_markdown(pairs: &[http_bench::Pair]) -> String {
         }
         let (k, h) = (&p.kernel, &p.hoststack);
         md.push_str(&format!(
-            "| {} | **ratio** | **{:.2}x** | {:.2}x | {:.2}x | {:.2}x | bound {:.2}x | **{:.2}x** | **{:.2}x** |\n",
+            "| {} | **ratio** | **{:.2}x** | {:.2}x | {:.2}x | {:.2}x | bound {:.2}x | **{:.2}x** ({:.2}-{:.2}) | **{:.2}x** |\n",
             p.scenario,
             h.rps / k.rps,
             k.p50_ms / h.p50_ms,
@@ -743,6 +743,8 @@ fn http_markdown(pairs: &[http_bench::Pair]) -> String {
             k.cpu_per_1k / h.cpu_per_1k,
             bound(k.kernel_share),
             k.cpu_per_1k / h.cpu_per_1k,
+            p.all_in_range.0,
+            p.all_in_range.1,
             k.app_cpu_per_1k / h.app_cpu_per_1k
         ));
     }
@@ -765,11 +767,13 @@ fn http_accounting_markdown(pairs: &[http_bench::Pair]) -> String {
             bound(k.app_kernel_share),
         );
         md.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.2}x | {b1:.2}x | {:.0}% | {b2:.2}x | {:.0}% | {b3:.2}x | {:.0}% |\n",
+            "| {} | {:.1} | {:.1} | {:.2}x ({:.2}-{:.2}) | {b1:.2}x | {:.0}% | {b2:.2}x | {:.0}% | {b3:.2}x | {:.0}% |\n",
             p.scenario,
             k.machine_cpu_per_1k * 1000.0,
             h.machine_cpu_per_1k * 1000.0,
             k.machine_cpu_per_1k / h.machine_cpu_per_1k,
+            p.machine_range.0,
+            p.machine_range.1,
             all_in / b1 * 100.0,
             all_in / b2 * 100.0,
             per_app / b3 * 100.0,
@@ -1103,7 +1107,9 @@ fn main() -> Result<()> {
     if !http.is_empty() {
         md.push_str(
             "HTTP (wrk in the peer namespace; hoststack daemon poll_spin_us=0; all-in = busy time of CPU 1, where every server-side \
-             process and the daemon run (user + system + irq + softirq); app = nginx, or Envoy alone; bound = 1/(1 - kernel share of the kernel run)):\n\n",
+             process and the daemon run (user + system + irq + softirq); app = nginx, or Envoy alone; bound = 1/(1 - kernel share of the kernel run); \
+             (lo-hi) = the lowest and highest ratio of single rounds, each round one run of each side back to back; \
+             nginx runs with Debian's stock `sendfile on; tcp_nopush on`):\n\n",
         );
         md.push_str(&http_markdown(&http));
         md.push_str(
