@@ -241,6 +241,9 @@ fn measure(tb: &Testbed, url: &str, who: &Who, load: Load) -> Result<Sample> {
     let (su, ssys) = delta(&s0, &s1);
     let (busy, kernel) = (c1.0 - c0.0, c1.1 - c0.1);
     let requests = rps * load.secs as f64;
+    if requests < 1.0 {
+        bail!("wrk got no response from {url} in {} s:\n{text}", load.secs);
+    }
     // A few errors are normal at 10 000 connections (connect timeouts);
     // more than 1% means the numbers would not mean much.
     if errors as f64 > (requests * 0.01).max(0.0) {
@@ -293,8 +296,10 @@ fn med(v: &[Sample]) -> Sample {
 pub struct Plan {
     pub reps: usize,
     pub secs: u64,
+    /// nginx keep-alive (Debian's stock settings).
+    pub nginx: bool,
     pub short: bool,
-    /// nginx keep-alive with sendfile off too.
+    /// nginx keep-alive with sendfile off.
     pub plain: bool,
     pub scale: bool,
     pub envoy: bool,
@@ -461,11 +466,13 @@ pub fn run_pairs(tb: &Testbed, d: &Daemon, plan: &Plan) -> Result<Vec<Pair>> {
             load,
         )
     };
-    add(
-        "wrk -> nginx, 64 B keep-alive (32 conns)".into(),
-        "requests/s",
-        nginx(true, ka)?,
-    );
+    if plan.nginx {
+        add(
+            "wrk -> nginx, 64 B keep-alive (32 conns)".into(),
+            "requests/s",
+            nginx(true, ka)?,
+        );
+    }
     if plan.plain {
         // The same file through nginx's own read + writev path.
         let plain = |url: &str| url.replace("/small", "/plain/small");

@@ -55,6 +55,11 @@ struct Cli {
     /// Skip the Envoy scenarios.
     #[arg(long)]
     no_envoy: bool,
+    /// Run only these HTTP scenarios (comma-separated: nginx = keep-alive,
+    /// plain = keep-alive with sendfile off, short, scale, envoy); implies
+    /// --http-only.
+    #[arg(long, value_delimiter = ',', value_parser = ["nginx", "plain", "short", "scale", "envoy"])]
+    only: Vec<String>,
     /// Draw the gains as an SVG bar chart here.
     #[arg(long)]
     chart: Option<std::path::PathBuf>,
@@ -611,16 +616,18 @@ fn http_pairs(cli: &Cli, tb: &Testbed) -> Result<Vec<http_bench::Pair>> {
     } else {
         cli.http_secs
     };
+    let want = |name: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == name);
     http_bench::run_pairs(
         tb,
         &d,
         &http_bench::Plan {
             reps: cli.reps.max(1),
             secs,
-            short: true,
-            plain: true,
-            scale: !cli.no_scale,
-            envoy: !cli.no_envoy,
+            nginx: want("nginx"),
+            short: want("short"),
+            plain: want("plain"),
+            scale: !cli.no_scale && want("scale"),
+            envoy: !cli.no_envoy && want("envoy"),
         },
     )
 }
@@ -783,7 +790,7 @@ fn http_accounting_markdown(pairs: &[http_bench::Pair]) -> String {
 }
 
 fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
-    if cli.http_only {
+    if cli.http_only || !cli.only.is_empty() {
         pin(0, CLIENT_CPU);
         let tb = Testbed::new()?;
         return Ok((http_pairs(cli, &tb)?, Vec::new()));
