@@ -750,11 +750,13 @@ pub unsafe extern "C" fn closefrom(low: c_int) {
 /// the shim: refuse with EBUSY (what Linux returns when the target number
 /// is being allocated) and say why.
 fn refuse_own_target(new: c_int) -> c_int {
-    let env = crate::state::env();
-    crate::state::log_warn(
-        &env.cfg,
-        &format!("fd {new} is the preload's own (daemon socket, eventfd or segment); dup2 onto it fails with EBUSY"),
-    );
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        crate::state::log_warn(
+            &crate::state::env().cfg,
+            &format!("fd {new} is the preload's own (daemon socket, eventfd or segment); dup2 onto it fails with EBUSY (said once)"),
+        );
+    }
     sys::set_errno(libc::EBUSY);
     -1
 }
