@@ -130,7 +130,7 @@ step "9/9 final hoststackctl view"
 $BIN/hoststackctl --socket-dir "$DIR" workers || true
 $BIN/hoststackctl --socket-dir "$DIR" counters --json | python3 -c 'import json,sys; c=json.load(sys.stdin)["counters"]; print("counters: " + ", ".join("%s.%s=%s" % (g, k, v) for g in ("stack", "session") for k, v in sorted(c.get(g, {}).items()) if v))' || true
 
-step "kernel vs hoststack, side by side (target/release/hoststack-bench --http-only: nginx, new connections, Envoy c1/c2; about 2 minutes)"
+step "kernel vs hoststack, side by side (target/release/hoststack-bench --http-only: nginx with sendfile on and off, new connections, Envoy c1/c2; about 2 minutes)"
 cleanup
 trap - EXIT
 $BIN/hoststack-bench --reps 3 --http-secs 2 --no-scale --http-only
