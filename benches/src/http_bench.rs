@@ -457,12 +457,14 @@ pub fn run_pairs(tb: &Testbed, d: &Daemon, plan: &Plan) -> Result<Vec<Pair>> {
         secs: plan.secs,
         close: false,
     };
-    let nginx = |perf: bool, load: Load| {
+    // `/small` or, under `/plain/`, the same file with sendfile off.
+    let nginx = |path: &str, perf: bool, load: Load| {
+        let url = |u: &str| u.replace("/small", path);
         pair(
             tb,
             reps,
-            (&kurl, &nginx_who(&kng, perf)),
-            (&hurl, &nginx_who(&hng, perf)),
+            (&url(&kurl), &nginx_who(&kng, perf)),
+            (&url(&hurl), &nginx_who(&hng, perf)),
             load,
         )
     };
@@ -470,30 +472,22 @@ pub fn run_pairs(tb: &Testbed, d: &Daemon, plan: &Plan) -> Result<Vec<Pair>> {
         add(
             "wrk -> nginx, 64 B keep-alive (32 conns)".into(),
             "requests/s",
-            nginx(true, ka)?,
+            nginx("/small", true, ka)?,
         );
     }
     if plan.plain {
         // The same file through nginx's own read + writev path.
-        let plain = |url: &str| url.replace("/small", "/plain/small");
-        let (kp, hp) = (plain(&kurl), plain(&hurl));
         add(
             "wrk -> nginx, 64 B keep-alive, sendfile off (32 conns)".into(),
             "requests/s",
-            pair(
-                tb,
-                reps,
-                (&kp, &nginx_who(&kng, false)),
-                (&hp, &nginx_who(&hng, false)),
-                ka,
-            )?,
+            nginx("/plain/small", false, ka)?,
         );
     }
     if plan.short {
         add(
             "short connections: wrk -> nginx, new connection per request".into(),
             "connections/s",
-            nginx(false, Load { close: true, ..ka })?,
+            nginx("/small", false, Load { close: true, ..ka })?,
         );
     }
     if plan.scale {
@@ -501,7 +495,7 @@ pub fn run_pairs(tb: &Testbed, d: &Daemon, plan: &Plan) -> Result<Vec<Pair>> {
             add(
                 format!("scale: wrk -> nginx keep-alive, {conns} connections"),
                 "requests/s",
-                nginx(false, Load { conns, ..ka })?,
+                nginx("/small", false, Load { conns, ..ka })?,
             );
         }
     }

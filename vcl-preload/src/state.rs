@@ -48,13 +48,13 @@ pub fn note_pid() {
 /// Is `fd` a hoststack socket? (lock-free fast path for every hooked call)
 #[inline]
 pub fn is_bypass(fd: c_int) -> bool {
-    fd >= 0 && (fd as usize) < MAX_FD && BYPASS[fd as usize].load(Ordering::Relaxed)
+    flag(&BYPASS, fd)
 }
 
 /// Is `fd` an epoll instance the shim emulates bypass entries for?
 #[inline]
 pub fn is_epoll(fd: c_int) -> bool {
-    fd >= 0 && (fd as usize) < MAX_FD && EPOLL[fd as usize].load(Ordering::Relaxed)
+    flag(&EPOLL, fd)
 }
 
 /// Descriptors the shim keeps for itself (daemon socket, eventfds, segment
@@ -69,7 +69,7 @@ static OWN_END: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize:
 /// Is `fd` one of the shim's own descriptors?
 #[inline]
 pub fn is_own(fd: c_int) -> bool {
-    fd >= 0 && (fd as usize) < MAX_FD && OWN[fd as usize].load(Ordering::Relaxed)
+    flag(&OWN, fd)
 }
 
 /// One past the highest descriptor that may be the shim's own.
@@ -138,6 +138,11 @@ pub fn close_own(fd: c_int) -> c_int {
 /// A close-on-exec, non-blocking eventfd of the shim's own.
 fn own_eventfd() -> c_int {
     place_own(sys::eventfd())
+}
+
+#[inline]
+fn flag(t: &[AtomicBool; MAX_FD], fd: c_int) -> bool {
+    fd >= 0 && (fd as usize) < MAX_FD && t[fd as usize].load(Ordering::Relaxed)
 }
 
 fn set_flag(t: &[AtomicBool; MAX_FD], fd: c_int, v: bool) {
@@ -423,9 +428,9 @@ impl FdTable {
 
     /// The fds mapped to `id`.
     pub fn fds_of(&self, id: u64) -> Vec<c_int> {
-        (0..self.0.len())
-            .filter(|&i| self.0[i] == id)
-            .map(|i| i as c_int)
+        (self.0.iter().enumerate())
+            .filter(|&(_, v)| *v == id)
+            .map(|(i, _)| i as c_int)
             .collect()
     }
 }
