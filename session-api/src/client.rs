@@ -419,6 +419,7 @@ impl App {
                     closed_listeners: FastSet::default(),
                     early_accepts: Vec::new(),
                     early_state: FastMap::default(),
+                    unopened: FastSet::default(),
                     notes: VecDeque::new(),
                     dead: false,
                     scratch: Vec::new(),
@@ -510,8 +511,14 @@ pub struct Worker {
     closed_listeners: FastSet<u64>,
     /// Connections that arrived before the listen reply was seen.
     early_accepts: Vec<(u64, u64, u32, u32)>,
-    /// FIN/reset seen for sessions not yet accepted: (peer closed, reset).
+    /// FIN/reset seen for sessions not yet opened: (peer closed, reset).
     early_state: FastMap<u64, (bool, Option<i32>)>,
+    /// Sessions the daemon handed to this worker that are not open yet (in
+    /// an accept queue, or a reply not yet collected). Only their events
+    /// go to `early_state`; an event for any other unknown handle is stale
+    /// (the session was closed while it was in flight) and is dropped, so
+    /// `early_state` cannot grow over a long uptime.
+    unopened: FastSet<u64>,
     notes: VecDeque<Notify>,
     dead: bool,
     scratch: Vec<u8>,
@@ -533,6 +540,11 @@ pub struct WorkerStats {
     pub events: u64,
     /// Requests sent to the daemon.
     pub requests: u64,
+    /// Sessions handed to this worker and not opened yet (accept queues,
+    /// uncollected replies): a gauge, not a counter.
+    pub unopened: usize,
+    /// Of those, how many have a FIN or reset remembered for them.
+    pub early_state: usize,
 }
 
 fn deadline_of(timeout: Option<Duration>) -> Option<Instant> {
@@ -557,7 +569,11 @@ impl Worker {
 
     /// Counters.
     pub fn stats(&self) -> WorkerStats {
-        self.stats
+        WorkerStats {
+            unopened: self.unopened.len(),
+            early_state: self.early_state.len(),
+            ..self.stats
+        }
     }
 
     /// The app this worker belongs to.
@@ -799,7 +815,17 @@ impl Worker {
             self.stats.events += 1;
             let ev = Event::decode(&m).map_err(|e| Error::Protocol(e.to_string()))?;
             match ev {
-                Event::Reply { req_id, .. } => {
+                Event::Reply {
+                    req_id,
+                    errno,
+                    handle,
+                    segment,
+                    ..
+                } => {
+                    if errno == 0 && segment != 0 {
+                        // A new session (listeners have no segment).
+                        self.unopened.insert(handle);
+                    }
                     self.replies.insert(req_id, ev);
                     self.notes
                         .push_back(Notify::Connected(ConnectToken(req_id)));
@@ -811,6 +837,7 @@ impl Worker {
                     desc,
                 } => match self.listeners.get_mut(&listener) {
                     Some(l) => {
+                        self.unopened.insert(handle);
                         l.queue.push_back((handle, segment, desc));
                         self.notes.push_back(Notify::Accept(ListenerId(listener)));
                     }
@@ -821,6 +848,7 @@ impl Worker {
                     }
                     None => {
                         // Ahead of the listen reply (drained in one batch).
+                        self.unopened.insert(handle);
                         self.early_accepts.push((listener, handle, segment, desc));
                     }
                 },
@@ -831,7 +859,7 @@ impl Worker {
                 Event::PeerClosed { handle } => {
                     if let Some(s) = self.sessions.get_mut(&handle) {
                         s.peer_closed = true;
-                    } else if self.early_state.len() < 65536 {
+                    } else if self.unopened.contains(&handle) {
                         // Not accepted yet: remember for accept().
                         self.early_state.entry(handle).or_default().0 = true;
                     }
@@ -847,7 +875,7 @@ impl Worker {
                             errno
                         };
                         s.reset = Some(e);
-                    } else if self.early_state.len() < 65536 {
+                    } else if self.unopened.contains(&handle) {
                         self.early_state.entry(handle).or_default().1 = Some(errno);
                     }
                     self.notes.push_back(Notify::Readable(SessionId(handle)));
@@ -919,6 +947,12 @@ impl Worker {
         }
     }
 
+    /// A session handed back unopened (requeued to other listeners).
+    fn forget_unopened(&mut self, handle: u64) {
+        self.unopened.remove(&handle);
+        self.early_state.remove(&handle);
+    }
+
     fn req_id(&mut self) -> u32 {
         let r = self.next_req;
         self.next_req = self.next_req.wrapping_add(1).max(1);
@@ -926,6 +960,8 @@ impl Worker {
     }
 
     fn open_session(&mut self, handle: u64, segment: u32, desc_off: u32) -> Result<()> {
+        self.unopened.remove(&handle);
+        let early = self.early_state.remove(&handle);
         let seg = self.app.inner.segment(segment)?;
         let len = seg.len();
         if (desc_off as usize) < SEGMENT_HEADER_SIZE || desc_off as usize + SESSION_DESC_SIZE > len
@@ -976,7 +1012,7 @@ impl Worker {
                 cut_through: d.cut_through,
             },
         );
-        if let Some((fin, reset)) = self.early_state.remove(&handle) {
+        if let Some((fin, reset)) = early {
             if let Some(s) = self.sessions.get_mut(&handle) {
                 s.peer_closed = fin;
                 s.reset = reset;
@@ -1053,6 +1089,7 @@ impl Worker {
         // listeners while new ones take over).
         self.send_req(Request::Unlisten { handle: l.0 })?;
         for (h, _, _) in lst.queue {
+            self.forget_unopened(h);
             let _ = self.send_req(Request::Requeue { handle: h });
         }
         Ok(())
@@ -1066,6 +1103,7 @@ impl Worker {
         self.closed_listeners.insert(l.0);
         self.send_req(Request::UnlistenLinger { handle: l.0 })?;
         for (h, _, _) in lst.queue {
+            self.forget_unopened(h);
             let _ = self.send_req(Request::Requeue { handle: h });
         }
         Ok(())

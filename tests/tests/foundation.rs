@@ -768,3 +768,53 @@ fn daemon_reads_a_toml_config_and_rejects_bad_ones() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[test]
+fn a_worker_forgets_events_of_sessions_it_closed_and_keeps_early_fins() -> Result<()> {
+    // A FIN that arrives before accept() must reach the app; one that
+    // arrives for a session the app already closed is stale. Before, the
+    // stale ones were remembered too, one map entry per such close for the
+    // life of the worker.
+    use session_api::client::App;
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let app = App::attach(&d.attach_config("early"))?;
+    let mut srv = app.worker()?;
+    let mut cli = app.worker()?;
+    let addr: std::net::SocketAddr = "127.0.0.1:7970".parse()?;
+    let l = srv.listen(addr)?;
+    const N: usize = 20;
+    for _ in 0..N {
+        let c = cli.connect(addr, Some(T))?;
+        let s = srv.accept(l, Some(T))?;
+        cli.close(c)?;
+        // The daemon queues the FIN for `s`; close it before reading that.
+        std::thread::sleep(Duration::from_millis(20));
+        srv.close(s)?;
+    }
+    let mut notes = Vec::new();
+    std::thread::sleep(Duration::from_millis(100));
+    srv.poll_events(&mut notes, Some(Duration::ZERO))?;
+    let st = srv.stats();
+    ensure!(
+        st.unopened == 0 && st.early_state == 0,
+        "after {N} closes: {st:?}"
+    );
+
+    // A FIN ahead of accept() is kept: read() sees the end of the stream.
+    let c = cli.connect(addr, Some(T))?;
+    cli.write_all(c, b"bye", Some(T))?;
+    cli.close(c)?;
+    std::thread::sleep(Duration::from_millis(100));
+    srv.poll_events(&mut notes, Some(Duration::ZERO))?;
+    let st = srv.stats();
+    ensure!(st.unopened == 1 && st.early_state == 1, "{st:?}");
+    let s = srv.accept(l, Some(T))?;
+    let mut b = [0u8; 8];
+    let n = srv.read(s, &mut b, Some(T))?;
+    ensure!(&b[..n] == b"bye", "read {:?}", &b[..n]);
+    ensure!(srv.read(s, &mut b, Some(T))? == 0, "no end of stream");
+    let st = srv.stats();
+    ensure!(st.unopened == 0 && st.early_state == 0, "{st:?}");
+    Ok(())
+}
