@@ -630,6 +630,70 @@ fn a_forking_server_hands_accepted_connections_to_its_children() -> Result<()> {
 }
 
 #[test]
+fn a_connection_closed_after_its_fork_child_is_gone_ends_at_once() -> Result<()> {
+    // The parent forked while a connection was open (a helper that exits,
+    // or execs another program) and closes the connection afterwards. No
+    // child can take it over any more, so the peer must see the end of the
+    // stream at once; before, every such close sent its FIN 2 s late. A
+    // child that is still running the parent's program could adopt the
+    // connection: then the close still waits for it.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let ip = tb.daemon_ip4.to_string();
+    let server = format!(
+        "import os, socket, time\n\
+         l = socket.socket(); l.bind(('{ip}', 7510)); l.listen(8)\n\
+         print('listening', flush=True)\n\
+         for mode in ('exit', 'exec', 'alive'):\n\
+         \x20   c, _ = l.accept()\n\
+         \x20   assert c.recv(16) == b'hi'\n\
+         \x20   pid = os.fork()\n\
+         \x20   if pid == 0:\n\
+         \x20       if mode == 'exit': os._exit(0)\n\
+         \x20       if mode == 'exec': os.execv('/bin/sleep', ['sleep', '4'])\n\
+         \x20       time.sleep(4); os._exit(0)\n\
+         \x20   if mode == 'exit': os.waitpid(pid, 0)\n\
+         \x20   else: time.sleep(0.5)\n\
+         \x20   c.sendall(b'bye'); c.close()\n\
+         \x20   if mode != 'exit': os.waitpid(pid, 0)\n"
+    );
+    let mut srv = Proc::spawn(shim(&d, &["python3", "-c", &server])?, "forked server")?;
+    srv.expect("listening", T)?;
+    let client = format!(
+        "import socket, time\n\
+         for mode in ('exit', 'exec', 'alive'):\n\
+         \x20   s = socket.create_connection(('{ip}', 7510), timeout=20)\n\
+         \x20   s.sendall(b'hi')\n\
+         \x20   got = b''\n\
+         \x20   while not got.endswith(b'bye'):\n\
+         \x20       d = s.recv(16); assert d, got; got += d\n\
+         \x20   t = time.time()\n\
+         \x20   assert s.recv(16) == b''\n\
+         \x20   print(mode, '%.3f' % (time.time() - t), flush=True)\n"
+    );
+    let out = tb.peer_cmd("python3", &["-c", &client]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        out.status.success(),
+        "client: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secs = |mode: &str| -> Result<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(mode)?.trim().parse().ok())
+            .with_context(|| format!("no {mode} line in {text:?}"))
+    };
+    ensure!(secs("exit ")? < 0.5, "child exited, FIN late: {text}");
+    ensure!(secs("exec ")? < 0.5, "child exec'd, FIN late: {text}");
+    ensure!(
+        secs("alive ")? > 1.0,
+        "a live child lost its chance: {text}"
+    );
+    srv.success(T)?;
+    Ok(())
+}
+
+#[test]
 fn a_thread_idle_in_its_own_epoll_set_sleeps_through_other_threads_traffic() -> Result<()> {
     // Envoy's shape: the main thread waits in its own epoll set on a
     // listener that gets no connection (the admin port) while a worker

@@ -446,11 +446,7 @@ pub enum Woke {
 
 /// The inode behind `fd`, if it is open.
 fn inode_of(fd: c_int) -> Option<u64> {
-    // SAFETY: fstat writes one `stat` we own; fstat is not hooked.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        (libc::fstat(fd, &mut st) == 0).then_some(st.st_ino)
-    }
+    crate::sys::file_id(fd).map(|(_, ino)| ino)
 }
 
 impl State {
@@ -732,7 +728,7 @@ impl State {
             None => false,
         };
         if last {
-            self.release(id);
+            self.release(id, fd);
         }
     }
 
@@ -776,11 +772,21 @@ impl State {
         }
     }
 
-    /// The last fd of a socket is gone: close its session.
-    fn release(&mut self, id: u64) {
+    /// The last fd of a socket is gone (`fd`, still open until the caller
+    /// closes it): close its session.
+    fn release(&mut self, id: u64, fd: c_int) {
         let Some(s) = self.socks.remove(&id) else {
             return;
         };
+        // A connection that lived through a fork lingers only while a child
+        // could still take it over: one that holds the same kernel file.
+        // Once every child has exited or exec'd (close-on-exec dropped its
+        // copy), the peer gets the FIN now instead of 2 s later.
+        let linger = s.forked
+            && matches!(s.state, SState::Connected { .. } | SState::Udp { .. })
+            && crate::sys::file_id(fd)
+                .and_then(|(dev, ino)| crate::sys::a_child_holds(dev, ino))
+                .unwrap_or(true);
         if matches!(s.state, SState::Inherited { .. }) {
             self.inherited = self.inherited.saturating_sub(1);
         }
@@ -813,9 +819,9 @@ impl State {
                 self.by_sess.remove(&sid);
                 // Linux resets a connection closed with unread data.
                 let unread = s.state != SState::Udp { sid } && w.nread(sid).unwrap_or(0) > 0;
-                let _ = if abort || unread && !s.forked {
+                let _ = if abort || unread && !linger {
                     w.abort(sid)
-                } else if s.forked {
+                } else if linger {
                     // A child may be about to use its copy (inetd style).
                     w.close_linger(sid)
                 } else {

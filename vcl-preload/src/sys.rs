@@ -1,6 +1,7 @@
 //! Small OS helpers: the process-wide futex lock (fork-safe: it can be
 //! taken in a `pthread_atfork` prepare handler and released in the parent
-//! and child handlers), errno, eventfds and sockaddr conversion.
+//! and child handlers), errno, eventfds, sockaddr conversion and a look at
+//! the fork children's descriptors.
 
 use crate::real;
 use libc::{c_int, sockaddr, socklen_t};
@@ -296,4 +297,53 @@ pub fn restart_after_signal() -> bool {
         }
     }
     true
+}
+
+/// (device, inode) of the file behind `fd`.
+pub fn file_id(fd: c_int) -> Option<(u64, u64)> {
+    // SAFETY: fstat writes one `stat` we own; fstat is not hooked.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fstat(fd, &mut st) == 0).then_some((st.st_dev, st.st_ino))
+    }
+}
+
+/// Does a child of this process hold a descriptor of the file (`dev`,
+/// `ino`)? A child that exited or exec'd (close-on-exec) holds none. None
+/// when it cannot be told: no `/proc/<pid>/task/<tid>/children` (a kernel
+/// without CONFIG_PROC_CHILDREN) or a child whose fds we may not list.
+/// Costs a directory walk per child; the shim asks only when it closes a
+/// connection that lived through a fork.
+pub fn a_child_holds(dev: u64, ino: u64) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::process::id();
+    for task in std::fs::read_dir(format!("/proc/{me}/task")).ok()? {
+        // Children are listed under the thread that forked them.
+        let kids = match std::fs::read_to_string(task.ok()?.path().join("children")) {
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The thread exited meanwhile, or no children lists at all.
+                if std::path::Path::new(&format!("/proc/{me}/task/{me}/children")).exists() {
+                    continue;
+                }
+                return None;
+            }
+            Err(_) => return None,
+        };
+        for pid in kids.split_whitespace() {
+            let fds = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+                Ok(d) => d,
+                // Exited and reaped since the list was read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(_) => return None,
+            };
+            for f in fds.flatten() {
+                // stat follows the magic link to the open file.
+                if std::fs::metadata(f.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
+                    return Some(true);
+                }
+            }
+        }
+    }
+    Some(false)
 }
