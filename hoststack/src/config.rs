@@ -26,6 +26,7 @@
 //! tx_buffer = 262144        # smoltcp send buffer per connection (bytes)
 //! connect_timeout_ms = 20000
 //! ack_delay_ms = 10         # delayed ACK: a reply sent within this time carries the ACK (0 = ACK at once)
+//! ack_delay_max_ms = 100    # ... stretched up to this while the app takes longer to answer (= ack_delay_ms: fixed)
 //!
 //! [session]
 //! fifo_size = 262144        # each rx/tx FIFO, power of two
@@ -120,6 +121,12 @@ pub struct TcpConfig {
     /// request/response exchange costs one frame each way (0 = ACK at once).
     /// More than one full segment unacknowledged is ACKed immediately.
     pub ack_delay_ms: u64,
+    /// Per connection, the delay follows the app's answer time up to this
+    /// (a loaded server answers later than `ack_delay_ms`; without it each
+    /// request would cost a pure ACK first). At or below `ack_delay_ms`:
+    /// fixed delay. Keep it well below the peers' minimum retransmission
+    /// timeout (200 ms on Linux).
+    pub ack_delay_max_ms: u64,
 }
 
 /// `[session]`.
@@ -185,6 +192,7 @@ impl Default for TcpConfig {
             tx_buffer: 256 * 1024,
             connect_timeout_ms: 20_000,
             ack_delay_ms: 10,
+            ack_delay_max_ms: 100,
         }
     }
 }
@@ -278,6 +286,9 @@ impl Config {
             // RFC 1122 4.2.3.2: an ACK must not be delayed more than 0.5 s.
             return v("tcp.ack_delay_ms", "must be at most 500 (RFC 1122)");
         }
+        if self.tcp.ack_delay_max_ms > 500 {
+            return v("tcp.ack_delay_max_ms", "must be at most 500 (RFC 1122)");
+        }
         if self.uplink.rx_ring_mb > 4096 {
             return v("uplink.rx_ring_mb", "must be at most 4096 (0 = no ring)");
         }
@@ -358,6 +369,9 @@ mod tests {
         c.tcp.ack_delay_ms = 501;
         assert!(c.validate().is_err());
         c.tcp.ack_delay_ms = 0;
+        c.tcp.ack_delay_max_ms = 501;
+        assert!(c.validate().is_err());
+        c.tcp.ack_delay_max_ms = 100;
         c.session.fifo_size = 1000;
         assert!(c.validate().is_err());
         assert!(parse_mac("01:00:00:00:00:00").is_err());

@@ -119,6 +119,9 @@ pub struct StackConfig {
     pub tcp_tx_buf: usize,
     /// Delayed-ACK timer (`None`: ACK every segment at once).
     pub tcp_ack_delay: Option<Duration>,
+    /// Longest delayed ACK when the session layer stretches it to the
+    /// app's answer time (not above `tcp_ack_delay`: fixed).
+    pub tcp_ack_delay_max: Duration,
     /// UDP buffers: packets and bytes.
     pub udp_packets: usize,
     /// UDP payload bytes buffered per socket and direction.
@@ -587,6 +590,12 @@ impl Stack {
             .get_mut(id.idx as usize)?
             .as_mut()
             .filter(|f| f.gen == id.gen)
+    }
+
+    /// (shortest, longest) delayed ACK, when it may adapt to the app.
+    pub fn ack_delay_bounds(&self) -> Option<(Duration, Duration)> {
+        let min = self.cfg.tcp_ack_delay?;
+        (self.cfg.tcp_ack_delay_max > min).then_some((min, self.cfg.tcp_ack_delay_max))
     }
 
     fn new_tcp_socket(&mut self) -> (tcp::Socket<'static>, Option<Lease>) {
@@ -1248,6 +1257,7 @@ mod tests {
             tcp_rx_buf: 65536,
             tcp_tx_buf: 65536,
             tcp_ack_delay: Some(Duration::from_millis(10)),
+            tcp_ack_delay_max: Duration::from_millis(10),
             udp_packets: 16,
             udp_bytes: 65536,
             max_flows: 100_000,

@@ -27,6 +27,7 @@ CONFIG FILE (TOML; every key optional unless noted, flags override the file):
     tx_buffer = 262144         smoltcp send buffer per connection
     connect_timeout_ms = 20000 active open gives up after this (ETIMEDOUT)
     ack_delay_ms = 10          delayed ACK: a reply within this time carries the ACK (0 = at once)
+    ack_delay_max_ms = 100     per connection stretched up to this when the app answers later
   [session]
     fifo_size = 262144         rx and tx FIFO per session (power of two)
     ct_fifo_size = 1048576     each FIFO of a cut-through session (power of two)
@@ -92,6 +93,10 @@ struct Cli {
     /// Delayed-ACK timer in milliseconds, 0 = ACK at once (overrides tcp.ack_delay_ms).
     #[arg(long)]
     ack_delay_ms: Option<u64>,
+    /// Longest delayed ACK when the app answers slowly; at or below
+    /// --ack-delay-ms the delay is fixed (overrides tcp.ack_delay_max_ms).
+    #[arg(long)]
+    ack_delay_max_ms: Option<u64>,
     /// Add an app namespace NAME=SECRET (repeatable; adds to the file's).
     #[arg(long = "namespace", value_name = "NAME=SECRET")]
     namespaces: Vec<String>,
@@ -157,6 +162,9 @@ fn main() -> Result<()> {
     }
     if let Some(ms) = cli.ack_delay_ms {
         cfg.tcp.ack_delay_ms = ms;
+    }
+    if let Some(ms) = cli.ack_delay_max_ms {
+        cfg.tcp.ack_delay_max_ms = ms;
     }
     for ns in &cli.namespaces {
         let (name, secret) = ns
