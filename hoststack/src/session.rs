@@ -15,12 +15,12 @@ use crate::app::{
     alloc_block, chan_ref, consumer, producer, write_desc, App, AppId, ChanRef, PostError, Segment,
     SessionBlock,
 };
-use crate::stack::{FlowId, FlowKind, FrameTx, ListenerId, Stack, StackError};
+use crate::stack::{FlowId, FlowKind, FrameTx, ListenFamily, ListenerId, Stack, StackError};
 use session_api::fasthash::{FastMap, FastSet};
 use session_api::fifo::{FifoConsumer, FifoProducer};
 use session_api::msg::{
     dgram_header, parse_dgram_header, Event, Proto, Request, SessOpt, SessionDesc, Shut, DGRAM_HDR,
-    LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED,
+    LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED, LISTEN_V6ONLY,
 };
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -173,6 +173,43 @@ struct Group {
     parked_ct: Vec<(AppId, u32, u32, SocketAddr)>,
     /// No members, kept until then for a forked child to join.
     linger_until: Option<Instant>,
+    /// An IPv6 listener that takes no IPv4 connections (IPV6_V6ONLY, or a
+    /// specific IPv6 address).
+    v6only: bool,
+}
+
+impl Group {
+    /// Would this group take a connection to `ip` on its port?
+    fn takes(&self, ip: IpAddr) -> bool {
+        let g = self.local.ip();
+        if g.is_ipv4() == ip.is_ipv4() {
+            g.is_unspecified() || g == ip || (g.is_loopback() && ip.is_loopback())
+        } else {
+            // Only an IPv6 wildcard that is not v6-only takes IPv4.
+            g.is_ipv6() && g.is_unspecified() && !self.v6only
+        }
+    }
+
+    /// Would it take some of the connections a listener on `l` would?
+    fn overlaps(&self, l: SocketAddr, v6only: bool) -> bool {
+        if self.local.port() != l.port() {
+            return false;
+        }
+        let (g, ip) = (self.local.ip(), l.ip());
+        if g.is_ipv4() == ip.is_ipv4() {
+            g == ip || g.is_unspecified() || ip.is_unspecified()
+        } else if g.is_ipv6() {
+            g.is_unspecified() && !self.v6only
+        } else {
+            ip.is_unspecified() && !v6only
+        }
+    }
+}
+
+/// A listener on `local` takes no IPv4 connections: an IPv6 address, and
+/// for the wildcard only with IPV6_V6ONLY.
+fn is_v6only(local: SocketAddr, flags: u8) -> bool {
+    local.is_ipv6() && (flags & LISTEN_V6ONLY != 0 || !local.ip().is_unspecified())
 }
 
 struct CtSegment {
@@ -877,6 +914,7 @@ impl Engine {
         flags: u8,
     ) -> Result<(u64, u32, u32, SocketAddr), i32> {
         let shared = flags & (LISTEN_SHARED | LISTEN_JOIN) != 0;
+        let v6only = is_v6only(local, flags);
         if local.port() == 0 {
             // Like the kernel: an ephemeral port nobody listens on.
             local.set_port(self.free_listen_port()?);
@@ -886,21 +924,14 @@ impl Engine {
         // not this exact address is a conflict, as in the kernel.
         let ep = listen_ep(local);
         let mut existing = None;
-        for (id, g) in &self.groups {
-            if g.local.port() != local.port() || g.local.is_ipv4() != local.is_ipv4() {
-                continue;
-            }
-            if g.local == local {
-                let may_join = flags & LISTEN_JOIN != 0 || (shared && g.shared);
-                if !may_join {
-                    return Err(libc::EADDRINUSE);
-                }
-                existing = Some(*id);
-                break;
-            }
-            if g.local.ip().is_unspecified() || local.ip().is_unspecified() {
+        if let Some((id, g)) = self.groups.iter().find(|(_, g)| g.local == local) {
+            let may_join = flags & LISTEN_JOIN != 0 || (shared && g.shared);
+            if !may_join {
                 return Err(libc::EADDRINUSE);
             }
+            existing = Some(*id);
+        } else if self.groups.values().any(|g| g.overlaps(local, v6only)) {
+            return Err(libc::EADDRINUSE);
         }
         let gid = match existing {
             Some(g) => g,
@@ -909,14 +940,19 @@ impl Engine {
                 // transport listener, a group id outside the stack's range.
                 let gid = ListenerId(CT_ONLY_BASE + self.next_ct_group);
                 self.next_ct_group = (self.next_ct_group + 1) % CT_ONLY_BASE;
-                self.new_group(gid, local, shared)
+                self.new_group(gid, local, shared, v6only)
             }
             None => {
+                let family = match local {
+                    SocketAddr::V4(_) => ListenFamily::V4,
+                    SocketAddr::V6(_) if v6only => ListenFamily::V6,
+                    SocketAddr::V6(_) => ListenFamily::Any,
+                };
                 let gid = self
                     .stack
-                    .listen(ep, backlog, LISTEN_BIT)
+                    .listen_family(ep, family, backlog, LISTEN_BIT)
                     .map_err(StackError::errno)?;
-                self.new_group(gid, local, shared)
+                self.new_group(gid, local, shared, v6only)
             }
         };
         let h = LISTEN_BIT | self.next_listener;
@@ -939,7 +975,13 @@ impl Engine {
         Ok((h, 0, 0, local))
     }
 
-    fn new_group(&mut self, gid: ListenerId, local: SocketAddr, shared: bool) -> ListenerId {
+    fn new_group(
+        &mut self,
+        gid: ListenerId,
+        local: SocketAddr,
+        shared: bool,
+        v6only: bool,
+    ) -> ListenerId {
         self.groups.insert(
             gid,
             Group {
@@ -950,6 +992,7 @@ impl Engine {
                 parked: Vec::new(),
                 parked_ct: Vec::new(),
                 linger_until: None,
+                v6only,
             },
         );
         gid
@@ -965,13 +1008,9 @@ impl Engine {
             return Ok(());
         }
         let shared = flags & LISTEN_SHARED != 0;
+        let v6only = is_v6only(local, flags);
         for g in self.groups.values() {
-            if g.local.port() != local.port() || g.local.is_ipv4() != local.is_ipv4() {
-                continue;
-            }
-            let overlap =
-                g.local.ip() == ip || g.local.ip().is_unspecified() || ip.is_unspecified();
-            if overlap && !(shared && g.shared && g.local == local) {
+            if g.overlaps(local, v6only) && !(shared && g.shared && g.local == local) {
                 return Err(libc::EADDRINUSE);
             }
         }
@@ -1176,9 +1215,7 @@ impl Engine {
             .iter()
             .find(|(_, g)| {
                 g.local.port() == remote.port()
-                    && (g.local.ip().is_unspecified()
-                        || g.local.ip() == rip
-                        || (rip.is_loopback() && g.local.ip().is_loopback()))
+                    && g.takes(rip)
                     && (!g.members.is_empty() || g.linger_until.is_some())
             })
             .map(|(id, _)| *id)

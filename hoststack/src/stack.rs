@@ -170,8 +170,35 @@ struct Flow {
     lease: Option<Lease>,
 }
 
+/// Which IP versions a listener takes connections for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenFamily {
+    /// IPv4 and IPv6 (an IPv6 wildcard without IPV6_V6ONLY).
+    Any,
+    /// IPv4 only.
+    V4,
+    /// IPv6 only.
+    V6,
+}
+
+impl ListenFamily {
+    fn takes(self, a: IpAddress) -> bool {
+        matches!(
+            (self, a),
+            (ListenFamily::Any, _)
+                | (ListenFamily::V4, IpAddress::Ipv4(_))
+                | (ListenFamily::V6, IpAddress::Ipv6(_))
+        )
+    }
+
+    fn overlaps(self, other: ListenFamily) -> bool {
+        self == ListenFamily::Any || other == ListenFamily::Any || self == other
+    }
+}
+
 struct Listener {
     local: Option<IpAddress>,
+    family: ListenFamily,
     port: u16,
     backlog: u32,
     pending: u32,
@@ -615,6 +642,23 @@ impl Stack {
         backlog: u32,
         owner: u64,
     ) -> Result<ListenerId, StackError> {
+        let family = match local.addr {
+            None => ListenFamily::Any,
+            Some(IpAddress::Ipv4(_)) => ListenFamily::V4,
+            Some(IpAddress::Ipv6(_)) => ListenFamily::V6,
+        };
+        self.listen_family(local, family, backlog, owner)
+    }
+
+    /// [`Stack::listen`] for the connections of `family` only: a wildcard
+    /// IPv4 listener and a v6-only wildcard one share a port.
+    pub fn listen_family(
+        &mut self,
+        local: IpListenEndpoint,
+        family: ListenFamily,
+        backlog: u32,
+        owner: u64,
+    ) -> Result<ListenerId, StackError> {
         if local.port == 0 {
             return Err(StackError::Invalid);
         }
@@ -626,7 +670,8 @@ impl Stack {
         if let Some(ids) = self.listen_ports.get(&local.port) {
             for id in ids {
                 if let Some(Some(l)) = self.listeners.get(id.0 as usize) {
-                    if l.local.is_none() || local.addr.is_none() || l.local == local.addr {
+                    let addr = l.local.is_none() || local.addr.is_none() || l.local == local.addr;
+                    if addr && l.family.overlaps(family) {
                         return Err(StackError::AddrInUse);
                     }
                 }
@@ -634,6 +679,7 @@ impl Stack {
         }
         let l = Listener {
             local: local.addr,
+            family,
             port: local.port,
             backlog: backlog.clamp(1, 65535),
             pending: 0,
@@ -676,7 +722,8 @@ impl Stack {
     /// Which listener (if any) would take a connection to `ep`.
     pub fn find_listener(&self, addr: IpAddress, port: u16) -> Option<ListenerId> {
         self.listen_ports.get(&port)?.iter().copied().find(|id| {
-            matches!(self.listeners.get(id.0 as usize), Some(Some(l)) if l.local.is_none() || l.local == Some(addr))
+            matches!(self.listeners.get(id.0 as usize),
+                Some(Some(l)) if l.family.takes(addr) && (l.local.is_none() || l.local == Some(addr)))
         })
     }
 
@@ -1462,6 +1509,31 @@ mod tests {
         // Nothing left to retransmit: the request was acknowledged.
         w.settle();
         assert_eq!(w.a.tcp(f).unwrap().send_queue(), 0);
+    }
+
+    #[test]
+    fn a_v6_only_wildcard_listener_leaves_ipv4_to_another() {
+        let mut s = Stack::new(cfg(1), Instant::from_millis(1));
+        let any = |port| IpListenEndpoint { addr: None, port };
+        let (v4, v6) = (
+            IpAddress::v4(198, 18, 0, 1),
+            IpAddress::v6(0xfd00, 0, 0, 0, 0, 0, 0, 1),
+        );
+        let l6 = s.listen_family(any(80), ListenFamily::V6, 16, 1).unwrap();
+        assert_eq!(s.find_listener(v4, 80), None, "IPv4 SYN: reset");
+        assert_eq!(s.find_listener(v6, 80), Some(l6));
+        let l4 = s.listen_family(any(80), ListenFamily::V4, 16, 2).unwrap();
+        assert_eq!(s.find_listener(v4, 80), Some(l4));
+        assert_eq!(s.find_listener(v6, 80), Some(l6));
+        // A dual-stack wildcard overlaps both.
+        assert!(matches!(
+            s.listen(any(80), 16, 3),
+            Err(StackError::AddrInUse)
+        ));
+        let dual = s.listen(any(81), 16, 4).unwrap();
+        assert_eq!(s.find_listener(v4, 81), Some(dual));
+        assert_eq!(s.find_listener(v6, 81), Some(dual));
+        assert!(s.listen_family(any(81), ListenFamily::V4, 16, 5).is_err());
     }
 
     #[test]

@@ -256,6 +256,9 @@ pub const LISTEN_JOIN: u8 = 2;
 /// active one. A forked server's parent that never accepts (nginx's
 /// master) keeps its listener this way.
 pub const LISTEN_PASSIVE: u8 = 4;
+/// Listen / bind-check flag: an IPv6 wildcard socket with IPV6_V6ONLY,
+/// which takes no IPv4 connections and leaves the port free for IPv4.
+pub const LISTEN_V6ONLY: u8 = 8;
 
 const K_LISTEN: u16 = 1;
 const K_UNLISTEN: u16 = 2;

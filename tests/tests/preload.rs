@@ -399,6 +399,33 @@ fn names_resolve_through_the_kernel_under_the_shim() -> Result<()> {
 }
 
 #[test]
+fn nginx_listening_on_ipv4_and_ipv6_wildcards_serves_both() -> Result<()> {
+    // Debian's default site: `listen 80; listen [::]:80;` (nginx sets
+    // IPV6_V6ONLY on the second). Before, the daemon saw two wildcards on
+    // one port and nginx failed to start with EADDRINUSE.
+    have("nginx")?;
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let site = Site::new()?;
+    let conf = site.conf_listens("dual", &["8097", "[::]:8097"], 1)?;
+    let ng = nginx_under_shim(&d, &site, &conf)?;
+    let want = std::fs::read(site.dir.join("www/small"))?;
+    let v4 = format!("http://{}:8097/small", tb.daemon_ip4);
+    wait_http(&tb, &v4).with_context(|| {
+        let log = std::fs::read_to_string(site.dir.join("logs/dual.err"));
+        format!("nginx's error log: {}", log.unwrap_or_default())
+    })?;
+    ensure!(peer_get(&tb, &v4)? == want, "IPv4 over the uplink");
+    let v6 = format!("http://[{}]:8097/small", tb.daemon_ip6);
+    ensure!(peer_get(&tb, &v6)? == want, "IPv6 over the uplink");
+    for url in ["http://127.0.0.1:8097/small", "http://[::1]:8097/small"] {
+        ensure!(shim_get_cut_through(&d, url)? == want, "{url}");
+    }
+    quit(ng)?;
+    Ok(())
+}
+
+#[test]
 fn a_loopback_listener_under_the_shim_serves_kernel_and_shim_clients() -> Result<()> {
     have("nginx")?;
     let tb = Testbed::new()?;

@@ -56,6 +56,16 @@ pub fn socket(domain: c_int, ty: c_int, proto: c_int) -> R<c_int> {
     }
 }
 
+/// A v4-mapped address on a v6-only socket: what the kernel answers.
+fn check_mapped(k: &crate::state::Sock, raw: &SocketAddr, errno: c_int) -> R<()> {
+    match raw {
+        SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() && k.v6only_flag() != 0 => {
+            Err(errno)
+        }
+        _ => Ok(()),
+    }
+}
+
 fn check_family(domain: c_int, a: &SocketAddr) -> R<()> {
     match (domain, a) {
         (libc::AF_INET, SocketAddr::V6(_)) => Err(libc::EAFNOSUPPORT),
@@ -80,9 +90,21 @@ pub fn bind(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
         (k.domain, k.stype, k.state, k.bound)
     };
     check_family(domain, &raw)?;
+    check_mapped(&s.socks[&id], &raw, libc::EINVAL)?;
     let a = unmap(raw);
     if state != SState::Fresh || bound.is_some() {
         return Err(libc::EINVAL);
+    }
+    if let SocketAddr::V6(v6) = raw {
+        if !v6.ip().is_unspecified() && v6.ip().to_ipv4_mapped().is_none() {
+            // Linux: a socket bound to one IPv6 address is v6-only.
+            if let Some(k) = s.socks.get_mut(&id) {
+                k.opts.other.insert(
+                    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+                    1i32.to_ne_bytes().to_vec(),
+                );
+            }
+        }
     }
     if s.cfg.kernel_only(a) || (stype == libc::SOCK_DGRAM && a.ip().is_loopback()) {
         s.to_kernel(id);
@@ -96,11 +118,8 @@ pub fn bind(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
         s.socks.get_mut(&id).ok_or(libc::EBADF)?.bound = Some(local);
     } else {
         // Kernel-exact errors (EADDRNOTAVAIL, EADDRINUSE) at bind() time.
-        let flags = if s.socks[&id].opts.reuseport {
-            LISTEN_SHARED
-        } else {
-            0
-        };
+        let k = &s.socks[&id];
+        let flags = if k.opts.reuseport { LISTEN_SHARED } else { 0 } | k.v6only_flag();
         let w = s.worker()?;
         w.bind_check(a, flags).map_err(|e| e.errno())?;
         s.socks.get_mut(&id).ok_or(libc::EBADF)?.bound = Some(a);
@@ -125,7 +144,7 @@ pub fn listen(fd: c_int, backlog: c_int) -> R<()> {
         SState::Listening { .. } | SState::Dormant { .. } => Ok(()),
         SState::Fresh if k.stype == libc::SOCK_STREAM => {
             let local = k.bound.unwrap_or_else(|| any_addr(k.domain));
-            let flags = if k.opts.reuseport { LISTEN_SHARED } else { 0 };
+            let flags = if k.opts.reuseport { LISTEN_SHARED } else { 0 } | k.v6only_flag();
             let w = s.worker()?;
             let (lid, local) = w
                 .listen_with(local, backlog, flags)
@@ -313,6 +332,7 @@ pub fn connect(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
         k.opts.sndtimeo,
     );
     check_family(domain, &raw)?;
+    check_mapped(k, &raw, libc::ENETUNREACH)?;
     let a = unmap(raw);
     if a.port() == 0 && stype == libc::SOCK_STREAM {
         return Err(libc::ECONNREFUSED);

@@ -90,6 +90,12 @@ pub fn set(fd: c_int, level: c_int, name: c_int, val: &[u8]) -> R<Route<()>> {
         return Err(libc::EOPNOTSUPP);
     }
     let fresh = s.socks[&id].state == SState::Fresh;
+    if (level, name) == (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+        && (!fresh || s.socks[&id].bound.is_some())
+    {
+        // Linux: fixed once the socket has a port.
+        return Err(libc::EINVAL);
+    }
     let known = matches!(
         (level, name),
         (libc::SOL_SOCKET, libc::SO_REUSEPORT)

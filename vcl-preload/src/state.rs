@@ -270,6 +270,24 @@ pub struct Sock {
     pub chan: u8,
 }
 
+impl Sock {
+    /// [`LISTEN_V6ONLY`](session_api::msg::LISTEN_V6ONLY) if IPV6_V6ONLY is
+    /// set on this IPv6 socket (the daemon's listen and bind-check flag).
+    pub fn v6only_flag(&self) -> u8 {
+        let on = self.domain == libc::AF_INET6
+            && self
+                .opts
+                .other
+                .get(&(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY))
+                .is_some_and(|v| v.iter().any(|b| *b != 0));
+        if on {
+            session_api::msg::LISTEN_V6ONLY
+        } else {
+            0
+        }
+    }
+}
+
 pub struct Reg {
     pub sock: u64,
     pub events: u32,
@@ -1009,10 +1027,10 @@ impl State {
             SState::Listening { lid, local } if s.passive => (local, Some(lid)),
             _ => return Ok(()),
         };
-        let backlog = s.backlog;
+        let (backlog, v6only) = (s.backlog, s.v6only_flag());
         let w = self.worker()?;
         let (lid, local) = w
-            .listen_with(local, backlog, LISTEN_JOIN | LISTEN_SHARED)
+            .listen_with(local, backlog, LISTEN_JOIN | LISTEN_SHARED | v6only)
             .map_err(|e| api_errno(&e))?;
         if let Some(old) = old {
             let _ = w.unlisten(old);
@@ -1160,19 +1178,21 @@ impl State {
         // closes them: join their groups now, passive until this process
         // accepts on them.
         use session_api::msg::{LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED};
-        let inherited: Vec<(u64, SocketAddr, u32)> = self
+        let inherited: Vec<(u64, SocketAddr, u32, u8)> = self
             .socks
             .iter()
             .filter_map(|(id, s)| match s.state {
-                SState::Dormant { local } => Some((*id, local, s.backlog)),
+                SState::Dormant { local } => Some((*id, local, s.backlog, s.v6only_flag())),
                 _ => None,
             })
             .collect();
-        for (id, local, backlog) in inherited {
+        for (id, local, backlog, v6only) in inherited {
             let Ok(w) = self.worker() else { return };
-            if let Ok((lid, local)) =
-                w.listen_with(local, backlog, LISTEN_JOIN | LISTEN_SHARED | LISTEN_PASSIVE)
-            {
+            if let Ok((lid, local)) = w.listen_with(
+                local,
+                backlog,
+                LISTEN_JOIN | LISTEN_SHARED | LISTEN_PASSIVE | v6only,
+            ) {
                 self.set_state(id, SState::Listening { lid, local });
                 if let Some(k) = self.socks.get_mut(&id) {
                     k.passive = true;
@@ -1205,17 +1225,21 @@ impl State {
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
-            let Some((SState::Listening { lid, local }, backlog)) =
-                self.socks.get(&id).map(|s| (s.state, s.backlog))
+            let Some((SState::Listening { lid, local }, backlog, v6only)) = self
+                .socks
+                .get(&id)
+                .map(|s| (s.state, s.backlog, s.v6only_flag()))
             else {
                 continue;
             };
             let Some(w) = self.worker.as_mut() else {
                 return;
             };
-            let Ok((nlid, local)) =
-                w.listen_with(local, backlog, LISTEN_JOIN | LISTEN_SHARED | LISTEN_PASSIVE)
-            else {
+            let Ok((nlid, local)) = w.listen_with(
+                local,
+                backlog,
+                LISTEN_JOIN | LISTEN_SHARED | LISTEN_PASSIVE | v6only,
+            ) else {
                 continue;
             };
             let _ = w.unlisten(lid);
