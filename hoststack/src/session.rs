@@ -818,7 +818,10 @@ impl Engine {
                 local,
                 flags,
             } => {
-                let errno = self.bind_check(local, flags).err().unwrap_or(0);
+                let (errno, local) = match self.bind_check(local, flags) {
+                    Ok(l) => (0, l),
+                    Err(e) => (e, local),
+                };
                 self.post(
                     app,
                     worker,
@@ -998,14 +1001,18 @@ impl Engine {
         gid
     }
 
-    /// The kernel's bind() checks for a TCP address.
-    fn bind_check(&mut self, local: SocketAddr, flags: u8) -> Result<(), i32> {
+    /// The kernel's bind() checks for a TCP address; port 0 gets a free
+    /// port, as the kernel picks one at bind() time (programs read it with
+    /// getsockname() before listen(): Python's socketserver). Nothing is
+    /// reserved until listen() or connect().
+    fn bind_check(&mut self, mut local: SocketAddr, flags: u8) -> Result<SocketAddr, i32> {
         let ip = local.ip();
         if !(ip.is_unspecified() || ip.is_loopback() || self.stack.is_local(ip.into())) {
             return Err(libc::EADDRNOTAVAIL);
         }
         if local.port() == 0 {
-            return Ok(());
+            local.set_port(self.free_listen_port()?);
+            return Ok(local);
         }
         let shared = flags & LISTEN_SHARED != 0;
         let v6only = is_v6only(local, flags);
@@ -1014,7 +1021,7 @@ impl Engine {
                 return Err(libc::EADDRINUSE);
             }
         }
-        Ok(())
+        Ok(local)
     }
 
     /// A port for `listen` on port 0: free in the stack (no connection,

@@ -1501,8 +1501,9 @@ impl Worker {
     }
 
     /// Would binding a TCP socket to `local` succeed? (kernel bind() errors;
-    /// see [`Request::BindCheck`]).
-    pub fn bind_check(&mut self, local: SocketAddr, flags: u8) -> Result<()> {
+    /// see [`Request::BindCheck`]). Returns the address to bind: port 0
+    /// replaced by a free port.
+    pub fn bind_check(&mut self, local: SocketAddr, flags: u8) -> Result<SocketAddr> {
         let req_id = self.req_id();
         self.send_req(Request::BindCheck {
             req_id,
@@ -1510,7 +1511,9 @@ impl Worker {
             flags,
         })?;
         match self.await_reply(req_id, deadline_of(Some(Duration::from_secs(10))))? {
-            Event::Reply { errno: 0, .. } => Ok(()),
+            Event::Reply {
+                errno: 0, local: l, ..
+            } => Ok(l.unwrap_or(local)),
             Event::Reply { errno, .. } => Err(Error::Errno(errno)),
             _ => Err(Error::Protocol("bad reply".into())),
         }

@@ -163,7 +163,9 @@ pub enum Request {
     /// Check that a TCP socket may bind `local` (kernel bind() errors):
     /// EADDRNOTAVAIL for an address that is not the daemon's, EADDRINUSE
     /// for a port someone listens on (unless both share it). Reserves
-    /// nothing.
+    /// nothing. For port 0 the reply's `local` names a free port (the
+    /// kernel picks it at bind() time; programs read it back before
+    /// listen()).
     BindCheck {
         /// Correlates the reply.
         req_id: u32,

@@ -195,8 +195,26 @@ int main(void)
 	CHK(bind(x, (struct sockaddr *)&z, sizeof z));
 	len = sizeof z;
 	CHK(getsockname(x, (struct sockaddr *)&z, &len));
+	/* The port is chosen at bind() time (Python's socketserver reads it
+	 * before listen()), and listen() keeps it. */
+	say("bound to port 0: port known before listen %s", yesno(z.sin_port != 0));
 	say("bind to a bound (not listening) port: %s", rs(bind(y, (struct sockaddr *)&z, sizeof z)));
 	say("bind twice: %s", rs(bind(x, (struct sockaddr *)&z, sizeof z)));
+	{
+		int w = CHK(socket(AF_INET, SOCK_STREAM, 0));
+		struct sockaddr_in p = lo4(0), q;
+		CHK(bind(w, (struct sockaddr *)&p, sizeof p));
+		len = sizeof p;
+		CHK(getsockname(w, (struct sockaddr *)&p, &len));
+		CHK(listen(w, 1));
+		len = sizeof q;
+		CHK(getsockname(w, (struct sockaddr *)&q, &len));
+		say("listen keeps the port bound to: %s", yesno(p.sin_port == q.sin_port && p.sin_port != 0));
+		int c2 = CHK(socket(AF_INET, SOCK_STREAM, 0));
+		say("connect to that port: %s", rs(connect(c2, (struct sockaddr *)&p, sizeof p)));
+		close(c2);
+		close(w);
+	}
 	close(x);
 	close(y);
 	x = CHK(socket(AF_INET, SOCK_STREAM, 0));

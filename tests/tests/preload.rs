@@ -426,6 +426,41 @@ fn nginx_listening_on_ipv4_and_ipv6_wildcards_serves_both() -> Result<()> {
 }
 
 #[test]
+fn a_server_on_port_0_knows_its_port_before_listening() -> Result<()> {
+    // Python's socketserver binds port 0 and stores getsockname() as
+    // `server_address` before listen(); programs then announce
+    // `server_address[1]`. Before, the shim reported port 0 until listen().
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let ip = tb.daemon_ip4.to_string();
+    let server = format!(
+        "import http.server\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.send_response(200); self.end_headers(); self.wfile.write(b'port zero ok')\n\
+         s = http.server.HTTPServer(('{ip}', 0), H)\n\
+         print('port', s.server_address[1], flush=True)\n\
+         s.handle_request()\n"
+    );
+    let mut srv = Proc::spawn(shim(&d, &["python3", "-c", &server])?, "port 0 server")?;
+    let line = srv.expect("port", T)?;
+    let port: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no port in {line:?}"))?;
+    ensure!(port != 0, "announced {line:?}");
+    let body = peer_get(&tb, &format!("http://{ip}:{port}/"))?;
+    ensure!(
+        body == b"port zero ok",
+        "got {:?}",
+        String::from_utf8_lossy(&body)
+    );
+    srv.success(T)?;
+    Ok(())
+}
+
+#[test]
 fn a_loopback_listener_under_the_shim_serves_kernel_and_shim_clients() -> Result<()> {
     have("nginx")?;
     let tb = Testbed::new()?;

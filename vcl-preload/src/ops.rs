@@ -121,7 +121,7 @@ pub fn bind(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
         let k = &s.socks[&id];
         let flags = if k.opts.reuseport { LISTEN_SHARED } else { 0 } | k.v6only_flag();
         let w = s.worker()?;
-        w.bind_check(a, flags).map_err(|e| e.errno())?;
+        let a = w.bind_check(a, flags).map_err(|e| e.errno())?;
         s.socks.get_mut(&id).ok_or(libc::EBADF)?.bound = Some(a);
     }
     Ok(Route::Done(()))
