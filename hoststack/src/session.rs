@@ -1599,11 +1599,13 @@ impl Engine {
                 self.stack.touch(flow);
             }
             Kind::Ct { peer } => {
-                let Some(p) = *peer else { return };
-                let Some(ps) = self.sess(p) else { return };
-                if ps.app_closed {
-                    // Writing to a closed cut-through peer: the kernel's
-                    // answer would be a RST.
+                // The peer closed (its session is freed and unlinked, or
+                // about to be): writing to it gets the kernel's answer, a
+                // RST.
+                let open = (*peer)
+                    .and_then(|p| Some((p, self.sess(p)?)))
+                    .filter(|(_, ps)| !ps.app_closed);
+                let Some((p, ps)) = open else {
                     if is_tx {
                         if let Some(me) = self.sess(h).filter(|m| !m.dead) {
                             me.dead = true;
@@ -1619,7 +1621,7 @@ impl Engine {
                         }
                     }
                     return;
-                }
+                };
                 let (pa, pw) = (ps.app, ps.worker);
                 let ev = if is_tx {
                     Event::Rx { handle: p }
