@@ -1019,6 +1019,7 @@ pub unsafe extern "C" fn epoll_ctl(
         if is_epoll(fd) && op != libc::EPOLL_CTL_DEL {
             if let Some(_i) = enter() {
                 iomux::mark_nested(fd);
+                iomux::mark_outer(epfd);
             }
         }
         return real::epoll_ctl(epfd, op, fd, ev);

@@ -124,6 +124,8 @@ pub fn mark_nested(epfd: c_int) {
     let mut g = lock();
     let s = st(&mut g);
     s.pump();
+    s.any_nested = true;
+    prune_ready(s, epfd);
     if let Some(ep) = s.eps.get_mut(&epfd) {
         let first = !ep.nested;
         ep.nested = true;
@@ -141,6 +143,74 @@ pub fn mark_nested(epfd: c_int) {
                 s.sync_chan(id);
             }
         }
+    }
+}
+
+/// An emulated instance went into the set `outer` (see
+/// [`State::ep_mark_outer`]).
+pub fn mark_outer(outer: c_int) {
+    let mut g = lock();
+    st(&mut g).ep_mark_outer(outer);
+}
+
+/// Drop entries of `epfd`'s ready list that are no longer ready (a
+/// level-triggered socket stays queued after it is reported; the app may
+/// have read it dry since). A nested instance's eventfd must say "ready"
+/// only while something is: the outer set reports the instance itself.
+fn prune_ready(s: &mut State, epfd: c_int) {
+    let Some(ep) = s.eps.get(&epfd) else { return };
+    let queued: Vec<c_int> = ep.ready.iter().copied().collect();
+    let mut keep = Vec::with_capacity(queued.len());
+    for fd in queued {
+        let Some(&Reg {
+            sock,
+            events,
+            disabled: false,
+            ..
+        }) = s.eps.get(&epfd).and_then(|e| e.regs.get(&fd))
+        else {
+            continue;
+        };
+        if s.events_of(sock, events & libc::EPOLLOUT as u32 != 0) & (events | ERR_HUP) != 0 {
+            keep.push(fd);
+        }
+    }
+    let Some(ep) = s.eps.get_mut(&epfd) else {
+        return;
+    };
+    for fd in ep.ready.drain(..) {
+        if let Some(r) = ep.regs.get_mut(&fd) {
+            r.queued = false;
+        }
+    }
+    for fd in keep {
+        if let Some(r) = ep.regs.get_mut(&fd) {
+            if !r.queued {
+                r.queued = true;
+                ep.ready.push_back(fd);
+            }
+        }
+    }
+    if ep.nested && ep.signaled && ep.ready.is_empty() {
+        ep.signaled = false;
+        efd_drain(ep.wake);
+    }
+}
+
+/// Before any wait: nested instances whose eventfd is signalled only for
+/// entries that went stale stop looking readable to their outer set.
+fn refresh_nested(s: &mut State) {
+    if !s.any_nested {
+        return;
+    }
+    let stale: Vec<c_int> = s
+        .eps
+        .iter()
+        .filter(|(_, e)| e.nested && e.signaled)
+        .map(|(fd, _)| *fd)
+        .collect();
+    for epfd in stale {
+        prune_ready(s, epfd);
     }
 }
 
@@ -334,6 +404,7 @@ fn wait_inner(
     loop {
         let s = st(&mut g);
         s.pump();
+        refresh_nested(s);
         if !s.eps.contains_key(&epfd) {
             drop(g);
             let t = if zero { 0 } else { sys::ms_left(deadline) };

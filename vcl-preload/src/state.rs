@@ -369,6 +369,9 @@ pub struct State {
     /// Sockets in the `Inherited` state: while there are none, `adopt`
     /// (run before every operation) needs no table lookup.
     inherited: usize,
+    /// Some epoll instance was put into another set (see
+    /// `iomux::refresh_nested`).
+    pub any_nested: bool,
     /// Unconnected kernel sockets (AF_INET, AF_INET6) whose dups stand in
     /// for accepted hoststack connections, each with its inode.
     templates: [(c_int, u64); 2],
@@ -534,6 +537,7 @@ impl State {
             warned: false,
             daemon_gone: false,
             inherited: 0,
+            any_nested: false,
             templates: [(-1, 0); 2],
         }
     }
@@ -1344,6 +1348,24 @@ impl State {
             no_chan: false,
             chan_sleepers: 0,
         })
+    }
+
+    /// `epfd` holds an emulated instance (nested): its waits must go
+    /// through the shim and sleep on the worker's eventfd (the nested
+    /// instance's sockets name no channel); the pump then signals the
+    /// nested instance, which the kernel reports to this set.
+    pub fn ep_mark_outer(&mut self, epfd: c_int) {
+        let gen = self.gen;
+        let ep = self.ep_new(epfd);
+        ep.no_chan = true;
+        let Some(c) = ep.chan.take() else { return };
+        ep.magic_gen = 0;
+        if c.gen == gen {
+            if let Some(w) = self.worker.as_mut() {
+                w.del_channel(c.id);
+            }
+        }
+        close_own(c.efd);
     }
 
     pub fn ep_close(&mut self, epfd: c_int) {
