@@ -27,6 +27,7 @@
 //! connect_timeout_ms = 20000
 //! ack_delay_ms = 10         # delayed ACK: a reply sent within this time carries the ACK (0 = ACK at once)
 //! ack_delay_max_ms = 100    # ... stretched up to this while the app takes longer to answer (= ack_delay_ms: fixed)
+//! timestamps = true         # answer the peer's TCP timestamps (PAWS; lets Linux clients reuse TIME-WAIT ports)
 //!
 //! [session]
 //! fifo_size = 262144        # each rx/tx FIFO, power of two
@@ -127,6 +128,12 @@ pub struct TcpConfig {
     /// fixed delay. Keep it well below the peers' minimum retransmission
     /// timeout (200 ms on Linux).
     pub ack_delay_max_ms: u64,
+    /// Answer a peer's TCP timestamp option (RFC 7323), like Linux's
+    /// default `net.ipv4.tcp_timestamps = 1`. Peers use it for PAWS, and a
+    /// Linux client reuses a port it holds in TIME-WAIT for a new
+    /// connection to us only if the old one had timestamps: turned off, a
+    /// client opening many short connections runs out of ports.
+    pub timestamps: bool,
 }
 
 /// `[session]`.
@@ -193,6 +200,7 @@ impl Default for TcpConfig {
             connect_timeout_ms: 20_000,
             ack_delay_ms: 10,
             ack_delay_max_ms: 100,
+            timestamps: true,
         }
     }
 }

@@ -179,6 +179,7 @@ impl Daemon {
                 tcp_ack_delay: (cfg.tcp.ack_delay_ms > 0)
                     .then(|| smoltcp::time::Duration::from_millis(cfg.tcp.ack_delay_ms)),
                 tcp_ack_delay_max: smoltcp::time::Duration::from_millis(cfg.tcp.ack_delay_max_ms),
+                tcp_timestamps: cfg.tcp.timestamps,
                 udp_packets: 256,
                 udp_bytes: 256 * 1024,
                 max_flows: cfg.session.max_flows,

@@ -2410,6 +2410,7 @@ mod tests {
             tcp_tx_buf: buf,
             tcp_ack_delay: Some(Duration::from_millis(10)),
             tcp_ack_delay_max: Duration::from_millis(100),
+            tcp_timestamps: true,
             udp_packets: 16,
             udp_bytes: 65536,
             max_flows: 1000,

@@ -122,6 +122,8 @@ pub struct StackConfig {
     /// Longest delayed ACK when the session layer stretches it to the
     /// app's answer time (not above `tcp_ack_delay`: fixed).
     pub tcp_ack_delay_max: Duration,
+    /// Answer a peer's timestamp option (RFC 7323), as Linux does.
+    pub tcp_timestamps: bool,
     /// UDP buffers: packets and bytes.
     pub udp_packets: usize,
     /// UDP payload bytes buffered per socket and direction.
@@ -651,7 +653,9 @@ impl Stack {
         s.set_ack_delay(self.cfg.tcp_ack_delay);
         // Used only when the peer's SYN offers timestamps (smoltcp drops it
         // otherwise), as Linux does by default.
-        s.set_tsval_generator(Some(tsval));
+        if self.cfg.tcp_timestamps {
+            s.set_tsval_generator(Some(tsval));
+        }
         (s, lease)
     }
 
@@ -1325,6 +1329,7 @@ mod tests {
             tcp_tx_buf: 65536,
             tcp_ack_delay: Some(Duration::from_millis(10)),
             tcp_ack_delay_max: Duration::from_millis(10),
+            tcp_timestamps: true,
             udp_packets: 16,
             udp_bytes: 65536,
             max_flows: 100_000,

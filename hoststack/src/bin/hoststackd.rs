@@ -28,6 +28,7 @@ CONFIG FILE (TOML; every key optional unless noted, flags override the file):
     connect_timeout_ms = 20000 active open gives up after this (ETIMEDOUT)
     ack_delay_ms = 10          delayed ACK: a reply within this time carries the ACK (0 = at once)
     ack_delay_max_ms = 100     per connection stretched up to this when the app answers later
+    timestamps = true          answer the peer's TCP timestamps (PAWS, TIME-WAIT port reuse)
   [session]
     fifo_size = 262144         rx and tx FIFO per session (power of two)
     ct_fifo_size = 1048576     each FIFO of a cut-through session (power of two)
@@ -97,6 +98,9 @@ struct Cli {
     /// --ack-delay-ms the delay is fixed (overrides tcp.ack_delay_max_ms).
     #[arg(long)]
     ack_delay_max_ms: Option<u64>,
+    /// Answer the peer's TCP timestamps: true or false (overrides tcp.timestamps).
+    #[arg(long, value_name = "BOOL")]
+    tcp_timestamps: Option<bool>,
     /// Add an app namespace NAME=SECRET (repeatable; adds to the file's).
     #[arg(long = "namespace", value_name = "NAME=SECRET")]
     namespaces: Vec<String>,
@@ -165,6 +169,9 @@ fn main() -> Result<()> {
     }
     if let Some(ms) = cli.ack_delay_max_ms {
         cfg.tcp.ack_delay_max_ms = ms;
+    }
+    if let Some(on) = cli.tcp_timestamps {
+        cfg.tcp.timestamps = on;
     }
     for ns in &cli.namespaces {
         let (name, secret) = ns
