@@ -806,8 +806,8 @@ impl State {
         // copy), the peer gets the FIN now instead of 2 s later.
         let linger = s.forked
             && matches!(s.state, SState::Connected { .. } | SState::Udp { .. })
-            && crate::sys::file_id(fd)
-                .and_then(|(dev, ino)| crate::sys::a_child_holds(dev, ino))
+            && inode_of(fd)
+                .and_then(crate::sys::a_child_holds_socket)
                 .unwrap_or(true);
         if matches!(s.state, SState::Inherited { .. }) {
             self.inherited = self.inherited.saturating_sub(1);

@@ -308,15 +308,17 @@ pub fn file_id(fd: c_int) -> Option<(u64, u64)> {
     }
 }
 
-/// Does a child of this process hold a descriptor of the file (`dev`,
-/// `ino`)? A child that exited or exec'd (close-on-exec) holds none. None
+/// Does a child of this process hold a descriptor of the socket with inode
+/// `ino`? A child that exited or exec'd (close-on-exec) holds none. None
 /// when it cannot be told: no `/proc/<pid>/task/<tid>/children` (a kernel
 /// without CONFIG_PROC_CHILDREN) or a child whose fds we may not list.
-/// Costs a directory walk per child; the shim asks only when it closes a
-/// connection that lived through a fork.
-pub fn a_child_holds(dev: u64, ino: u64) -> Option<bool> {
-    use std::os::unix::fs::MetadataExt;
+/// Reads only the links' text (`socket:[ino]`), never the files behind
+/// them (a stat could hang on a dead FUSE mount). Costs a directory walk
+/// per child; the shim asks only when it closes a connection that lived
+/// through a fork.
+pub fn a_child_holds_socket(ino: u64) -> Option<bool> {
     let me = std::process::id();
+    let want = std::ffi::OsString::from(format!("socket:[{ino}]"));
     for task in std::fs::read_dir(format!("/proc/{me}/task")).ok()? {
         // Children are listed under the thread that forked them.
         let kids = match std::fs::read_to_string(task.ok()?.path().join("children")) {
@@ -338,8 +340,7 @@ pub fn a_child_holds(dev: u64, ino: u64) -> Option<bool> {
                 Err(_) => return None,
             };
             for f in fds.flatten() {
-                // stat follows the magic link to the open file.
-                if std::fs::metadata(f.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
+                if std::fs::read_link(f.path()).is_ok_and(|l| l.as_os_str() == want) {
                     return Some(true);
                 }
             }
