@@ -8,6 +8,7 @@ scripts/setup.sh
 export CARGO_TERM_COLOR=never
 echo "== fmt"; cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --release --workspace --all-targets -- -D warnings
+echo "== docs (broken links, bad HTML in rustdoc)"; RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items
 echo "== build (release: the integration tests run these binaries)"
 cargo build --release --workspace --lib --bins --examples
 echo "== tests"

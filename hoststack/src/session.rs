@@ -9,7 +9,7 @@
 //! notification and resumes when it arrives.
 //!
 //! Sans-IO apart from shared memory: frames go out through a
-//! [`FrameTx`](crate::stack::FrameTx), time is passed in.
+//! [`FrameTx`], time is passed in.
 
 use crate::app::{
     alloc_block, chan_ref, consumer, producer, write_desc, App, AppId, ChanRef, PostError, Segment,

@@ -31,7 +31,8 @@ pub enum MsgError {
 pub enum Proto {
     /// TCP byte stream.
     Tcp = 1,
-    /// UDP datagrams (each FIFO record is a [`DgramHeader`] + payload).
+    /// UDP datagrams (each FIFO record is a datagram header
+    /// ([`dgram_header`], [`DGRAM_HDR`] bytes) + payload).
     Udp = 2,
 }
 

@@ -4,7 +4,7 @@
 //! hoststack entries, the kernel set also holds the instance's own wake
 //! channel eventfd (or, without one, the worker's wake eventfd), the
 //! attach socket and a per-instance eventfd (tagged with
-//! [`MAGIC`](crate::state::MAGIC) data), so `epoll_wait` blocks in the
+//! [`MAGIC`] data), so `epoll_wait` blocks in the
 //! kernel exactly once when nothing is ready: no busy loop, signals
 //! interrupt it, timeouts are the kernel's. Hoststack readiness is kept as a
 //! ready list per instance (level, edge and one-shot semantics as Linux).

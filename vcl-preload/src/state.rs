@@ -94,7 +94,7 @@ fn own_floor() -> c_int {
 }
 
 /// Take `fd` (fresh, ours) as one of the shim's own: moved to
-/// [`own_floor`] or above when there is room, close-on-exec, and marked so
+/// `own_floor()` or above when there is room, close-on-exec, and marked so
 /// the app's close calls leave it alone. Returns the number to use.
 pub fn place_own(fd: c_int) -> c_int {
     if fd < 0 || fd as usize >= MAX_FD {

@@ -75,7 +75,7 @@ enum Role {
     /// Kernel TCP listener that accepts and holds connections.
     KernelHold { addr: SocketAddr },
     /// 64 B ping-pong client (kernel sockets, or the shim under
-    /// `hoststack run`): prints "rtt_us <median>".
+    /// `hoststack run`): prints "rtt_us N" (the median).
     Pingpong { addr: SocketAddr, n: usize },
     /// Count 64 B datagrams for SECS from the first one: prints "count N".
     UdpSink { addr: SocketAddr, secs: f64 },

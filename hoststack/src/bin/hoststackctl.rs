@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 /// Show apps, workers, sessions, interfaces and counters of a running
-/// hoststackd (queried over <socket-dir>/ctl.sock).
+/// hoststackd (queried over ctl.sock in its socket directory).
 #[derive(Parser, Debug)]
 #[command(name = "hoststackctl", version)]
 struct Cli {
