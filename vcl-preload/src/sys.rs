@@ -299,15 +299,6 @@ pub fn restart_after_signal() -> bool {
     true
 }
 
-/// (device, inode) of the file behind `fd`.
-pub fn file_id(fd: c_int) -> Option<(u64, u64)> {
-    // SAFETY: fstat writes one `stat` we own; fstat is not hooked.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        (libc::fstat(fd, &mut st) == 0).then_some((st.st_dev, st.st_ino))
-    }
-}
-
 /// Does a child of this process hold a descriptor of the socket with inode
 /// `ino`? A child that exited or exec'd (close-on-exec) holds none. None
 /// when it cannot be told: no `/proc/<pid>/task/<tid>/children` (a kernel
