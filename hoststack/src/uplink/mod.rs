@@ -279,11 +279,48 @@ impl TxBatch {
         }
         self.lens[i] = len;
         self.n += 1;
-        &mut self.bufs[i][..len]
+        let f = &mut self.bufs[i][..len];
+        clear_headers(f);
+        f
     }
+}
+
+/// How much of each outgoing frame is cleared before the stack writes it:
+/// Ethernet plus the longest IPv4 and TCP headers (134 bytes), and a
+/// virtio-net header in front (10) with room to spare. The stack writes every
+/// byte of a frame except the padding after the last TCP option; clearing
+/// the headers keeps bytes of an earlier frame (another connection's data)
+/// out of that padding, without zeroing the payload the stack overwrites.
+const HEADER_ROOM: usize = 160;
+
+/// Clear the header part of a reused frame buffer (see [`HEADER_ROOM`]).
+pub fn clear_headers(frame: &mut [u8]) {
+    let n = frame.len().min(HEADER_ROOM);
+    frame[..n].fill(0);
 }
 
 /// Is this errno a full queue, i.e. drop the frame and go on?
 fn is_queue_full(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOBUFS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_tx_slot_starts_with_clear_headers() {
+        let mut b = TxBatch::new(1514);
+        b.push(1514).fill(0xaa);
+        b.n = 0;
+        let f = b.push(1514);
+        assert!(
+            f[..HEADER_ROOM].iter().all(|&x| x == 0),
+            "stale header bytes"
+        );
+        // The payload is the stack's to overwrite: not zeroed again.
+        assert!(f[HEADER_ROOM..].iter().all(|&x| x == 0xaa));
+        b.n = 0;
+        assert_eq!(b.push(60).len(), 60);
+    }
 }
