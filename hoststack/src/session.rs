@@ -19,8 +19,9 @@ use crate::stack::{FlowId, FlowKind, FrameTx, ListenFamily, ListenerId, Stack, S
 use session_api::fasthash::{FastMap, FastSet};
 use session_api::fifo::{FifoConsumer, FifoProducer};
 use session_api::msg::{
-    dgram_header, parse_dgram_header, Event, Proto, Request, SessOpt, SessionDesc, Shut, DGRAM_HDR,
-    LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED, LISTEN_V6ONLY,
+    dgram_header, parse_dgram_header, Event, Proto, Request, SessOpt, SessionDesc, Shut,
+    BIND_RESERVE, BIND_REUSEADDR, DGRAM_HDR, LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED,
+    LISTEN_V6ONLY,
 };
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -192,19 +193,43 @@ impl Group {
 
     /// Would it take some of the connections a listener on `l` would?
     fn overlaps(&self, l: SocketAddr, v6only: bool) -> bool {
-        if self.local.port() != l.port() {
-            return false;
-        }
-        let (g, ip) = (self.local.ip(), l.ip());
-        if g.is_ipv4() == ip.is_ipv4() {
-            g == ip || g.is_unspecified() || ip.is_unspecified()
-        } else if g.is_ipv6() {
-            g.is_unspecified() && !self.v6only
-        } else {
-            ip.is_unspecified() && !v6only
-        }
+        overlap(self.local, self.v6only, l, v6only)
     }
 }
+
+/// Would sockets bound to `a` and `b` (each with its IPV6_V6ONLY) take some
+/// of the same connections? Same port, and the same address, a wildcard of
+/// the same family, or a dual-stack IPv6 wildcard against IPv4.
+fn overlap(a: SocketAddr, a_v6only: bool, b: SocketAddr, b_v6only: bool) -> bool {
+    if a.port() != b.port() {
+        return false;
+    }
+    let (x, y) = (a.ip(), b.ip());
+    if x.is_ipv4() == y.is_ipv4() {
+        x == y || x.is_unspecified() || y.is_unspecified()
+    } else if x.is_ipv6() {
+        x.is_unspecified() && !a_v6only
+    } else {
+        y.is_unspecified() && !b_v6only
+    }
+}
+
+/// An address held by a bound TCP socket that does not listen or connect
+/// yet ([`Request::BindCheck`] with `BIND_RESERVE`), as a kernel bind()
+/// holds it.
+struct Reservation {
+    app: AppId,
+    local: SocketAddr,
+    v6only: bool,
+    /// SO_REUSEPORT.
+    shared: bool,
+    /// SO_REUSEADDR.
+    reuseaddr: bool,
+}
+
+/// Reservations one app may hold at once (each bound, idle socket holds
+/// one); beyond, bind() fails with ENOBUFS rather than grow without bound.
+const MAX_RESERVATIONS_PER_APP: usize = 4096;
 
 /// A listener on `local` takes no IPv4 connections: an IPv6 address, and
 /// for the wildcard only with IPV6_V6ONLY.
@@ -295,6 +320,12 @@ pub struct Engine {
     /// Sessions closed by a parent that forked: (app, handle, deadline);
     /// a child may adopt them until the deadline, then they close.
     close_lingering: Vec<(AppId, u64, Instant)>,
+    /// Bound addresses by reservation token (unguessable: an app may give
+    /// back only a reservation it was told about).
+    reservations: HashMap<u64, Reservation>,
+    reservations_of: FastMap<AppId, usize>,
+    token_keys: std::collections::hash_map::RandomState,
+    next_token: u64,
     /// Counters.
     pub stats: SessionStats,
     scratch: Vec<u8>,
@@ -344,6 +375,10 @@ impl Engine {
             lingering: 0,
             retired: HashMap::new(),
             close_lingering: Vec::new(),
+            reservations: HashMap::new(),
+            reservations_of: FastMap::default(),
+            token_keys: Default::default(),
+            next_token: 0,
             stats: SessionStats::default(),
             scratch: vec![0; 65536 + DGRAM_HDR],
             touched: Vec::new(),
@@ -818,9 +853,9 @@ impl Engine {
                 local,
                 flags,
             } => {
-                let (errno, local) = match self.bind_check(local, flags) {
-                    Ok(l) => (0, l),
-                    Err(e) => (e, local),
+                let (errno, local, token) = match self.bind_check(app, local, flags) {
+                    Ok((l, t)) => (0, l, t),
+                    Err(e) => (e, local, 0),
                 };
                 self.post(
                     app,
@@ -828,13 +863,14 @@ impl Engine {
                     Event::Reply {
                         req_id,
                         errno,
-                        handle: 0,
+                        handle: token,
                         segment: 0,
                         desc: 0,
                         local: Some(local),
                     },
                 );
             }
+            Request::Unbind { handle } => self.unbind(handle),
             Request::CloseLinger { handle } => {
                 if !self.owned(app, handle) {
                     return;
@@ -933,7 +969,9 @@ impl Engine {
                 return Err(libc::EADDRINUSE);
             }
             existing = Some(*id);
-        } else if self.groups.values().any(|g| g.overlaps(local, v6only)) {
+        } else if self.groups.values().any(|g| g.overlaps(local, v6only))
+            || self.reserved_elsewhere(local, v6only, shared)
+        {
             return Err(libc::EADDRINUSE);
         }
         let gid = match existing {
@@ -1003,25 +1041,96 @@ impl Engine {
 
     /// The kernel's bind() checks for a TCP address; port 0 gets a free
     /// port, as the kernel picks one at bind() time (programs read it with
-    /// getsockname() before listen(): Python's socketserver). Nothing is
-    /// reserved until listen() or connect().
-    fn bind_check(&mut self, mut local: SocketAddr, flags: u8) -> Result<SocketAddr, i32> {
+    /// getsockname() before listen(): Python's socketserver). With
+    /// `BIND_RESERVE` the address is reserved for `app` until it is given
+    /// back ([`Request::Unbind`]) or the app leaves; returns the token
+    /// (0 when nothing was reserved).
+    fn bind_check(
+        &mut self,
+        app: AppId,
+        mut local: SocketAddr,
+        flags: u8,
+    ) -> Result<(SocketAddr, u64), i32> {
         let ip = local.ip();
         if !(ip.is_unspecified() || ip.is_loopback() || self.stack.is_local(ip.into())) {
             return Err(libc::EADDRNOTAVAIL);
         }
+        let shared = flags & LISTEN_SHARED != 0;
+        let reuseaddr = flags & BIND_REUSEADDR != 0;
+        let v6only = is_v6only(local, flags);
+        let reserve = flags & BIND_RESERVE != 0;
+        if reserve
+            && self.reservations_of.get(&app).copied().unwrap_or(0) >= MAX_RESERVATIONS_PER_APP
+        {
+            return Err(libc::ENOBUFS);
+        }
         if local.port() == 0 {
             local.set_port(self.free_listen_port()?);
-            return Ok(local);
-        }
-        let shared = flags & LISTEN_SHARED != 0;
-        let v6only = is_v6only(local, flags);
-        for g in self.groups.values() {
-            if g.overlaps(local, v6only) && !(shared && g.shared && g.local == local) {
+        } else {
+            for g in self.groups.values() {
+                if g.overlaps(local, v6only) && !(shared && g.shared && g.local == local) {
+                    return Err(libc::EADDRINUSE);
+                }
+            }
+            // Like the kernel, two bound sockets that neither listens may
+            // share an address if both have SO_REUSEADDR (the first to
+            // listen takes it) or both SO_REUSEPORT.
+            if self.reservations.values().any(|r| {
+                overlap(r.local, r.v6only, local, v6only)
+                    && !(reuseaddr && r.reuseaddr)
+                    && !(shared && r.shared)
+            }) {
                 return Err(libc::EADDRINUSE);
             }
         }
-        Ok(local)
+        if !reserve {
+            return Ok((local, 0));
+        }
+        let token = loop {
+            use std::hash::BuildHasher;
+            self.next_token += 1;
+            let t = self.token_keys.hash_one(self.next_token);
+            if t != 0 && !self.reservations.contains_key(&t) {
+                break t;
+            }
+        };
+        self.reservations.insert(
+            token,
+            Reservation {
+                app,
+                local,
+                v6only,
+                shared,
+                reuseaddr,
+            },
+        );
+        *self.reservations_of.entry(app).or_default() += 1;
+        self.stack.reserve_port(local.port());
+        Ok((local, token))
+    }
+
+    /// Give back a reservation (by whoever knows its token: a forked child
+    /// that listens on its parent's bound socket gives back the parent's).
+    fn unbind(&mut self, token: u64) {
+        let Some(r) = self.reservations.remove(&token) else {
+            return;
+        };
+        if let Some(n) = self.reservations_of.get_mut(&r.app) {
+            *n -= 1;
+            if *n == 0 {
+                self.reservations_of.remove(&r.app);
+            }
+        }
+        self.stack.release_port(r.local.port());
+    }
+
+    /// Would a new listener on `local` take an address another socket has
+    /// bound? Bound sockets with SO_REUSEADDR yield to the first listener,
+    /// as in the kernel; SO_REUSEPORT ones share with a shared listener.
+    fn reserved_elsewhere(&self, local: SocketAddr, v6only: bool, shared: bool) -> bool {
+        self.reservations.values().any(|r| {
+            overlap(r.local, r.v6only, local, v6only) && !r.reuseaddr && !(shared && r.shared)
+        })
     }
 
     /// A port for `listen` on port 0: free in the stack (no connection,
@@ -2193,6 +2302,15 @@ impl Engine {
             self.drain_app(app, 4096, now, tx);
             self.broken.retain(|a| *a != app);
         }
+        let tokens: Vec<u64> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.app == app)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in tokens {
+            self.unbind(t);
+        }
         // Leave the listen groups first so nothing new is handed to us.
         let ls: Vec<u64> = self
             .listeners
@@ -2591,6 +2709,108 @@ mod tests {
             self.peer.poll_timers(self.now, &mut tp);
             self.deliver(te.0, tp.0);
         }
+    }
+
+    #[test]
+    fn a_bound_address_is_held_until_given_back_and_ephemeral_ports_avoid_it() {
+        let mut b = Bench::new(4096, 8192);
+        let me = b.app;
+        let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
+        let other =
+            b.e.add_app("u".into(), "default".into(), 2, x.into())
+                .unwrap();
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let a = sa("198.18.0.1:5000");
+        let (got, t) = b.e.bind_check(me, a, BIND_RESERVE).unwrap();
+        assert_eq!(got, a);
+        assert_ne!(t, 0);
+        // Held against other binds of the address, its wildcard, and a
+        // dual-stack IPv6 wildcard; not against another port or a v6-only
+        // wildcard.
+        for (addr, flags) in [
+            ("198.18.0.1:5000", 0),
+            ("0.0.0.0:5000", 0),
+            ("[::]:5000", 0),
+        ] {
+            assert_eq!(
+                b.e.bind_check(other, sa(addr), flags),
+                Err(libc::EADDRINUSE),
+                "{addr}"
+            );
+        }
+        assert!(b.e.bind_check(other, sa("198.18.0.1:5001"), 0).is_ok());
+        assert!(b
+            .e
+            .bind_check(other, sa("[::]:5000"), LISTEN_V6ONLY)
+            .is_ok());
+        // Without a reservation of its own, a listen on it fails too.
+        assert_eq!(
+            b.e.listen(other, 0, a, 8, 0).map(|_| ()),
+            Err(libc::EADDRINUSE)
+        );
+        // A token nobody was given changes nothing; the real one frees it.
+        b.e.unbind(t ^ 1);
+        assert_eq!(b.e.bind_check(other, a, 0), Err(libc::EADDRINUSE));
+        b.e.unbind(t);
+        assert!(b.e.bind_check(other, a, 0).is_ok());
+
+        // Both SO_REUSEADDR: both may hold it; the first listen takes it
+        // and then binds conflict again.
+        let (_, t1) =
+            b.e.bind_check(me, a, BIND_RESERVE | BIND_REUSEADDR)
+                .unwrap();
+        let (_, t2) =
+            b.e.bind_check(other, a, BIND_RESERVE | BIND_REUSEADDR)
+                .unwrap();
+        assert_eq!(
+            b.e.bind_check(other, a, BIND_RESERVE),
+            Err(libc::EADDRINUSE)
+        );
+        b.e.unbind(t2);
+        assert!(b.e.listen(other, 0, a, 8, 0).is_ok());
+        assert_eq!(
+            b.e.bind_check(me, a, BIND_REUSEADDR),
+            Err(libc::EADDRINUSE),
+            "a listener beats SO_REUSEADDR"
+        );
+        b.e.unbind(t1);
+
+        // Ephemeral ports step over a reserved one.
+        let p = b.e.stack.alloc_port().unwrap();
+        let next = if p == 65535 { 49152 } else { p + 1 };
+        let after = if next == 65535 { 49152 } else { next + 1 };
+        let (_, t3) =
+            b.e.bind_check(me, SocketAddr::new(a.ip(), next), BIND_RESERVE)
+                .unwrap();
+        assert_eq!(b.e.stack.alloc_port().unwrap(), after);
+        // Port 0 is a fresh port each time while the earlier ones are held.
+        let any = sa("0.0.0.0:0");
+        let ports: std::collections::HashSet<u16> = (0..100)
+            .map(|_| b.e.bind_check(me, any, BIND_RESERVE).unwrap().0.port())
+            .collect();
+        assert_eq!(ports.len(), 100);
+        assert!(!ports.contains(&next));
+
+        // An app that leaves gives back everything it held.
+        let mut tx = VecTx::default();
+        b.e.remove_app(me, b.now, &mut tx);
+        assert!(b
+            .e
+            .bind_check(other, SocketAddr::new(a.ip(), next), 0)
+            .is_ok());
+        let _ = t3;
+        for p in &ports {
+            assert!(b
+                .e
+                .bind_check(other, SocketAddr::new(a.ip(), *p), 0)
+                .is_ok());
+        }
+
+        // Bounded per app.
+        for i in 0..MAX_RESERVATIONS_PER_APP {
+            assert!(b.e.bind_check(other, any, BIND_RESERVE).is_ok(), "{i}");
+        }
+        assert_eq!(b.e.bind_check(other, any, BIND_RESERVE), Err(libc::ENOBUFS));
     }
 
     #[test]

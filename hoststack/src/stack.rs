@@ -263,6 +263,10 @@ pub struct Stack {
     listeners: Vec<Option<Listener>>,
     listen_ports: HashMap<u16, Vec<ListenerId>>,
     used_ports: HashSet<u16>,
+    /// Ports bound by sockets that neither listen nor connect yet (the
+    /// session layer's reservations), with how many hold each: ephemeral
+    /// ports avoid them.
+    reserved_ports: HashMap<u16, u32>,
     next_port: u16,
     /// Flow deadlines; stale entries (superseded `Flow::timer`) are skipped.
     timers: Wheel<FlowId>,
@@ -549,6 +553,7 @@ impl Stack {
             listeners: Vec::new(),
             listen_ports: HashMap::new(),
             used_ports: HashSet::new(),
+            reserved_ports: HashMap::new(),
             next_port: 49152 + (seed % 16000) as u16,
             timers: Wheel::new(now),
             expired: Vec::new(),
@@ -778,11 +783,27 @@ impl Stack {
                 && !self.listen_ports.contains_key(&p)
                 && !self.udp.contains_key(&p)
                 && !self.udp_conn_ports.contains_key(&p)
+                && !self.reserved_ports.contains_key(&p)
             {
                 return Ok(p);
             }
         }
         Err(StackError::NoPorts)
+    }
+
+    /// Keep [`Self::alloc_port`] off `port` (a bound socket holds it).
+    pub fn reserve_port(&mut self, port: u16) {
+        *self.reserved_ports.entry(port).or_default() += 1;
+    }
+
+    /// Undo one [`Self::reserve_port`].
+    pub fn release_port(&mut self, port: u16) {
+        if let Some(n) = self.reserved_ports.get_mut(&port) {
+            *n -= 1;
+            if *n == 0 {
+                self.reserved_ports.remove(&port);
+            }
+        }
     }
 
     /// Open an active TCP connection.

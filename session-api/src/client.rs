@@ -1519,6 +1519,36 @@ impl Worker {
         }
     }
 
+    /// Bind a TCP socket's address as the kernel does: [`Self::bind_check`]
+    /// and reserve the address (other binds conflict with it, ephemeral
+    /// ports avoid it) until [`Self::unbind`] or the app detaches. Returns
+    /// the address (port 0 replaced) and the reservation token. `flags`:
+    /// [`crate::msg::LISTEN_SHARED`] (SO_REUSEPORT), [`crate::msg::BIND_REUSEADDR`],
+    /// [`crate::msg::LISTEN_V6ONLY`].
+    pub fn bind_reserve(&mut self, local: SocketAddr, flags: u8) -> Result<(SocketAddr, u64)> {
+        let req_id = self.req_id();
+        self.send_req(Request::BindCheck {
+            req_id,
+            local,
+            flags: flags | crate::msg::BIND_RESERVE,
+        })?;
+        match self.await_reply(req_id, deadline_of(Some(Duration::from_secs(10))))? {
+            Event::Reply {
+                errno: 0,
+                local: l,
+                handle,
+                ..
+            } => Ok((l.unwrap_or(local), handle)),
+            Event::Reply { errno, .. } => Err(Error::Errno(errno)),
+            _ => Err(Error::Protocol("bad reply".into())),
+        }
+    }
+
+    /// Give back a reservation of [`Self::bind_reserve`].
+    pub fn unbind(&mut self, token: u64) -> Result<()> {
+        self.send_req(Request::Unbind { handle: token })
+    }
+
     /// Take over session `handle` of the parent process (a socket inherited
     /// over fork). See [`Request::Adopt`].
     pub fn adopt(&mut self, handle: u64) -> Result<SessionId> {

@@ -163,17 +163,29 @@ pub enum Request {
     },
     /// Check that a TCP socket may bind `local` (kernel bind() errors):
     /// EADDRNOTAVAIL for an address that is not the daemon's, EADDRINUSE
-    /// for a port someone listens on (unless both share it). Reserves
-    /// nothing. For port 0 the reply's `local` names a free port (the
-    /// kernel picks it at bind() time; programs read it back before
-    /// listen()).
+    /// for a port someone listens on or has reserved (unless both share
+    /// it). For port 0 the reply's `local` names a free port (the kernel
+    /// picks it at bind() time; programs read it back before listen()).
+    ///
+    /// With [`BIND_RESERVE`] the address is then reserved, as a kernel
+    /// bind() does: other binds conflict with it, ephemeral ports avoid it,
+    /// until [`Request::Unbind`] or the app detaches. The reply's `handle`
+    /// is the reservation (an unguessable token).
     BindCheck {
         /// Correlates the reply.
         req_id: u32,
         /// The address.
         local: SocketAddr,
-        /// [`LISTEN_SHARED`] if the socket has SO_REUSEPORT.
+        /// [`LISTEN_SHARED`] if the socket has SO_REUSEPORT,
+        /// [`LISTEN_V6ONLY`], [`BIND_REUSEADDR`], [`BIND_RESERVE`].
         flags: u8,
+    },
+    /// Give back a reservation made by [`Request::BindCheck`] (the socket
+    /// closed, or is about to listen or connect on the address). Unknown
+    /// tokens are ignored.
+    Unbind {
+        /// The reservation token.
+        handle: u64,
     },
     /// Give back an accepted connection the app never took (its listener
     /// closed first): the daemon hands it to another listener of the same
@@ -262,6 +274,12 @@ pub const LISTEN_PASSIVE: u8 = 4;
 /// Listen / bind-check flag: an IPv6 wildcard socket with IPV6_V6ONLY,
 /// which takes no IPv4 connections and leaves the port free for IPv4.
 pub const LISTEN_V6ONLY: u8 = 8;
+/// Bind-check flag: reserve the address (see [`Request::BindCheck`]).
+pub const BIND_RESERVE: u8 = 16;
+/// Bind-check flag: the socket has SO_REUSEADDR. Two such sockets may both
+/// hold a reservation of one address while neither listens (the first to
+/// listen wins, as in the kernel).
+pub const BIND_REUSEADDR: u8 = 32;
 
 const K_LISTEN: u16 = 1;
 const K_UNLISTEN: u16 = 2;
@@ -278,6 +296,7 @@ const K_UDP_CONNECT: u16 = 12;
 const K_ADOPT: u16 = 13;
 const K_CLOSE_LINGER: u16 = 14;
 const K_BIND_CHECK: u16 = 15;
+const K_UNBIND: u16 = 16;
 
 /// How long an address closed with [`Request::UnlistenLinger`] waits for a
 /// new member.
@@ -425,6 +444,7 @@ impl Request {
             Request::UnlistenLinger { handle } => W::new(K_UNLISTEN_LINGER, 0, handle).done(),
             Request::Adopt { req_id, handle } => W::new(K_ADOPT, req_id, handle).done(),
             Request::CloseLinger { handle } => W::new(K_CLOSE_LINGER, 0, handle).done(),
+            Request::Unbind { handle } => W::new(K_UNBIND, 0, handle).done(),
             Request::BindCheck {
                 req_id,
                 local,
@@ -482,6 +502,7 @@ impl Request {
             K_REQUEUE => Request::Requeue { handle },
             K_UNLISTEN_LINGER => Request::UnlistenLinger { handle },
             K_CLOSE_LINGER => Request::CloseLinger { handle },
+            K_UNBIND => Request::Unbind { handle },
             K_BIND_CHECK => Request::BindCheck {
                 req_id: r.req_id(),
                 flags: r.u8(1),
@@ -725,6 +746,7 @@ mod tests {
                 handle: 10,
             },
             Request::CloseLinger { handle: 11 },
+            Request::Unbind { handle: 13 },
             Request::BindCheck {
                 req_id: 12,
                 local: a6,

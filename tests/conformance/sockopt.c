@@ -218,6 +218,9 @@ int main(void)
 	close(x);
 	close(y);
 	x = CHK(socket(AF_INET, SOCK_STREAM, 0));
+	say("bind the port of a closed bound socket: %s", rs(bind(x, (struct sockaddr *)&z, sizeof z)));
+	close(x);
+	x = CHK(socket(AF_INET, SOCK_STREAM, 0));
 	y = CHK(socket(AF_INET, SOCK_STREAM, 0));
 	CHK(seti(x, SOL_SOCKET, SO_REUSEADDR, 1));
 	CHK(seti(y, SOL_SOCKET, SO_REUSEADDR, 1));

@@ -9,7 +9,7 @@ use crate::sys::{self, any_addr, unmap};
 use libc::c_int;
 use session_api::client::Error as ApiError;
 use session_api::msg::Shut;
-use session_api::msg::LISTEN_SHARED;
+use session_api::msg::{BIND_REUSEADDR, LISTEN_SHARED};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -119,10 +119,16 @@ pub fn bind(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
     } else {
         // Kernel-exact errors (EADDRNOTAVAIL, EADDRINUSE) at bind() time.
         let k = &s.socks[&id];
-        let flags = if k.opts.reuseport { LISTEN_SHARED } else { 0 } | k.v6only_flag();
+        let flags = if k.opts.reuseport { LISTEN_SHARED } else { 0 }
+            | if k.opts.reuseaddr { BIND_REUSEADDR } else { 0 }
+            | k.v6only_flag();
         let w = s.worker()?;
-        let a = w.bind_check(a, flags).map_err(|e| e.errno())?;
-        s.socks.get_mut(&id).ok_or(libc::EBADF)?.bound = Some(a);
+        // The daemon holds the address from now on, as the kernel does:
+        // other binds conflict, ephemeral ports avoid it.
+        let (a, token) = w.bind_reserve(a, flags).map_err(|e| e.errno())?;
+        let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+        k.bound = Some(a);
+        k.reserved = Some((token, true));
     }
     Ok(Route::Done(()))
 }
@@ -145,6 +151,9 @@ pub fn listen(fd: c_int, backlog: c_int) -> R<()> {
         SState::Fresh if k.stype == libc::SOCK_STREAM => {
             let local = k.bound.unwrap_or_else(|| any_addr(k.domain));
             let flags = if k.opts.reuseport { LISTEN_SHARED } else { 0 } | k.v6only_flag();
+            // Queued back to back with the listen: no other bind comes
+            // between.
+            s.give_back(id);
             let w = s.worker()?;
             let (lid, local) = w
                 .listen_with(local, backlog, flags)
@@ -383,6 +392,7 @@ pub fn connect(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
             return Ok(Route::Kernel);
         }
         let local = bound.filter(|b| b.port() != 0 || !b.ip().is_unspecified());
+        s.give_back(id);
         let w = s.worker()?;
         let token = w.connect_start(a, local).map_err(|e| e.errno())?;
         s.set_state(id, SState::Connecting { token });

@@ -268,6 +268,10 @@ pub struct Sock {
     pub reset_seen: bool,
     /// Wake channel last written into the session's descriptor.
     pub chan: u8,
+    /// (token, ours): the daemon holds this socket's bound address for it
+    /// until it listens, connects or closes. Not ours in a fork child: the
+    /// parent's copy still holds it, so closing ours leaves it be.
+    pub reserved: Option<(u64, bool)>,
 }
 
 impl Sock {
@@ -638,6 +642,7 @@ impl State {
                 },
                 reset_seen: false,
                 chan: 0,
+                reserved: None,
             },
         );
         self.fds.insert(fd, id);
@@ -762,6 +767,7 @@ impl State {
     /// socket of the right type, so the app's fd simply stops being special.
     /// Epoll registrations move into the kernel sets.
     pub fn to_kernel(&mut self, id: u64) {
+        self.give_back(id);
         let fds = self.fds.fds_of(id);
         for fd in &fds {
             self.fds.remove(*fd);
@@ -798,6 +804,17 @@ impl State {
         }
     }
 
+    /// The socket is about to listen or connect on its bound address (or
+    /// leaves hoststack): give back the daemon's reservation of it.
+    pub fn give_back(&mut self, id: u64) {
+        let Some(token) = self.socks.get_mut(&id).and_then(|k| k.reserved.take()) else {
+            return;
+        };
+        if let Some(w) = self.worker.as_mut() {
+            let _ = w.unbind(token.0);
+        }
+    }
+
     /// The last fd of a socket is gone (`fd`, still open until the caller
     /// closes it): close its session.
     fn release(&mut self, id: u64, fd: c_int) {
@@ -830,6 +847,9 @@ impl State {
         let Some(w) = self.worker.as_mut() else {
             return;
         };
+        if let Some((token, true)) = s.reserved {
+            let _ = w.unbind(token);
+        }
         match s.state {
             SState::Listening { lid, .. } => {
                 self.by_lid.remove(&lid);
@@ -1154,6 +1174,9 @@ impl State {
         self.by_token.clear();
         self.abandoned.clear();
         for s in self.socks.values_mut() {
+            if let Some((_, ours)) = s.reserved.as_mut() {
+                *ours = false;
+            }
             s.state = match s.state {
                 SState::Listening { local, .. } | SState::Dormant { local } => {
                     s.used = false;

@@ -293,7 +293,8 @@ impl TxBatch {
 /// out of that padding, without zeroing the payload the stack overwrites.
 const HEADER_ROOM: usize = 160;
 
-/// Clear the header part of a reused frame buffer (see [`HEADER_ROOM`]).
+/// Clear the header part (the first 160 bytes) of a reused frame buffer:
+/// the stack writes every other byte itself.
 pub fn clear_headers(frame: &mut [u8]) {
     let n = frame.len().min(HEADER_ROOM);
     frame[..n].fill(0);
