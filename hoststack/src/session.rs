@@ -760,7 +760,7 @@ impl Engine {
             } => {
                 let r = match proto {
                     Proto::Tcp => self.listen(app, worker, local, backlog, flags),
-                    Proto::Udp => self.udp_open(app, worker, local, None),
+                    Proto::Udp => self.udp_open(app, worker, local, None, flags),
                 };
                 let joined = match (proto, &r) {
                     (Proto::Tcp, Ok((h, ..))) if flags & LISTEN_PASSIVE == 0 => {
@@ -800,6 +800,7 @@ impl Engine {
                         worker,
                         local.unwrap_or_else(|| unspecified_like(remote)),
                         Some(remote),
+                        0,
                     ),
                     Proto::Tcp => self.connect(app, worker, req_id, remote, local, now, tx),
                 };
@@ -1247,10 +1248,16 @@ impl Engine {
         worker: u32,
         local: SocketAddr,
         remote: Option<SocketAddr>,
+        flags: u8,
     ) -> Result<(u64, u32, u32, SocketAddr), i32> {
+        let family = match local {
+            SocketAddr::V4(_) => ListenFamily::V4,
+            SocketAddr::V6(_) if is_v6only(local, flags) => ListenFamily::V6,
+            SocketAddr::V6(_) => ListenFamily::Any,
+        };
         let flow = self
             .stack
-            .udp_bind(listen_ep(local), 0)
+            .udp_bind_family(listen_ep(local), family, 0)
             .map_err(StackError::errno)?;
         let port = self
             .stack

@@ -215,6 +215,42 @@ impl ListenFamily {
     }
 }
 
+/// A bound UDP socket: datagrams to its port on `addr` (any local address
+/// of `family` when `None`) go to flow `id`.
+#[derive(Debug, Clone, Copy)]
+struct UdpBind {
+    id: FlowId,
+    addr: Option<IpAddress>,
+    family: ListenFamily,
+}
+
+impl UdpBind {
+    /// Would it take some of the datagrams a socket on (`addr`, `family`)
+    /// would? Two addresses must be equal; a wildcard covers its family.
+    fn overlaps(&self, addr: Option<IpAddress>, family: ListenFamily) -> bool {
+        match (self.addr, addr) {
+            (Some(a), Some(b)) => a == b,
+            (Some(a), None) => family.takes(a),
+            (None, Some(b)) => self.family.takes(b),
+            (None, None) => self.family.overlaps(family),
+        }
+    }
+}
+
+/// The socket bound on a port that takes a datagram to `dst`: the one on
+/// that exact address, else a wildcard of its family.
+fn udp_pick(binds: &[UdpBind], dst: IpAddress) -> Option<FlowId> {
+    binds
+        .iter()
+        .find(|b| b.addr == Some(dst))
+        .or_else(|| {
+            binds
+                .iter()
+                .find(|b| b.addr.is_none() && b.family.takes(dst))
+        })
+        .map(|b| b.id)
+}
+
 struct Listener {
     local: Option<IpAddress>,
     family: ListenFamily,
@@ -254,7 +290,10 @@ pub struct Stack {
     gens: Vec<u32>,
     nflows: usize,
     tcp: HashMap<TcpKey, FlowId>,
-    udp: HashMap<u16, FlowId>,
+    /// Bound (unconnected) UDP sockets by port: one per address, or per
+    /// family for wildcards (an IPv4 and a v6-only IPv6 socket may share a
+    /// port, as in Linux).
+    udp: HashMap<u16, Vec<UdpBind>>,
     /// Connected UDP sockets by (remote, local port): they take their
     /// peer's datagrams before the port's unconnected socket does.
     udp_conn: HashMap<(IpEndpoint, u16), FlowId>,
@@ -357,8 +396,15 @@ impl Device for OneShot<'_> {
 
 /// The parsed demultiplexing key of one frame.
 enum Demux {
-    Tcp { key: TcpKey, syn_only: bool },
-    Udp { port: u16, src: IpEndpoint },
+    Tcp {
+        key: TcpKey,
+        syn_only: bool,
+    },
+    Udp {
+        port: u16,
+        src: IpEndpoint,
+        dst: IpAddress,
+    },
     Neighbor,
     Other,
 }
@@ -418,6 +464,7 @@ fn demux(frame: &[u8]) -> Demux {
             Ok(u) => Demux::Udp {
                 port: u.dst_port(),
                 src: IpEndpoint::new(src, u.src_port()),
+                dst,
             },
             Err(_) => Demux::Other,
         },
@@ -869,6 +916,23 @@ impl Stack {
 
     /// Bind a UDP socket on `local` (port 0 = ephemeral).
     pub fn udp_bind(&mut self, local: IpListenEndpoint, owner: u64) -> Result<FlowId, StackError> {
+        let family = match local.addr {
+            Some(IpAddress::Ipv4(_)) => ListenFamily::V4,
+            Some(IpAddress::Ipv6(_)) => ListenFamily::V6,
+            None => ListenFamily::Any,
+        };
+        self.udp_bind_family(local, family, owner)
+    }
+
+    /// [`Self::udp_bind`] for the IP versions `family` names; it matters for
+    /// a wildcard only (an IPv4 wildcard is `V4`, an IPv6 one `V6` with
+    /// IPV6_V6ONLY, `Any` without).
+    pub fn udp_bind_family(
+        &mut self,
+        local: IpListenEndpoint,
+        family: ListenFamily,
+        owner: u64,
+    ) -> Result<FlowId, StackError> {
         if let Some(a) = local.addr {
             if !self.is_local(a) {
                 return Err(StackError::AddrNotAvail);
@@ -882,7 +946,11 @@ impl Stack {
         } else {
             local.port
         };
-        if self.udp.contains_key(&port) {
+        if self
+            .udp
+            .get(&port)
+            .is_some_and(|v| v.iter().any(|b| b.overlaps(local.addr, family)))
+        {
             return Err(StackError::AddrInUse);
         }
         let meta = || vec![udp::PacketMetadata::EMPTY; self.cfg.udp_packets];
@@ -901,8 +969,22 @@ impl Stack {
             f.udp_port = Some(port);
             f.owner = owner;
         }
-        self.udp.insert(port, id);
+        self.udp.entry(port).or_default().push(UdpBind {
+            id,
+            addr: local.addr,
+            family,
+        });
         Ok(id)
+    }
+
+    /// Take flow `id` off the bound sockets of `port`.
+    fn udp_unbind(&mut self, port: u16, id: FlowId) {
+        if let Some(v) = self.udp.get_mut(&port) {
+            v.retain(|b| b.id != id);
+            if v.is_empty() {
+                self.udp.remove(&port);
+            }
+        }
     }
 
     /// Set the owner token of a flow.
@@ -960,10 +1042,11 @@ impl Stack {
                 release_port(&mut self.udp_conn_ports, old.1);
             }
         }
-        if f.udp_port.take().is_some() && self.udp.get(&port) == Some(&id) {
-            self.udp.remove(&port);
-        }
+        let was_bound = f.udp_port.take().is_some();
         f.udp_remote = Some((remote, port));
+        if was_bound {
+            self.udp_unbind(port, id);
+        }
         self.udp_conn.insert((remote, port), id);
         *self.udp_conn_ports.entry(port).or_default() += 1;
         Ok(())
@@ -1000,9 +1083,7 @@ impl Stack {
             self.used_ports.remove(&k.lport);
         }
         if let Some(p) = f.udp_port {
-            if self.udp.get(&p) == Some(&id) {
-                self.udp.remove(&p);
-            }
+            self.udp_unbind(p, id);
         }
         if let Some(k) = f.udp_remote {
             if self.udp_conn.get(&k) == Some(&id) {
@@ -1061,11 +1142,11 @@ impl Stack {
                 None if syn_only => self.passive_open(key, now),
                 None => None,
             },
-            Demux::Udp { port, src } => self
+            Demux::Udp { port, src, dst } => self
                 .udp_conn
                 .get(&(src, port))
-                .or_else(|| self.udp.get(&port))
-                .copied(),
+                .copied()
+                .or_else(|| udp_pick(self.udp.get(&port)?, dst)),
             Demux::Neighbor => {
                 self.neighbor_changed = true;
                 None

@@ -1460,13 +1460,20 @@ impl Worker {
 
     /// Open a UDP socket bound to `local` (port 0 = ephemeral).
     pub fn udp_bind(&mut self, local: SocketAddr) -> Result<SessionId> {
+        self.udp_bind_with(local, 0)
+    }
+
+    /// [`Self::udp_bind`] with [`crate::msg::LISTEN_V6ONLY`]: an IPv6
+    /// wildcard socket that takes no IPv4 datagrams and leaves the port
+    /// free for an IPv4 socket.
+    pub fn udp_bind_with(&mut self, local: SocketAddr, flags: u8) -> Result<SessionId> {
         let req_id = self.req_id();
         self.send_req(Request::Listen {
             req_id,
             proto: Proto::Udp,
             local,
             backlog: 0,
-            flags: 0,
+            flags,
         })?;
         self.finish_open(req_id)
     }

@@ -426,6 +426,51 @@ fn nginx_listening_on_ipv4_and_ipv6_wildcards_serves_both() -> Result<()> {
 }
 
 #[test]
+fn udp_sockets_for_ipv4_and_v6_only_ipv6_share_a_port_and_each_gets_its_own() -> Result<()> {
+    // A server with one UDP socket per family (DNS servers, QUIC): the
+    // IPv6 one has IPV6_V6ONLY. Before, the daemon kept one UDP socket
+    // per port and the second bind failed with EADDRINUSE.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let port = 20000 + (std::process::id() % 2000) as u16;
+    let server = format!(
+        "import select, socket\n\
+         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(('0.0.0.0', {port}))\n\
+         b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); b.bind(('::', {port}))\n\
+         print('ready', flush=True)\n\
+         for _ in range(2):\n\
+         \x20   r, _, _ = select.select([a, b], [], [], 20)\n\
+         \x20   for s in r:\n\
+         \x20       m, src = s.recvfrom(100)\n\
+         \x20       s.sendto((b'v4:' if s is a else b'v6:') + m, src)\n"
+    );
+    let mut srv = Proc::spawn(shim(&d, &["python3", "-c", &server])?, "udp server")?;
+    srv.expect("ready", T)?;
+    let client = |fam: &str, addr: String, msg: &str| -> Result<String> {
+        let code = format!(
+            "import socket\n\
+             s = socket.socket(socket.{fam}, socket.SOCK_DGRAM); s.settimeout(10)\n\
+             s.sendto(b'{msg}', ('{addr}', {port}))\n\
+             print(s.recvfrom(100)[0].decode())\n"
+        );
+        let out = tb.peer_cmd("python3", &["-c", &code]).output()?;
+        ensure!(
+            out.status.success(),
+            "{fam} client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let r4 = client("AF_INET", tb.daemon_ip4.to_string(), "four")?;
+    let r6 = client("AF_INET6", tb.daemon_ip6.to_string(), "six")?;
+    ensure!(r4 == "v4:four", "IPv4 datagram answered as {r4:?}");
+    ensure!(r6 == "v6:six", "IPv6 datagram answered as {r6:?}");
+    srv.success(T)?;
+    Ok(())
+}
+
+#[test]
 fn a_server_on_port_0_knows_its_port_before_listening() -> Result<()> {
     // Python's socketserver binds port 0 and stores getsockname() as
     // `server_address` before listen(); programs then announce

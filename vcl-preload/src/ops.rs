@@ -111,8 +111,9 @@ pub fn bind(fd: c_int, raw: SocketAddr) -> R<Route<()>> {
         return Ok(Route::Kernel);
     }
     if stype == libc::SOCK_DGRAM {
+        let v6only = s.socks[&id].v6only_flag();
         let w = s.worker()?;
-        let sid = w.udp_bind(a).map_err(|e| e.errno())?;
+        let sid = w.udp_bind_with(a, v6only).map_err(|e| e.errno())?;
         let local = w.local_addr(sid).ok().flatten().unwrap_or(a);
         s.set_state(id, SState::Udp { sid });
         s.socks.get_mut(&id).ok_or(libc::EBADF)?.bound = Some(local);
