@@ -420,6 +420,8 @@ impl App {
                     early_accepts: Vec::new(),
                     early_state: FastMap::default(),
                     unopened: FastSet::default(),
+                    late: FastMap::default(),
+                    reply_timeout: REPLY_TIMEOUT,
                     notes: VecDeque::new(),
                     dead: false,
                     scratch: Vec::new(),
@@ -519,6 +521,11 @@ pub struct Worker {
     /// (the session was closed while it was in flight) and is dropped, so
     /// `early_state` cannot grow over a long uptime.
     unopened: FastSet<u64>,
+    /// Requests whose reply we stopped waiting for (the daemon was too
+    /// slow): what the reply would hold, to give it back when it comes.
+    late: FastMap<u32, Late>,
+    /// How long a call waits for the daemon's reply.
+    reply_timeout: Duration,
     notes: VecDeque<Notify>,
     dead: bool,
     scratch: Vec<u8>,
@@ -528,6 +535,24 @@ pub struct Worker {
     wake_pending: bool,
     spins: u32,
     stats: WorkerStats,
+}
+
+/// How long a call waits for the daemon's reply by default
+/// ([`Worker::set_reply_timeout`]).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a reply the worker gave up on would carry, so that it can be given
+/// back when it arrives after all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Late {
+    /// A new session (connect, UDP bind, adopt): aborted.
+    Session,
+    /// A listener: closed, its connections handed back.
+    Listener,
+    /// A bind reservation: given back.
+    Reservation,
+    /// Nothing to give back.
+    Nothing,
 }
 
 /// Per-worker counters.
@@ -545,6 +570,9 @@ pub struct WorkerStats {
     pub unopened: usize,
     /// Of those, how many have a FIN or reset remembered for them.
     pub early_state: usize,
+    /// Replies given up on after [`REPLY_TIMEOUT`] that have not arrived
+    /// yet (a gauge); when one does, what it created is given back.
+    pub late_replies: usize,
 }
 
 fn deadline_of(timeout: Option<Duration>) -> Option<Instant> {
@@ -572,6 +600,7 @@ impl Worker {
         WorkerStats {
             unopened: self.unopened.len(),
             early_state: self.early_state.len(),
+            late_replies: self.late.len(),
             ..self.stats
         }
     }
@@ -822,6 +851,10 @@ impl Worker {
                     segment,
                     ..
                 } => {
+                    if let Some(late) = self.late.remove(&req_id) {
+                        self.give_back(ev, late);
+                        continue;
+                    }
                     if errno == 0 && segment != 0 {
                         // A new session (listeners have no segment).
                         self.unopened.insert(handle);
@@ -938,13 +971,55 @@ impl Worker {
         Ok(())
     }
 
-    fn await_reply(&mut self, req_id: u32, deadline: Option<Instant>) -> Result<Event> {
+    /// Wait for the reply to `req_id` for up to the reply timeout. If it
+    /// does not come, remember that it is `late` so that whatever it
+    /// creates is given back when it arrives (else a session, listener or
+    /// reservation would stay with this worker for its whole life).
+    fn await_reply(&mut self, req_id: u32, late: Late) -> Result<Event> {
+        let deadline = deadline_of(Some(self.reply_timeout));
         loop {
             if let Some(ev) = self.replies.remove(&req_id) {
                 return Ok(ev);
             }
-            self.wait_until(deadline)?;
+            if let Err(e) = self.wait_until(deadline) {
+                if let Some(ev) = self.replies.remove(&req_id) {
+                    // It came with the last batch: hand it back now.
+                    self.give_back(ev, late);
+                } else {
+                    self.late.insert(req_id, late);
+                }
+                return Err(e);
+            }
         }
+    }
+
+    /// Undo what a reply nobody waits for any more created.
+    fn give_back(&mut self, ev: Event, late: Late) {
+        let Event::Reply {
+            errno: 0, handle, ..
+        } = ev
+        else {
+            return;
+        };
+        let _ = match late {
+            Late::Session => {
+                self.forget_unopened(handle);
+                self.send_req(Request::Abort { handle })
+            }
+            Late::Listener => {
+                self.closed_listeners.insert(handle);
+                self.send_req(Request::Unlisten { handle })
+            }
+            Late::Reservation if handle != 0 => self.send_req(Request::Unbind { handle }),
+            Late::Reservation | Late::Nothing => Ok(()),
+        };
+    }
+
+    /// How long calls wait for the daemon's reply (default
+    /// [`REPLY_TIMEOUT`]). A call that gives up fails with
+    /// [`Error::TimedOut`]; what a late reply creates is given back.
+    pub fn set_reply_timeout(&mut self, timeout: Duration) {
+        self.reply_timeout = timeout;
     }
 
     /// A session handed back unopened (requeued to other listeners).
@@ -1052,7 +1127,7 @@ impl Worker {
             backlog,
             flags,
         })?;
-        match self.await_reply(req_id, deadline_of(Some(Duration::from_secs(10))))? {
+        match self.await_reply(req_id, Late::Listener)? {
             Event::Reply {
                 errno: 0,
                 handle,
@@ -1491,7 +1566,7 @@ impl Worker {
     }
 
     fn finish_open(&mut self, req_id: u32) -> Result<SessionId> {
-        match self.await_reply(req_id, deadline_of(Some(Duration::from_secs(10))))? {
+        match self.await_reply(req_id, Late::Session)? {
             Event::Reply {
                 errno: 0,
                 handle,
@@ -1517,7 +1592,13 @@ impl Worker {
             local,
             flags,
         })?;
-        match self.await_reply(req_id, deadline_of(Some(Duration::from_secs(10))))? {
+        // A plain check reserves nothing (no BIND_RESERVE).
+        let late = if flags & crate::msg::BIND_RESERVE != 0 {
+            Late::Reservation
+        } else {
+            Late::Nothing
+        };
+        match self.await_reply(req_id, late)? {
             Event::Reply {
                 errno: 0, local: l, ..
             } => Ok(l.unwrap_or(local)),
@@ -1539,7 +1620,7 @@ impl Worker {
             local,
             flags: flags | crate::msg::BIND_RESERVE,
         })?;
-        match self.await_reply(req_id, deadline_of(Some(Duration::from_secs(10))))? {
+        match self.await_reply(req_id, Late::Reservation)? {
             Event::Reply {
                 errno: 0,
                 local: l,

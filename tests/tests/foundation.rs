@@ -868,3 +868,54 @@ fn a_client_may_reuse_its_time_wait_port_for_a_new_connection() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn what_a_reply_creates_after_the_app_gave_up_waiting_is_given_back() -> Result<()> {
+    // A call that times out waiting for a stalled daemon must not leave the
+    // listener, session or bind reservation the late reply creates with
+    // the worker for its whole life (nor the reply in its map).
+    use session_api::client::{App, Error as ApiError};
+    use session_api::msg::BIND_RESERVE;
+    let tb = Testbed::new()?;
+    let mut d = Daemon::start(&tb, &[])?;
+    let app = App::attach(&d.attach_config("late"))?;
+    let mut w = app.worker()?;
+    w.set_reply_timeout(Duration::from_millis(200));
+    let ip = std::net::IpAddr::V4(tb.daemon_ip4);
+    let tcp = std::net::SocketAddr::new(ip, 7971);
+    let held = std::net::SocketAddr::new(ip, 7972);
+    let udp = std::net::SocketAddr::new(ip, 7973);
+    let timed_out = |r: std::result::Result<(), ApiError>, what: &str| -> Result<()> {
+        match r {
+            Err(ApiError::TimedOut) => Ok(()),
+            other => anyhow::bail!("{what} with the daemon stopped: {other:?}"),
+        }
+    };
+    d.kill(libc::SIGSTOP);
+    let r = (|| -> Result<()> {
+        timed_out(w.listen_with(tcp, 16, 0).map(|_| ()), "listen")?;
+        timed_out(w.bind_reserve(held, BIND_RESERVE).map(|_| ()), "bind")?;
+        timed_out(w.udp_bind(udp).map(|_| ()), "UDP bind")?;
+        ensure!(w.stats().late_replies == 3, "{:?}", w.stats());
+        Ok(())
+    })();
+    d.kill(libc::SIGCONT);
+    r?;
+    let mut notes = Vec::new();
+    wait_for("the late replies", T, || {
+        w.poll_events(&mut notes, Some(Duration::from_millis(20)))?;
+        Ok(w.stats().late_replies == 0)
+    })?;
+    // Each address is free again: the exclusive uses below would fail with
+    // EADDRINUSE if the late listener, reservation or socket still held it.
+    w.set_reply_timeout(Duration::from_secs(10));
+    let mut other = app.worker()?;
+    wait_for("the addresses to be given back", T, || {
+        Ok(other.bind_check(tcp, 0).is_ok()
+            && other.bind_check(held, 0).is_ok()
+            && other.udp_bind(udp).map(|s| other.close(s)).is_ok())
+    })?;
+    let st = w.stats();
+    ensure!(st.unopened == 0 && st.late_replies == 0, "{st:?}");
+    Ok(())
+}
