@@ -17,6 +17,8 @@ command -v iperf3 >/dev/null || need+=(iperf3)
 command -v curl >/dev/null || need+=(curl)
 command -v gcc >/dev/null || need+=(gcc)
 command -v unshare >/dev/null || need+=(util-linux)
+# The benchmark's packet-loss rows drop packets in the peer namespace.
+command -v nft >/dev/null || need+=(nftables)
 if ((${#need[@]})); then
     echo "setup.sh: installing ${need[*]}"
     apt-get update -qq

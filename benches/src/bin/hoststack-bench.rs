@@ -6,7 +6,7 @@
 //!
 //! Roles used internally (kernel sockets; run inside the peer namespace, or
 //! under `hoststack run` for the shim rows): `kernel-echo ADDR`,
-//! `kernel-sink ADDR`, `kernel-hold ADDR`, `pingpong ADDR N`,
+//! `kernel-sink ADDR`, `kernel-source ADDR`, `kernel-hold ADDR`, `pingpong ADDR N`,
 //! `udp-sink ADDR SECS`, `udp-blast ADDR SECS`.
 
 #[path = "../chart.rs"]
@@ -72,6 +72,9 @@ enum Role {
     KernelEcho { addr: SocketAddr },
     /// Kernel TCP sink: reads each connection to EOF, replies "done N".
     KernelSink { addr: SocketAddr },
+    /// Kernel TCP source: on each connection reads a line "N" and sends N
+    /// bytes, then closes.
+    KernelSource { addr: SocketAddr },
     /// Kernel TCP listener that accepts and holds connections.
     KernelHold { addr: SocketAddr },
     /// 64 B ping-pong client (kernel sockets, or the shim under
@@ -153,6 +156,31 @@ fn kernel_sink(addr: SocketAddr) -> Result<()> {
                 n += k as u64;
             }
             let _ = c.write_all(format!("done {n}\n").as_bytes());
+        });
+    }
+    Ok(())
+}
+
+fn kernel_source(addr: SocketAddr) -> Result<()> {
+    pin(0, SERVER_CPU);
+    let l = TcpListener::bind(addr)?;
+    println!("ready");
+    for c in l.incoming() {
+        let mut c = c?;
+        std::thread::spawn(move || -> Result<()> {
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while c.read(&mut b)? == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            let mut left: u64 = String::from_utf8_lossy(&line).trim().parse()?;
+            let buf = vec![3u8; 1 << 20];
+            while left > 0 {
+                let k = left.min(buf.len() as u64) as usize;
+                c.write_all(&buf[..k])?;
+                left -= k as u64;
+            }
+            Ok(())
         });
     }
     Ok(())
@@ -542,6 +570,155 @@ fn native_bulk_to(app: &App, addr: SocketAddr, bytes: u64) -> Result<f64> {
     Ok(gbps(sent, d))
 }
 
+/// Ask a `kernel-source` for `bytes` and read them to EOF.
+fn kernel_bulk_from(addr: SocketAddr, bytes: u64) -> Result<f64> {
+    let mut s = TcpStream::connect_timeout(&addr, T)?;
+    s.set_read_timeout(Some(T))?;
+    let t0 = Instant::now();
+    s.write_all(format!("{bytes}\n").as_bytes())?;
+    let mut b = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = s.read(&mut b)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    if got != bytes {
+        bail!("kernel source sent {got} of {bytes} bytes");
+    }
+    Ok(gbps(got, t0.elapsed()))
+}
+
+fn native_bulk_from(app: &App, addr: SocketAddr, bytes: u64) -> Result<f64> {
+    let mut w = app.worker()?;
+    let s = w.connect(addr, Some(T))?;
+    let t0 = Instant::now();
+    w.write_all(s, format!("{bytes}\n").as_bytes(), Some(T))?;
+    let mut b = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = w.read(s, &mut b, Some(T))?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    let d = t0.elapsed();
+    w.close(s)?;
+    if got != bytes {
+        bail!("kernel source sent {got} of {bytes} bytes");
+    }
+    Ok(gbps(got, d))
+}
+
+/// Send to a `kernel-sink` for `secs`, then wait for its count: Gbit/s
+/// over the whole exchange. Timed rather than sized: under loss the rate
+/// may be orders of magnitude below the loss-free one.
+fn kernel_bulk_timed(addr: SocketAddr, secs: f64) -> Result<f64> {
+    let mut s = TcpStream::connect_timeout(&addr, T)?;
+    s.set_write_timeout(Some(T))?;
+    s.set_read_timeout(Some(T))?;
+    let buf = vec![1u8; 64 << 10];
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        s.write_all(&buf)?;
+        sent += buf.len() as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut r = String::new();
+    s.read_to_string(&mut r)?;
+    if r.trim() != format!("done {sent}") {
+        bail!("sink said {r:?} after {sent} bytes");
+    }
+    Ok(gbps(sent, t0.elapsed()))
+}
+
+fn native_bulk_timed(app: &App, addr: SocketAddr, secs: f64) -> Result<f64> {
+    let mut w = app.worker()?;
+    let s = w.connect(addr, Some(T))?;
+    let buf = vec![1u8; 64 << 10];
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        w.write_all(s, &buf, Some(T))?;
+        sent += buf.len() as u64;
+    }
+    w.shutdown(s, session_api::msg::Shut::Write)?;
+    let mut r = Vec::new();
+    let mut b = [0u8; 64];
+    loop {
+        let n = w.read(s, &mut b, Some(T))?;
+        if n == 0 {
+            break;
+        }
+        r.extend_from_slice(&b[..n]);
+    }
+    let d = t0.elapsed();
+    w.close(s)?;
+    let r = String::from_utf8_lossy(&r);
+    if r.trim() != format!("done {sent}") {
+        bail!("sink said {r:?} after {sent} bytes");
+    }
+    Ok(gbps(sent, d))
+}
+
+/// Drops `percent`% of the TCP packets to and from `ports` in the peer
+/// namespace (nftables, random per packet; a veth carries TSO/GRO
+/// super-frames, so one drop can take up to 64 KiB) while it lives.
+struct Loss<'a> {
+    tb: &'a Testbed,
+    table: String,
+}
+
+impl<'a> Loss<'a> {
+    /// `None` when nft is not installed (the rows are then skipped).
+    fn start(tb: &'a Testbed, percent: u32, ports: &[u16]) -> Result<Option<Self>> {
+        if std::process::Command::new("nft")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            return Ok(None);
+        }
+        let table = format!("hsbench_loss_{}", std::process::id());
+        let set = ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = format!(
+            "table inet {table} {{\n\
+             chain in {{ type filter hook input priority 0; tcp dport {{ {set} }} numgen random mod 100 < {percent} drop; }}\n\
+             chain out {{ type filter hook output priority 0; tcp sport {{ {set} }} numgen random mod 100 < {percent} drop; }}\n\
+             }}\n"
+        );
+        let mut c = tb.peer_cmd("nft", &["-f", "-"]);
+        c.stdin(std::process::Stdio::piped());
+        let mut child = c.spawn().context("nft")?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(rules.as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("nft refused the loss rules");
+        }
+        Ok(Some(Loss { tb, table }))
+    }
+}
+
+impl Drop for Loss<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .tb
+            .peer_cmd("nft", &["delete", "table", "inet", &self.table])
+            .status();
+    }
+}
+
 fn peer_role(tb: &Testbed, role: &str, addr: &str) -> Result<Proc> {
     peer_role_args(tb, &[role, addr], "ready")
 }
@@ -815,8 +992,16 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
     let _echo = peer_role(&tb, "kernel-echo", &format!("{peer}:5001"))?;
     let _sink = peer_role(&tb, "kernel-sink", &format!("{peer}:5002"))?;
     let _hold = peer_role(&tb, "kernel-hold", &format!("{peer}:5003"))?;
+    let _source = peer_role(&tb, "kernel-source", &format!("{peer}:5006"))?;
     let echo_addr: SocketAddr = format!("{peer}:5001").parse()?;
     let sink_addr: SocketAddr = format!("{peer}:5002").parse()?;
+    let source_addr: SocketAddr = format!("{peer}:5006").parse()?;
+    // Packet-loss rows: 1% of the bulk flows' packets dropped at the peer.
+    let loss_secs = if cli.quick { 1.0 } else { 3.0 };
+    let loss_bytes = bulk / 16;
+    let (mut up_rx, mut up_tx_loss, mut up_rx_loss) = (vec![], vec![], vec![]);
+    let (mut k_rx, mut k_tx_loss, mut k_rx_loss) = (vec![], vec![], vec![]);
+    let mut loss_ok = true;
 
     // ---- hoststack side ----
     let (mut ct_rtt, mut ct_busy_rtt, mut up_rtt, mut ct_bulk, mut up_bulk) =
@@ -856,6 +1041,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             up_sys.push((sys + loops) as f64 / (n_pp + n_pp / 10) as f64);
             ct_bulk.push(native_bulk_ct(&app, port + 2, bulk)?);
             up_bulk.push(native_bulk_to(&app, sink_addr, bulk / 2)?);
+            up_rx.push(native_bulk_from(&app, source_addr, bulk / 2)?);
             // The same ping-pong through the shim (std sockets under
             // `hoststack run`).
             shim_ct_rtt.push(shim_pingpong(&d, None, port + 3, n_pp)?);
@@ -872,6 +1058,15 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             let (ready, h) = native_udp_sink(&app, udp_rx_addr, udp_secs)?;
             ready.recv_timeout(T)?;
             udp_rx.push(udp_receive_rate(&tb, udp_rx_addr, udp_secs, h)?);
+        }
+        match Loss::start(&tb, 1, &[5002, 5006])? {
+            Some(_loss) => {
+                for _ in 0..reps {
+                    up_tx_loss.push(native_bulk_timed(&app, sink_addr, loss_secs)?);
+                    up_rx_loss.push(native_bulk_from(&app, source_addr, loss_bytes)?);
+                }
+            }
+            None => loss_ok = false,
         }
         // Scale: the same bulk flow with many idle connections open.
         let hold: SocketAddr = format!("{peer}:5003").parse()?;
@@ -949,6 +1144,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             k_veth_rtt.push(kernel_pingpong(echo_addr, n_pp)?);
             k_lo_bulk.push(kernel_bulk_lo(bulk)?);
             k_veth_bulk.push(kernel_bulk_to(sink_addr, bulk / 2)?);
+            k_rx.push(kernel_bulk_from(source_addr, bulk / 2)?);
             let mut sink = peer_role_args(
                 &tb,
                 &["udp-sink", &udp_tx_addr.to_string(), &udp_secs.to_string()],
@@ -963,6 +1159,14 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             });
             k_udp_rx.push(udp_receive_rate(&tb, udp_rx_addr, udp_secs, h)?);
             let _ = r;
+        }
+        if loss_ok {
+            if let Some(_loss) = Loss::start(&tb, 1, &[5002, 5006])? {
+                for _ in 0..reps {
+                    k_tx_loss.push(kernel_bulk_timed(sink_addr, loss_secs)?);
+                    k_rx_loss.push(kernel_bulk_from(source_addr, loss_bytes)?);
+                }
+            }
         }
     }
     let lat = |s: &str, h: f64, k: f64, note: &str| Row {
@@ -1047,6 +1251,26 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
         kv,
         "to a kernel sink in netns",
     ));
+    rows.push(thr(
+        "bulk 1 flow received, uplink vs kernel over the same veth",
+        median(up_rx),
+        median(k_rx),
+        "from a kernel source in netns",
+    ));
+    if !up_tx_loss.is_empty() && !k_tx_loss.is_empty() {
+        rows.push(thr(
+            "bulk 1 flow sent, 1% packet loss",
+            median(up_tx_loss),
+            median(k_tx_loss),
+            "nftables drops at the peer, both ways",
+        ));
+        rows.push(thr(
+            "bulk 1 flow received, 1% packet loss",
+            median(up_rx_loss),
+            median(k_rx_loss),
+            "nftables drops at the peer, both ways",
+        ));
+    }
     for (n, g) in &scale {
         rows.push(thr(
             &format!("bulk 1 flow with {n} idle connections open"),
@@ -1080,6 +1304,7 @@ fn main() -> Result<()> {
     match cli.role {
         Some(Role::KernelEcho { addr }) => return kernel_echo(addr),
         Some(Role::KernelSink { addr }) => return kernel_sink(addr),
+        Some(Role::KernelSource { addr }) => return kernel_source(addr),
         Some(Role::KernelHold { addr }) => return kernel_hold(addr),
         Some(Role::Pingpong { addr, n }) => return pingpong_role(addr, n),
         Some(Role::UdpSink { addr, secs }) => return udp_sink(addr, secs),
