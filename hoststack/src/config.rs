@@ -28,6 +28,7 @@
 //! ack_delay_ms = 10         # delayed ACK: a reply sent within this time carries the ACK (0 = ACK at once)
 //! ack_delay_max_ms = 100    # ... stretched up to this while the app takes longer to answer (= ack_delay_ms: fixed)
 //! timestamps = true         # answer the peer's TCP timestamps (PAWS; lets Linux clients reuse TIME-WAIT ports)
+//! loss_recovery = true      # retransmit early on probe timeouts and partial ACKs (smoltcp waits >= 1 s)
 //!
 //! [session]
 //! fifo_size = 262144        # each rx/tx FIFO, power of two
@@ -134,6 +135,11 @@ pub struct TcpConfig {
     /// connection to us only if the old one had timestamps: turned off, a
     /// client opening many short connections runs out of ports.
     pub timestamps: bool,
+    /// Loss recovery smoltcp lacks: retransmit the first unacknowledged
+    /// segment after a probe timeout (2 x RTT, at least 10 ms) without
+    /// progress, and at once on a partial ACK while recovering, instead of
+    /// waiting for smoltcp's retransmission timer (at least 1 s).
+    pub loss_recovery: bool,
 }
 
 /// `[session]`.
@@ -201,6 +207,7 @@ impl Default for TcpConfig {
             ack_delay_ms: 10,
             ack_delay_max_ms: 100,
             timestamps: true,
+            loss_recovery: true,
         }
     }
 }

@@ -210,6 +210,7 @@ impl Daemon {
                     .then(|| smoltcp::time::Duration::from_millis(cfg.tcp.ack_delay_ms)),
                 tcp_ack_delay_max: smoltcp::time::Duration::from_millis(cfg.tcp.ack_delay_max_ms),
                 tcp_timestamps: cfg.tcp.timestamps,
+                tcp_loss_recovery: cfg.tcp.loss_recovery,
                 udp_packets: 256,
                 udp_bytes: 256 * 1024,
                 max_flows: cfg.session.max_flows,

@@ -2536,6 +2536,7 @@ mod tests {
             tcp_ack_delay: Some(Duration::from_millis(10)),
             tcp_ack_delay_max: Duration::from_millis(100),
             tcp_timestamps: true,
+            tcp_loss_recovery: true,
             udp_packets: 16,
             udp_bytes: 65536,
             max_flows: 1000,

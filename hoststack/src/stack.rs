@@ -18,6 +18,7 @@
 //! by unit tests that wire two stacks together.
 
 use crate::bufpool::{Lease, Pool};
+use crate::recovery::{self, Recovery};
 use crate::timers::Wheel;
 use session_api::fasthash::FastSet;
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
@@ -124,6 +125,9 @@ pub struct StackConfig {
     pub tcp_ack_delay_max: Duration,
     /// Answer a peer's timestamp option (RFC 7323), as Linux does.
     pub tcp_timestamps: bool,
+    /// Loss recovery smoltcp lacks (tail-loss probes, NewReno partial ACKs;
+    /// see [`crate::recovery`]).
+    pub tcp_loss_recovery: bool,
     /// UDP buffers: packets and bytes.
     pub udp_packets: usize,
     /// UDP payload bytes buffered per socket and direction.
@@ -170,6 +174,8 @@ struct Flow {
     timer: Option<Instant>,
     /// Pool buffers lent to the socket in `set` (TCP).
     lease: Option<Lease>,
+    /// TCP loss recovery state (see [`crate::recovery`]).
+    rec: Recovery,
 }
 
 /// TCP timestamp clock (RFC 7323): milliseconds from an offset drawn at
@@ -279,6 +285,9 @@ pub struct StackStats {
     pub active_opens: u64,
     /// Frames dropped for a bad IP/TCP/UDP checksum.
     pub rx_bad_checksum: u64,
+    /// Segments retransmitted early on the stack's own loss decision (probe
+    /// timeouts and partial ACKs, see [`crate::recovery`]).
+    pub tcp_early_retransmits: u64,
 }
 
 /// The stack.
@@ -330,6 +339,8 @@ struct OneShot<'a> {
     tx: &'a mut dyn FrameTx,
     caps: DeviceCapabilities,
     sent: &'a mut u64,
+    /// The flow's recovery state, told about every TCP segment sent.
+    log: Option<(&'a mut Recovery, Instant)>,
 }
 
 struct Rx<'a>(&'a [u8]);
@@ -337,6 +348,7 @@ struct Tx<'a, 'b> {
     tx: &'b mut dyn FrameTx,
     sent: &'b mut u64,
     gso: Option<u16>,
+    log: Option<(&'b mut Recovery, Instant)>,
     _p: std::marker::PhantomData<&'a ()>,
 }
 
@@ -349,7 +361,14 @@ impl phy::RxToken for Rx<'_> {
 impl phy::TxToken for Tx<'_, '_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         *self.sent += 1;
-        f(self.tx.tx_frame_gso(len, self.gso))
+        let buf = self.tx.tx_frame_gso(len, self.gso);
+        let r = f(buf);
+        if let Some((rec, now)) = self.log {
+            if let Some(seg) = recovery::parse(buf) {
+                rec.on_sent(&seg, now);
+            }
+        }
+        r
     }
 
     fn set_meta(&mut self, meta: smoltcp::phy::PacketMeta) {
@@ -375,6 +394,7 @@ impl Device for OneShot<'_> {
                 tx: &mut *self.tx,
                 sent: &mut *self.sent,
                 gso: None,
+                log: self.log.as_mut().map(|(r, t)| (&mut **r, *t)),
                 _p: std::marker::PhantomData,
             },
         ))
@@ -385,12 +405,37 @@ impl Device for OneShot<'_> {
             tx: &mut *self.tx,
             sent: &mut *self.sent,
             gso: None,
+            log: self.log.as_mut().map(|(r, t)| (&mut **r, *t)),
             _p: std::marker::PhantomData,
         })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
         self.caps.clone()
+    }
+}
+
+/// Feed `ack` (the peer's last ACK, without payload) to the flow's socket
+/// three times: smoltcp counts them as duplicate ACKs and retransmits its
+/// first unacknowledged segment (see [`crate::recovery`]).
+fn replay_dup_acks(
+    iface: &mut Interface,
+    caps: &DeviceCapabilities,
+    f: &mut Flow,
+    ack: &[u8],
+    now: Instant,
+    tx: &mut dyn FrameTx,
+    sent: &mut u64,
+) {
+    for _ in 0..3 {
+        let mut dev = OneShot {
+            rx: Some(ack),
+            tx: &mut *tx,
+            caps: caps.clone(),
+            sent: &mut *sent,
+            log: Some((&mut f.rec, now)),
+        };
+        iface.poll_ingress_single(now, &mut dev, &mut f.set);
     }
 }
 
@@ -570,6 +615,7 @@ impl Stack {
             tx: &mut sink,
             caps: caps.clone(),
             sent: &mut sent,
+            log: None,
         };
         let mut iface = Interface::new(icfg, &mut dev, now);
         iface.update_ip_addrs(|a| {
@@ -670,6 +716,7 @@ impl Stack {
             listener: None,
             owner: 0,
             timer: None,
+            rec: Recovery::default(),
             lease: None,
         });
         self.nflows += 1;
@@ -1158,12 +1205,7 @@ impl Stack {
             return;
         }
         let mut sent = 0u64;
-        let mut dev = OneShot {
-            rx: Some(frame),
-            tx,
-            caps: self.caps.clone(),
-            sent: &mut sent,
-        };
+        let recover = self.cfg.tcp_loss_recovery;
         match target.and_then(|id| {
             let idx = id.idx as usize;
             self.flows[idx]
@@ -1173,8 +1215,34 @@ impl Stack {
         }) {
             Some((id, f)) => {
                 self.stats.rx_flow_hits += 1;
+                let tcp = recover && f.kind == FlowKind::Tcp;
+                let mut dev = OneShot {
+                    rx: Some(frame),
+                    tx: &mut *tx,
+                    caps: self.caps.clone(),
+                    sent: &mut sent,
+                    log: tcp.then_some((&mut f.rec, now)),
+                };
                 let r = self.iface.poll_ingress_single(now, &mut dev, &mut f.set);
                 let _ = r == PollIngressSingleResult::None;
+                if tcp {
+                    let seg = recovery::parse(frame);
+                    if seg.is_some_and(|s| f.rec.on_received(&s, frame, now)) {
+                        // A partial ACK while recovering: the next hole
+                        // goes out now, not after smoltcp's timer.
+                        self.stats.tcp_early_retransmits += 1;
+                        let dup = f.rec.replay_frame().to_vec();
+                        replay_dup_acks(
+                            &mut self.iface,
+                            &self.caps,
+                            f,
+                            &dup,
+                            now,
+                            &mut *tx,
+                            &mut sent,
+                        );
+                    }
+                }
                 self.stats.tx_frames += sent;
                 // A listening socket that did not move to SYN-RECEIVED was
                 // not for us after all (e.g. wrong address): drop it.
@@ -1198,6 +1266,13 @@ impl Stack {
             }
             None => {
                 self.stats.rx_other += 1;
+                let mut dev = OneShot {
+                    rx: Some(frame),
+                    tx,
+                    caps: self.caps.clone(),
+                    sent: &mut sent,
+                    log: None,
+                };
                 self.iface
                     .poll_ingress_single(now, &mut dev, &mut self.empty);
                 self.stats.tx_frames += sent;
@@ -1270,12 +1345,31 @@ impl Stack {
             return;
         };
         let mut sent = 0u64;
+        let tcp = self.cfg.tcp_loss_recovery && f.kind == FlowKind::Tcp;
+        if tcp {
+            if let Some(p) = f.rec.probe(now) {
+                // Nothing acknowledged for a probe timeout: retransmit the
+                // first unacknowledged segment now.
+                let dup = p.to_vec();
+                self.stats.tcp_early_retransmits += 1;
+                replay_dup_acks(
+                    &mut self.iface,
+                    &self.caps,
+                    f,
+                    &dup,
+                    now,
+                    &mut *tx,
+                    &mut sent,
+                );
+            }
+        }
         {
             let mut dev = OneShot {
                 rx: None,
                 tx,
                 caps: self.caps.clone(),
                 sent: &mut sent,
+                log: tcp.then_some((&mut f.rec, now)),
             };
             // Bounded: each call sends what the window allows; stop when idle.
             for _ in 0..1024 {
@@ -1287,7 +1381,11 @@ impl Stack {
             }
         }
         self.stats.tx_frames += sent;
-        let next = self.iface.poll_at(now, &f.set);
+        let probe_at = if tcp { f.rec.deadline() } else { None };
+        let next = match (self.iface.poll_at(now, &f.set), probe_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if let Some(t) = next {
             if f.timer.is_none_or(|old| t < old || old <= now) {
                 f.timer = Some(t);
@@ -1432,6 +1530,7 @@ mod tests {
             tcp_ack_delay: Some(Duration::from_millis(10)),
             tcp_ack_delay_max: Duration::from_millis(10),
             tcp_timestamps: true,
+            tcp_loss_recovery: true,
             udp_packets: 16,
             udp_bytes: 65536,
             max_flows: 100_000,
@@ -1514,6 +1613,78 @@ mod tests {
 
     fn ep(last: u8, port: u16) -> IpEndpoint {
         IpEndpoint::new(IpAddress::v4(198, 18, 0, last), port)
+    }
+
+    /// Send 20 segments from A to B, dropping the first transmission of
+    /// the data segments numbered in `lost` (1-based); returns how long B
+    /// took to receive everything.
+    fn deliver_losing(recovery: bool, lost: &[usize]) -> Duration {
+        let mut a_cfg = cfg(1);
+        a_cfg.tcp_loss_recovery = recovery;
+        let mut w = Wire::new();
+        w.a = Stack::new(a_cfg, w.now);
+        w.b.listen(
+            IpListenEndpoint {
+                addr: None,
+                port: 80,
+            },
+            16,
+            7,
+        )
+        .unwrap();
+        let mut out = VecTx::default();
+        let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
+        w.a.egress(f, w.now, &mut out);
+        w.pump(out.0, Vec::new());
+        let bf = *w.b.tcp.values().next().unwrap();
+        let data = vec![7u8; 20 * 1400];
+        assert_eq!(w.a.tcp(f).unwrap().send_slice(&data).unwrap(), data.len());
+        let (t0, mut got, mut n) = (w.now, 0, 0);
+        let mut first = HashSet::new();
+        let mut buf = vec![0u8; 65536];
+        let mut to_a: Vec<Vec<u8>> = Vec::new();
+        while got < data.len() {
+            assert!(w.now - t0 < Duration::from_secs(10), "stalled at {got}");
+            // A: what B sent, timers, then its output through the lossy
+            // wire (only first transmissions of the chosen segments die).
+            let mut ta = VecTx::default();
+            for fr in to_a.drain(..) {
+                w.a.ingress(w.now, &fr, false, &mut ta);
+            }
+            w.a.poll_timers(w.now, &mut ta);
+            w.a.egress(f, w.now, &mut ta);
+            let mut tb = VecTx::default();
+            for fr in ta.0 {
+                let s = recovery::parse(&fr).unwrap();
+                if s.len > 0 && !s.syn_or_rst && first.insert(s.seq) {
+                    n += 1;
+                    if lost.contains(&n) {
+                        continue;
+                    }
+                }
+                w.b.ingress(w.now, &fr, false, &mut tb);
+            }
+            // B: its app reads everything; ACKs go back next round.
+            w.b.poll_timers(w.now, &mut tb);
+            got += w.b.tcp(bf).unwrap().recv_slice(&mut buf).unwrap();
+            w.b.egress(bf, w.now, &mut tb);
+            to_a = tb.0;
+            w.now += Duration::from_micros(100);
+        }
+        w.now - t0
+    }
+
+    #[test]
+    fn lost_segments_go_again_long_before_smoltcps_one_second_timer() {
+        // A tail loss (no duplicate ACKs can follow it; a lone segment
+        // waits out the peer's possible delayed ACK, 200 ms, first), and
+        // two holes in one window (the second is found by a partial ACK).
+        for (lost, within) in [(&[20][..], 300), (&[8, 10][..], 60)] {
+            let with = deliver_losing(true, lost);
+            let without = deliver_losing(false, lost);
+            assert!(with < Duration::from_millis(within), "{lost:?}: {with}");
+            assert!(without >= Duration::from_millis(900), "{lost:?}: {without}");
+        }
     }
 
     #[test]

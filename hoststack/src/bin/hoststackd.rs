@@ -29,6 +29,7 @@ CONFIG FILE (TOML; every key optional unless noted, flags override the file):
     ack_delay_ms = 10          delayed ACK: a reply within this time carries the ACK (0 = at once)
     ack_delay_max_ms = 100     per connection stretched up to this when the app answers later
     timestamps = true          answer the peer's TCP timestamps (PAWS, TIME-WAIT port reuse)
+    loss_recovery = true       retransmit early on probe timeouts / partial ACKs (smoltcp alone waits >= 1 s)
   [session]
     fifo_size = 262144         rx and tx FIFO per session (power of two)
     ct_fifo_size = 1048576     each FIFO of a cut-through session (power of two)
@@ -101,6 +102,10 @@ struct Cli {
     /// Answer the peer's TCP timestamps: true or false (overrides tcp.timestamps).
     #[arg(long, value_name = "BOOL")]
     tcp_timestamps: Option<bool>,
+    /// Early retransmission on probe timeouts and partial ACKs: true or
+    /// false (overrides tcp.loss_recovery).
+    #[arg(long, value_name = "BOOL")]
+    tcp_loss_recovery: Option<bool>,
     /// Add an app namespace NAME=SECRET (repeatable; adds to the file's).
     #[arg(long = "namespace", value_name = "NAME=SECRET")]
     namespaces: Vec<String>,
@@ -169,6 +174,9 @@ fn main() -> Result<()> {
     }
     if let Some(ms) = cli.ack_delay_max_ms {
         cfg.tcp.ack_delay_max_ms = ms;
+    }
+    if let Some(on) = cli.tcp_loss_recovery {
+        cfg.tcp.loss_recovery = on;
     }
     if let Some(on) = cli.tcp_timestamps {
         cfg.tcp.timestamps = on;
