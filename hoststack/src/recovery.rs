@@ -25,6 +25,12 @@
 //!
 //! Each replayed ACK also goes through smoltcp's congestion control as a
 //! loss (the window is cut on entering recovery, as it should be).
+//!
+//! A third gap: smoltcp grows its congestion window by at most one segment
+//! per ACK, and a Linux peer acknowledges a whole TSO super-frame (merged
+//! by GRO) with one ACK. Slow start turns linear and the window takes
+//! ages to come back after a loss. A large cumulative ACK is therefore
+//! shown to the socket in up to eight steps first ([`Recovery::split`]).
 
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
@@ -129,6 +135,22 @@ fn pure_ack_copy(frame: &[u8], out: &mut Vec<u8>) -> bool {
         out[18..20].copy_from_slice(&plen.to_be_bytes());
     }
     true
+}
+
+/// Most pieces one cumulative ACK is split into (see [`Recovery::split`]).
+const MAX_PIECES: u32 = 8;
+/// Segment size assumed when splitting.
+const SPLIT_MSS: u32 = 1448;
+
+/// Offset of the TCP acknowledgment number in an Ethernet frame.
+fn ack_offset(frame: &[u8]) -> Option<usize> {
+    let ip = match u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]) {
+        0x0800 => usize::from(frame.get(14)? & 0xf) * 4,
+        0x86dd => 40,
+        _ => return None,
+    };
+    let off = 14 + ip + 8;
+    (frame.len() >= off + 4).then_some(off)
 }
 
 /// `a` after `b` in sequence space.
@@ -273,6 +295,44 @@ impl Recovery {
         (base * (1u32 << self.probes.min(6))).min(MAX_PTO)
     }
 
+    /// One ACK from the peer often covers a whole TSO super-frame (the
+    /// peer's GRO merged it), and smoltcp's congestion control grows the
+    /// window by at most one segment per ACK: slow start becomes linear
+    /// and recovery after a loss takes far longer than it should. Before
+    /// the socket sees such an ACK it is shown ACKs of the intermediate
+    /// points: copies of `frame` without payload whose acknowledgment
+    /// numbers step up to the real one, at most [`MAX_PIECES`] of them.
+    /// Writes them into `out` (cleared) and returns how many.
+    pub fn split(&self, s: &Seg, frame: &[u8], out: &mut Vec<Vec<u8>>) -> usize {
+        out.clear();
+        let (Some(ack), Some(una)) = (s.ack, self.snd_una) else {
+            return 0;
+        };
+        if s.syn_or_rst || s.fin || s.win == 0 || !after(ack, una) {
+            return 0;
+        }
+        let delta = ack.wrapping_sub(una);
+        if delta <= 2 * SPLIT_MSS {
+            return 0;
+        }
+        let pieces = (delta / SPLIT_MSS).min(MAX_PIECES);
+        let step = delta / pieces;
+        let mut tmpl = Vec::new();
+        if !pure_ack_copy(frame, &mut tmpl) {
+            return 0;
+        }
+        let Some(off) = ack_offset(&tmpl) else {
+            return 0;
+        };
+        for k in 1..pieces {
+            let mut f = tmpl.clone();
+            let a = una.wrapping_add(step * k);
+            f[off..off + 4].copy_from_slice(&a.to_be_bytes());
+            out.push(f);
+        }
+        out.len()
+    }
+
     /// When the next probe is due, if data is outstanding.
     pub fn deadline(&self) -> Option<Instant> {
         if !self.outstanding() || self.last_ack.is_empty() {
@@ -394,6 +454,33 @@ mod tests {
         // Past everything sent before the loss: done.
         assert!(!rx(&mut r, &frame(2000, 0, 1000), 3));
         assert!(r.recover.is_none());
+    }
+
+    #[test]
+    fn an_ack_of_a_whole_super_frame_is_shown_to_the_socket_in_steps() {
+        let mut r = Recovery::default();
+        rx(&mut r, &frame(1000, 0, 1000), 0);
+        r.on_sent(&sent(1000, 64_000), t(0));
+        let mut out = Vec::new();
+        // 64 000 bytes acknowledged at once (with 30 bytes of data): seven
+        // intermediate ACKs without payload, then the real one.
+        let f = frame(65_000, 30, 1000);
+        let s = parse(&f).unwrap();
+        assert_eq!(r.split(&s, &f, &mut out), 7);
+        let acks: Vec<_> = out.iter().map(|p| parse(p).unwrap()).collect();
+        assert!(acks.iter().all(|a| a.len == 0 && a.win == 1000));
+        assert_eq!(
+            acks.iter().map(|a| a.ack.unwrap()).collect::<Vec<_>>(),
+            (1..8).map(|k| 1000 + k * 8000).collect::<Vec<_>>()
+        );
+        // Two segments' worth or less: as it is.
+        let f = frame(3_800, 0, 1000);
+        assert_eq!(r.split(&parse(&f).unwrap(), &f, &mut out), 0);
+        // Nor a FIN, a zero window, or an old ACK.
+        let f = frame(65_000, 0, 0);
+        assert_eq!(r.split(&parse(&f).unwrap(), &f, &mut out), 0);
+        let f = frame(900, 0, 1000);
+        assert_eq!(r.split(&parse(&f).unwrap(), &f, &mut out), 0);
     }
 
     #[test]

@@ -330,6 +330,8 @@ pub struct Stack {
     /// resolution need an egress pass.
     neighbor_changed: bool,
     stats: StackStats,
+    /// Scratch for [`Recovery::split`].
+    ack_pieces: Vec<Vec<u8>>,
 }
 
 /// One-frame device: ingress gives exactly the frame we hold; egress writes
@@ -656,6 +658,7 @@ impl Stack {
             cfg,
             caps,
             neighbor_changed: false,
+            ack_pieces: Vec::new(),
             stats: StackStats::default(),
         }
     }
@@ -1216,6 +1219,24 @@ impl Stack {
             Some((id, f)) => {
                 self.stats.rx_flow_hits += 1;
                 let tcp = recover && f.kind == FlowKind::Tcp;
+                if tcp {
+                    let mut pieces = std::mem::take(&mut self.ack_pieces);
+                    if let Some(seg) = recovery::parse(frame) {
+                        if f.rec.split(&seg, frame, &mut pieces) > 0 {
+                            for p in &pieces {
+                                let mut dev = OneShot {
+                                    rx: Some(p),
+                                    tx: &mut *tx,
+                                    caps: self.caps.clone(),
+                                    sent: &mut sent,
+                                    log: Some((&mut f.rec, now)),
+                                };
+                                self.iface.poll_ingress_single(now, &mut dev, &mut f.set);
+                            }
+                        }
+                    }
+                    self.ack_pieces = pieces;
+                }
                 let mut dev = OneShot {
                     rx: Some(frame),
                     tx: &mut *tx,
