@@ -67,6 +67,10 @@ pub struct Seg {
     pub syn_or_rst: bool,
     /// FIN set.
     pub fin: bool,
+    /// End of the TCP header in the frame.
+    hdr_end: usize,
+    /// IPv4 (else IPv6): where the IP length field is.
+    v4: bool,
 }
 
 /// Parse the TCP segment in an Ethernet frame (IPv4 without fragments, or
@@ -91,8 +95,13 @@ pub fn parse(frame: &[u8]) -> Option<Seg> {
         _ => return None,
     };
     let t = TcpPacket::new_checked(payload).ok()?;
-    let data = payload.len().checked_sub(usize::from(t.header_len()))? as u32;
+    let hdr = usize::from(t.header_len());
+    let data = payload.len().checked_sub(hdr)? as u32;
+    // Where the TCP header starts in the frame.
+    let tcp_off = payload.as_ptr() as usize - frame.as_ptr() as usize;
     Some(Seg {
+        hdr_end: tcp_off + hdr,
+        v4: eth.ethertype() == EthernetProtocol::Ipv4,
         seq: t.seq_number().0 as u32,
         len: data + u32::from(t.syn()) + u32::from(t.fin()),
         ack: t.ack().then(|| t.ack_number().0 as u32),
@@ -102,32 +111,17 @@ pub fn parse(frame: &[u8]) -> Option<Seg> {
     })
 }
 
-/// Copy `frame` without its TCP payload into `out` (IP length fixed up; the
-/// stack does not verify IP or TCP checksums of what it feeds smoltcp
-/// itself). False if the frame is not a TCP segment or is too large.
-fn pure_ack_copy(frame: &[u8], out: &mut Vec<u8>) -> bool {
-    let Ok(eth) = EthernetFrame::new_checked(frame) else {
-        return false;
-    };
-    let (ip_hdr, v4) = match eth.ethertype() {
-        EthernetProtocol::Ipv4 => match Ipv4Packet::new_checked(eth.payload()) {
-            Ok(ip) => (usize::from(ip.header_len()), true),
-            Err(_) => return false,
-        },
-        EthernetProtocol::Ipv6 => (40, false),
-        _ => return false,
-    };
-    let tcp_off = 14 + ip_hdr;
-    let Some(tcp_hdr) = frame.get(tcp_off + 12).map(|b| usize::from(b >> 4) * 4) else {
-        return false;
-    };
-    let end = tcp_off + tcp_hdr;
-    if tcp_hdr < 20 || end > frame.len() || end > MAX_ACK_FRAME {
+/// Copy `frame` (parsed as `s`) without its TCP payload into `out`, IP
+/// length fixed up (the stack does not verify IP or TCP checksums of what
+/// it feeds smoltcp itself). False if too large to keep.
+fn header_copy(s: &Seg, frame: &[u8], out: &mut Vec<u8>) -> bool {
+    let end = s.hdr_end;
+    if end > MAX_ACK_FRAME || end > frame.len() {
         return false;
     }
     out.clear();
     out.extend_from_slice(&frame[..end]);
-    if v4 {
+    if s.v4 {
         let total = (end - 14) as u16;
         out[16..18].copy_from_slice(&total.to_be_bytes());
     } else {
@@ -236,7 +230,7 @@ impl Recovery {
         // Any ACK can serve as a template: a copy without payload is what a
         // duplicate ACK looks like. Not a FIN (it would be counted again),
         // nor a zero window (smoltcp probes that itself).
-        let usable = !s.fin && s.win > 0 && pure_ack_copy(frame, &mut self.last_ack);
+        let usable = !s.fin && s.win > 0 && header_copy(s, frame, &mut self.last_ack);
         if usable {
             self.last_ack_no = ack;
         } else if self.last_ack_no != ack {
@@ -318,7 +312,7 @@ impl Recovery {
         let pieces = (delta / SPLIT_MSS).min(MAX_PIECES);
         let step = delta / pieces;
         let mut tmpl = Vec::new();
-        if !pure_ack_copy(frame, &mut tmpl) {
+        if !header_copy(s, frame, &mut tmpl) {
             return 0;
         }
         let Some(off) = ack_offset(&tmpl) else {
@@ -400,6 +394,8 @@ mod tests {
             win: 1000,
             syn_or_rst: false,
             fin: false,
+            hdr_end: 54,
+            v4: true,
         }
     }
 

@@ -1219,10 +1219,11 @@ impl Stack {
             Some((id, f)) => {
                 self.stats.rx_flow_hits += 1;
                 let tcp = recover && f.kind == FlowKind::Tcp;
-                if tcp {
+                let seg = if tcp { recovery::parse(frame) } else { None };
+                if let Some(seg) = &seg {
                     let mut pieces = std::mem::take(&mut self.ack_pieces);
-                    if let Some(seg) = recovery::parse(frame) {
-                        if f.rec.split(&seg, frame, &mut pieces) > 0 {
+                    {
+                        if f.rec.split(seg, frame, &mut pieces) > 0 {
                             for p in &pieces {
                                 let mut dev = OneShot {
                                     rx: Some(p),
@@ -1246,9 +1247,8 @@ impl Stack {
                 };
                 let r = self.iface.poll_ingress_single(now, &mut dev, &mut f.set);
                 let _ = r == PollIngressSingleResult::None;
-                if tcp {
-                    let seg = recovery::parse(frame);
-                    if seg.is_some_and(|s| f.rec.on_received(&s, frame, now)) {
+                if let Some(seg) = &seg {
+                    if f.rec.on_received(seg, frame, now) {
                         // A partial ACK while recovering: the next hole
                         // goes out now, not after smoltcp's timer.
                         self.stats.tcp_early_retransmits += 1;
