@@ -335,12 +335,12 @@ impl Recovery {
         Some(self.progress_at? + self.pto())
     }
 
-    /// At `now`: the ACK frame to replay three times if a probe is due (the
-    /// peer's last pure ACK, if it still names the first unacknowledged
-    /// byte).
-    pub fn probe(&mut self, now: Instant) -> Option<&[u8]> {
-        if self.deadline()? > now || Some(self.last_ack_no) != self.snd_una {
-            return None;
+    /// At `now`: is a probe due? Then [`Recovery::replay_frame`] (the
+    /// peer's last ACK, which still names the first unacknowledged byte) is
+    /// to be shown to the socket three times.
+    pub fn probe(&mut self, now: Instant) -> bool {
+        if self.deadline().is_none_or(|d| d > now) || Some(self.last_ack_no) != self.snd_una {
+            return false;
         }
         self.probes += 1;
         self.progress_at = Some(now);
@@ -349,10 +349,11 @@ impl Recovery {
         }
         self.sample = None;
         self.replays += 1;
-        Some(&self.last_ack)
+        true
     }
 
-    /// The frame for a partial-ACK replay (see [`Recovery::on_received`]).
+    /// The frame to replay (see [`Recovery::probe`],
+    /// [`Recovery::on_received`]).
     pub fn replay_frame(&self) -> &[u8] {
         &self.last_ack
     }
@@ -414,12 +415,12 @@ mod tests {
         // A TSO super-frame, lost whole: nothing can follow it.
         r.on_sent(&sent(11_000, 10_000), t(20));
         assert_eq!(r.deadline(), Some(t(60)));
-        assert!(r.probe(t(59)).is_none());
-        let p = r.probe(t(60)).expect("a probe").to_vec();
-        assert_eq!(parse(&p).and_then(|s| s.ack), Some(11_000));
+        assert!(!r.probe(t(59)));
+        assert!(r.probe(t(60)));
+        assert_eq!(parse(r.replay_frame()).and_then(|s| s.ack), Some(11_000));
         // No progress: the next probe waits twice as long.
         assert_eq!(r.deadline(), Some(t(140)));
-        assert!(r.probe(t(140)).is_some());
+        assert!(r.probe(t(140)));
         assert_eq!(r.deadline(), Some(t(300)));
         // The retransmissions get through: recovery ends.
         r.on_sent(&sent(11_000, 1460), t(140));
@@ -488,9 +489,9 @@ mod tests {
         // A zero window is smoltcp's to probe; the old template is stale.
         assert!(!rx(&mut r, &frame(1200, 0, 0), 2));
         assert!(r.last_ack.is_empty());
-        assert!(r.probe(t(1000)).is_none());
+        assert!(!r.probe(t(1000)));
         // A usable ACK of the same byte brings probing back.
         assert!(!rx(&mut r, &frame(1200, 0, 1000), 3));
-        assert!(r.probe(t(1000)).is_some());
+        assert!(r.probe(t(1000)));
     }
 }

@@ -417,21 +417,23 @@ impl Device for OneShot<'_> {
     }
 }
 
-/// Feed `ack` (the peer's last ACK, without payload) to the flow's socket
-/// three times: smoltcp counts them as duplicate ACKs and retransmits its
-/// first unacknowledged segment (see [`crate::recovery`]).
+/// Feed the peer's last ACK (without payload) to the flow's socket three
+/// times: smoltcp counts them as duplicate ACKs and retransmits its first
+/// unacknowledged segment (see [`crate::recovery`]).
 fn replay_dup_acks(
     iface: &mut Interface,
-    caps: &DeviceCapabilities,
     f: &mut Flow,
-    ack: &[u8],
-    now: Instant,
+    caps: &DeviceCapabilities,
     tx: &mut dyn FrameTx,
     sent: &mut u64,
+    now: Instant,
+    stats: &mut StackStats,
 ) {
+    stats.tcp_early_retransmits += 1;
+    let ack = f.rec.replay_frame().to_vec();
     for _ in 0..3 {
         let mut dev = OneShot {
-            rx: Some(ack),
+            rx: Some(&ack),
             tx: &mut *tx,
             caps: caps.clone(),
             sent: &mut *sent,
@@ -1251,17 +1253,9 @@ impl Stack {
                     if f.rec.on_received(seg, frame, now) {
                         // A partial ACK while recovering: the next hole
                         // goes out now, not after smoltcp's timer.
-                        self.stats.tcp_early_retransmits += 1;
-                        let dup = f.rec.replay_frame().to_vec();
-                        replay_dup_acks(
-                            &mut self.iface,
-                            &self.caps,
-                            f,
-                            &dup,
-                            now,
-                            &mut *tx,
-                            &mut sent,
-                        );
+                        let caps = &self.caps;
+                        let st = &mut self.stats;
+                        replay_dup_acks(&mut self.iface, f, caps, tx, &mut sent, now, st);
                     }
                 }
                 self.stats.tx_frames += sent;
@@ -1368,20 +1362,12 @@ impl Stack {
         let mut sent = 0u64;
         let tcp = self.cfg.tcp_loss_recovery && f.kind == FlowKind::Tcp;
         if tcp {
-            if let Some(p) = f.rec.probe(now) {
+            if f.rec.probe(now) {
                 // Nothing acknowledged for a probe timeout: retransmit the
                 // first unacknowledged segment now.
-                let dup = p.to_vec();
-                self.stats.tcp_early_retransmits += 1;
-                replay_dup_acks(
-                    &mut self.iface,
-                    &self.caps,
-                    f,
-                    &dup,
-                    now,
-                    &mut *tx,
-                    &mut sent,
-                );
+                let caps = &self.caps;
+                let st = &mut self.stats;
+                replay_dup_acks(&mut self.iface, f, caps, tx, &mut sent, now, st);
             }
         }
         {

@@ -521,13 +521,43 @@ fn native_bulk_ct(app: &App, port: u16, bytes: u64) -> Result<f64> {
     Ok(gbps(sent, d))
 }
 
-/// Send `bytes` to a kernel sink and wait for its "done N".
-fn kernel_bulk_to(addr: SocketAddr, bytes: u64) -> Result<f64> {
+/// How much a bulk sender sends.
+#[derive(Clone, Copy)]
+enum Amount {
+    /// This many bytes, in 1 MiB writes.
+    Bytes(u64),
+    /// For this many seconds, in 64 KiB writes. Under loss the rate may be
+    /// orders of magnitude below the loss-free one: a byte count could take
+    /// minutes.
+    Secs(f64),
+}
+
+impl Amount {
+    fn write_size(self) -> usize {
+        match self {
+            Amount::Bytes(_) => 1 << 20,
+            Amount::Secs(_) => 64 << 10,
+        }
+    }
+
+    fn more(self, sent: u64, t0: Instant) -> bool {
+        match self {
+            Amount::Bytes(b) => sent < b,
+            Amount::Secs(s) => t0.elapsed().as_secs_f64() < s,
+        }
+    }
+}
+
+/// Send to a `kernel-sink` and wait for its "done N": Gbit/s over the
+/// whole exchange.
+fn kernel_bulk_to(addr: SocketAddr, amount: Amount) -> Result<f64> {
     let mut s = TcpStream::connect_timeout(&addr, T)?;
-    let buf = vec![1u8; 1 << 20];
+    s.set_write_timeout(Some(T))?;
+    s.set_read_timeout(Some(T))?;
+    let buf = vec![1u8; amount.write_size()];
     let t0 = Instant::now();
-    let mut sent = 0;
-    while sent < bytes {
+    let mut sent = 0u64;
+    while amount.more(sent, t0) {
         s.write_all(&buf)?;
         sent += buf.len() as u64;
     }
@@ -536,18 +566,18 @@ fn kernel_bulk_to(addr: SocketAddr, bytes: u64) -> Result<f64> {
     s.read_to_string(&mut r)?;
     let d = t0.elapsed();
     if r.trim() != format!("done {sent}") {
-        bail!("sink said {r:?}");
+        bail!("sink said {r:?} after {sent} bytes");
     }
     Ok(gbps(sent, d))
 }
 
-fn native_bulk_to(app: &App, addr: SocketAddr, bytes: u64) -> Result<f64> {
+fn native_bulk_to(app: &App, addr: SocketAddr, amount: Amount) -> Result<f64> {
     let mut w = app.worker()?;
     let s = w.connect(addr, Some(T))?;
-    let buf = vec![1u8; 1 << 20];
+    let buf = vec![1u8; amount.write_size()];
     let t0 = Instant::now();
-    let mut sent = 0;
-    while sent < bytes {
+    let mut sent = 0u64;
+    while amount.more(sent, t0) {
         w.write_all(s, &buf, Some(T))?;
         sent += buf.len() as u64;
     }
@@ -565,7 +595,7 @@ fn native_bulk_to(app: &App, addr: SocketAddr, bytes: u64) -> Result<f64> {
     w.close(s)?;
     let r = String::from_utf8_lossy(&r);
     if r.trim() != format!("done {sent}") {
-        bail!("sink said {r:?}");
+        bail!("sink said {r:?} after {sent} bytes");
     }
     Ok(gbps(sent, d))
 }
@@ -611,58 +641,6 @@ fn native_bulk_from(app: &App, addr: SocketAddr, bytes: u64) -> Result<f64> {
         bail!("kernel source sent {got} of {bytes} bytes");
     }
     Ok(gbps(got, d))
-}
-
-/// Send to a `kernel-sink` for `secs`, then wait for its count: Gbit/s
-/// over the whole exchange. Timed rather than sized: under loss the rate
-/// may be orders of magnitude below the loss-free one.
-fn kernel_bulk_timed(addr: SocketAddr, secs: f64) -> Result<f64> {
-    let mut s = TcpStream::connect_timeout(&addr, T)?;
-    s.set_write_timeout(Some(T))?;
-    s.set_read_timeout(Some(T))?;
-    let buf = vec![1u8; 64 << 10];
-    let t0 = Instant::now();
-    let mut sent = 0u64;
-    while t0.elapsed().as_secs_f64() < secs {
-        s.write_all(&buf)?;
-        sent += buf.len() as u64;
-    }
-    s.shutdown(std::net::Shutdown::Write)?;
-    let mut r = String::new();
-    s.read_to_string(&mut r)?;
-    if r.trim() != format!("done {sent}") {
-        bail!("sink said {r:?} after {sent} bytes");
-    }
-    Ok(gbps(sent, t0.elapsed()))
-}
-
-fn native_bulk_timed(app: &App, addr: SocketAddr, secs: f64) -> Result<f64> {
-    let mut w = app.worker()?;
-    let s = w.connect(addr, Some(T))?;
-    let buf = vec![1u8; 64 << 10];
-    let t0 = Instant::now();
-    let mut sent = 0u64;
-    while t0.elapsed().as_secs_f64() < secs {
-        w.write_all(s, &buf, Some(T))?;
-        sent += buf.len() as u64;
-    }
-    w.shutdown(s, session_api::msg::Shut::Write)?;
-    let mut r = Vec::new();
-    let mut b = [0u8; 64];
-    loop {
-        let n = w.read(s, &mut b, Some(T))?;
-        if n == 0 {
-            break;
-        }
-        r.extend_from_slice(&b[..n]);
-    }
-    let d = t0.elapsed();
-    w.close(s)?;
-    let r = String::from_utf8_lossy(&r);
-    if r.trim() != format!("done {sent}") {
-        bail!("sink said {r:?} after {sent} bytes");
-    }
-    Ok(gbps(sent, d))
 }
 
 /// Drops `percent`% of the TCP packets to and from `ports` in the peer
@@ -1040,7 +1018,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             // uplink's recvmmsg/sendmmsg are counted separately below).
             up_sys.push((sys + loops) as f64 / (n_pp + n_pp / 10) as f64);
             ct_bulk.push(native_bulk_ct(&app, port + 2, bulk)?);
-            up_bulk.push(native_bulk_to(&app, sink_addr, bulk / 2)?);
+            up_bulk.push(native_bulk_to(&app, sink_addr, Amount::Bytes(bulk / 2))?);
             up_rx.push(native_bulk_from(&app, source_addr, bulk / 2)?);
             // The same ping-pong through the shim (std sockets under
             // `hoststack run`).
@@ -1062,7 +1040,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
         match Loss::start(&tb, 1, &[5002, 5006])? {
             Some(_loss) => {
                 for _ in 0..reps {
-                    up_tx_loss.push(native_bulk_timed(&app, sink_addr, loss_secs)?);
+                    up_tx_loss.push(native_bulk_to(&app, sink_addr, Amount::Secs(loss_secs))?);
                     up_rx_loss.push(native_bulk_from(&app, source_addr, loss_bytes)?);
                 }
             }
@@ -1095,7 +1073,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             }
             let mut v = vec![];
             for _ in 0..reps {
-                v.push(native_bulk_to(&app, sink_addr, bulk / 2)?);
+                v.push(native_bulk_to(&app, sink_addr, Amount::Bytes(bulk / 2))?);
             }
             scale.push((target, median(v)));
         }
@@ -1143,7 +1121,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             h.join().map_err(|_| anyhow::anyhow!("echo panicked"))??;
             k_veth_rtt.push(kernel_pingpong(echo_addr, n_pp)?);
             k_lo_bulk.push(kernel_bulk_lo(bulk)?);
-            k_veth_bulk.push(kernel_bulk_to(sink_addr, bulk / 2)?);
+            k_veth_bulk.push(kernel_bulk_to(sink_addr, Amount::Bytes(bulk / 2))?);
             k_rx.push(kernel_bulk_from(source_addr, bulk / 2)?);
             let mut sink = peer_role_args(
                 &tb,
@@ -1163,7 +1141,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
         if loss_ok {
             if let Some(_loss) = Loss::start(&tb, 1, &[5002, 5006])? {
                 for _ in 0..reps {
-                    k_tx_loss.push(kernel_bulk_timed(sink_addr, loss_secs)?);
+                    k_tx_loss.push(kernel_bulk_to(sink_addr, Amount::Secs(loss_secs))?);
                     k_rx_loss.push(kernel_bulk_from(source_addr, loss_bytes)?);
                 }
             }
