@@ -1361,14 +1361,12 @@ impl Stack {
         };
         let mut sent = 0u64;
         let tcp = self.cfg.tcp_loss_recovery && f.kind == FlowKind::Tcp;
-        if tcp {
-            if f.rec.probe(now) {
-                // Nothing acknowledged for a probe timeout: retransmit the
-                // first unacknowledged segment now.
-                let caps = &self.caps;
-                let st = &mut self.stats;
-                replay_dup_acks(&mut self.iface, f, caps, tx, &mut sent, now, st);
-            }
+        if tcp && f.rec.probe(now) {
+            // Nothing acknowledged for a probe timeout: retransmit the first
+            // unacknowledged segment now.
+            let caps = &self.caps;
+            let st = &mut self.stats;
+            replay_dup_acks(&mut self.iface, f, caps, tx, &mut sent, now, st);
         }
         {
             let mut dev = OneShot {
