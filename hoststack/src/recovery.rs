@@ -295,7 +295,7 @@ impl Recovery {
     /// and recovery after a loss takes far longer than it should. Before
     /// the socket sees such an ACK it is shown ACKs of the intermediate
     /// points: copies of `frame` without payload whose acknowledgment
-    /// numbers step up to the real one, at most [`MAX_PIECES`] of them.
+    /// numbers step up to the real one, at most eight of them.
     /// Writes them into `out` (cleared) and returns how many.
     pub fn split(&self, s: &Seg, frame: &[u8], out: &mut Vec<Vec<u8>>) -> usize {
         out.clear();
