@@ -600,35 +600,48 @@ fn native_bulk_to(app: &App, addr: SocketAddr, amount: Amount) -> Result<f64> {
     Ok(gbps(sent, d))
 }
 
-/// Ask a `kernel-source` for `bytes` and read them to EOF.
-fn kernel_bulk_from(addr: SocketAddr, bytes: u64) -> Result<f64> {
+/// What a bulk receiver asks a `kernel-source` for: the bytes, or (timed)
+/// more than it will read before it hangs up.
+fn source_request(amount: Amount) -> String {
+    match amount {
+        Amount::Bytes(b) => format!("{b}\n"),
+        Amount::Secs(_) => format!("{}\n", 1u64 << 50),
+    }
+}
+
+/// Receive from a `kernel-source` (to EOF, or until the time is up and
+/// then hang up): Gbit/s.
+fn kernel_bulk_from(addr: SocketAddr, amount: Amount) -> Result<f64> {
     let mut s = TcpStream::connect_timeout(&addr, T)?;
     s.set_read_timeout(Some(T))?;
     let t0 = Instant::now();
-    s.write_all(format!("{bytes}\n").as_bytes())?;
+    s.write_all(source_request(amount).as_bytes())?;
     let mut b = vec![0u8; 1 << 20];
     let mut got = 0u64;
-    loop {
+    while !matches!(amount, Amount::Secs(x) if t0.elapsed().as_secs_f64() >= x) {
         let n = s.read(&mut b)?;
         if n == 0 {
             break;
         }
         got += n as u64;
     }
-    if got != bytes {
-        bail!("kernel source sent {got} of {bytes} bytes");
+    let d = t0.elapsed();
+    if let Amount::Bytes(want) = amount {
+        if got != want {
+            bail!("kernel source sent {got} of {want} bytes");
+        }
     }
-    Ok(gbps(got, t0.elapsed()))
+    Ok(gbps(got, d))
 }
 
-fn native_bulk_from(app: &App, addr: SocketAddr, bytes: u64) -> Result<f64> {
+fn native_bulk_from(app: &App, addr: SocketAddr, amount: Amount) -> Result<f64> {
     let mut w = app.worker()?;
     let s = w.connect(addr, Some(T))?;
     let t0 = Instant::now();
-    w.write_all(s, format!("{bytes}\n").as_bytes(), Some(T))?;
+    w.write_all(s, source_request(amount).as_bytes(), Some(T))?;
     let mut b = vec![0u8; 1 << 20];
     let mut got = 0u64;
-    loop {
+    while !matches!(amount, Amount::Secs(x) if t0.elapsed().as_secs_f64() >= x) {
         let n = w.read(s, &mut b, Some(T))?;
         if n == 0 {
             break;
@@ -636,9 +649,15 @@ fn native_bulk_from(app: &App, addr: SocketAddr, bytes: u64) -> Result<f64> {
         got += n as u64;
     }
     let d = t0.elapsed();
-    w.close(s)?;
-    if got != bytes {
-        bail!("kernel source sent {got} of {bytes} bytes");
+    match amount {
+        Amount::Bytes(want) => {
+            w.close(s)?;
+            if got != want {
+                bail!("kernel source sent {got} of {want} bytes");
+            }
+        }
+        // Unread data on the way: hang up.
+        Amount::Secs(_) => w.abort(s)?,
     }
     Ok(gbps(got, d))
 }
@@ -976,7 +995,6 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
     let source_addr: SocketAddr = format!("{peer}:5006").parse()?;
     // Packet-loss rows: 1% of the bulk flows' packets dropped at the peer.
     let loss_secs = if cli.quick { 1.0 } else { 3.0 };
-    let loss_bytes = bulk / 16;
     let (mut up_rx, mut up_tx_loss, mut up_rx_loss) = (vec![], vec![], vec![]);
     let (mut k_rx, mut k_tx_loss, mut k_rx_loss) = (vec![], vec![], vec![]);
     let mut loss_ok = true;
@@ -1019,7 +1037,11 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             up_sys.push((sys + loops) as f64 / (n_pp + n_pp / 10) as f64);
             ct_bulk.push(native_bulk_ct(&app, port + 2, bulk)?);
             up_bulk.push(native_bulk_to(&app, sink_addr, Amount::Bytes(bulk / 2))?);
-            up_rx.push(native_bulk_from(&app, source_addr, bulk / 2)?);
+            up_rx.push(native_bulk_from(
+                &app,
+                source_addr,
+                Amount::Bytes(bulk / 2),
+            )?);
             // The same ping-pong through the shim (std sockets under
             // `hoststack run`).
             shim_ct_rtt.push(shim_pingpong(&d, None, port + 3, n_pp)?);
@@ -1041,7 +1063,11 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             Some(_loss) => {
                 for _ in 0..reps {
                     up_tx_loss.push(native_bulk_to(&app, sink_addr, Amount::Secs(loss_secs))?);
-                    up_rx_loss.push(native_bulk_from(&app, source_addr, loss_bytes)?);
+                    up_rx_loss.push(native_bulk_from(
+                        &app,
+                        source_addr,
+                        Amount::Secs(loss_secs),
+                    )?);
                 }
             }
             None => loss_ok = false,
@@ -1122,7 +1148,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             k_veth_rtt.push(kernel_pingpong(echo_addr, n_pp)?);
             k_lo_bulk.push(kernel_bulk_lo(bulk)?);
             k_veth_bulk.push(kernel_bulk_to(sink_addr, Amount::Bytes(bulk / 2))?);
-            k_rx.push(kernel_bulk_from(source_addr, bulk / 2)?);
+            k_rx.push(kernel_bulk_from(source_addr, Amount::Bytes(bulk / 2))?);
             let mut sink = peer_role_args(
                 &tb,
                 &["udp-sink", &udp_tx_addr.to_string(), &udp_secs.to_string()],
@@ -1142,7 +1168,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             if let Some(_loss) = Loss::start(&tb, 1, &[5002, 5006])? {
                 for _ in 0..reps {
                     k_tx_loss.push(kernel_bulk_to(sink_addr, Amount::Secs(loss_secs))?);
-                    k_rx_loss.push(kernel_bulk_from(source_addr, loss_bytes)?);
+                    k_rx_loss.push(kernel_bulk_from(source_addr, Amount::Secs(loss_secs))?);
                 }
             }
         }
