@@ -67,7 +67,9 @@ pub struct Seg {
     pub syn_or_rst: bool,
     /// FIN set.
     pub fin: bool,
-    /// End of the TCP header in the frame.
+    /// Where the TCP header starts in the frame.
+    tcp_off: usize,
+    /// Where it ends.
     hdr_end: usize,
     /// IPv4 (else IPv6): where the IP length field is.
     v4: bool,
@@ -100,6 +102,7 @@ pub fn parse(frame: &[u8]) -> Option<Seg> {
     // Where the TCP header starts in the frame.
     let tcp_off = payload.as_ptr() as usize - frame.as_ptr() as usize;
     Some(Seg {
+        tcp_off,
         hdr_end: tcp_off + hdr,
         v4: eth.ethertype() == EthernetProtocol::Ipv4,
         seq: t.seq_number().0 as u32,
@@ -136,20 +139,29 @@ const MAX_PIECES: u32 = 8;
 /// Segment size assumed when splitting.
 const SPLIT_MSS: u32 = 1448;
 
-/// Offset of the TCP acknowledgment number in an Ethernet frame.
-fn ack_offset(frame: &[u8]) -> Option<usize> {
-    let ip = match u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]) {
-        0x0800 => usize::from(frame.get(14)? & 0xf) * 4,
-        0x86dd => 40,
-        _ => return None,
-    };
-    let off = 14 + ip + 8;
-    (frame.len() >= off + 4).then_some(off)
-}
-
 /// `a` after `b` in sequence space.
 fn after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
+}
+
+/// The intermediate ACKs to show the socket before a large cumulative one
+/// (see [`Recovery::split`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AckSteps {
+    /// Offset of the acknowledgment number in the template.
+    off: usize,
+    una: u32,
+    step: u32,
+    /// Intermediate ACKs.
+    pub count: u32,
+}
+
+impl AckSteps {
+    /// Turn the template into the `k`-th intermediate ACK (1-based).
+    pub fn set(&self, template: &mut [u8], k: u32) {
+        let a = self.una.wrapping_add(self.step * k);
+        template[self.off..self.off + 4].copy_from_slice(&a.to_be_bytes());
+    }
 }
 
 /// Per-connection recovery state (sender side).
@@ -258,16 +270,17 @@ impl Recovery {
             }
         }
         match self.recover {
-            Some(r) if after(r, ack) && usable => {
-                self.replays += 1;
-                true
-            }
-            Some(r) if after(r, ack) => false,
-            Some(_) => {
+            // Past everything sent before the loss: recovered.
+            Some(r) if !after(r, ack) => {
                 self.recover = None;
                 false
             }
-            None => false,
+            // A partial ACK.
+            Some(_) if usable => {
+                self.replays += 1;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -296,35 +309,27 @@ impl Recovery {
     /// the socket sees such an ACK it is shown ACKs of the intermediate
     /// points: copies of `frame` without payload whose acknowledgment
     /// numbers step up to the real one, at most eight of them.
-    /// Writes them into `out` (cleared) and returns how many.
-    pub fn split(&self, s: &Seg, frame: &[u8], out: &mut Vec<Vec<u8>>) -> usize {
-        out.clear();
-        let (Some(ack), Some(una)) = (s.ack, self.snd_una) else {
-            return 0;
-        };
+    /// Writes the template (the frame without payload) into `template`
+    /// and returns the steps; [`AckSteps::set`] makes each one from it.
+    pub fn split(&self, s: &Seg, frame: &[u8], template: &mut Vec<u8>) -> Option<AckSteps> {
+        let (ack, una) = (s.ack?, self.snd_una?);
         if s.syn_or_rst || s.fin || s.win == 0 || !after(ack, una) {
-            return 0;
+            return None;
         }
         let delta = ack.wrapping_sub(una);
         if delta <= 2 * SPLIT_MSS {
-            return 0;
+            return None;
         }
         let pieces = (delta / SPLIT_MSS).min(MAX_PIECES);
-        let step = delta / pieces;
-        let mut tmpl = Vec::new();
-        if !header_copy(s, frame, &mut tmpl) {
-            return 0;
+        if !header_copy(s, frame, template) {
+            return None;
         }
-        let Some(off) = ack_offset(&tmpl) else {
-            return 0;
-        };
-        for k in 1..pieces {
-            let mut f = tmpl.clone();
-            let a = una.wrapping_add(step * k);
-            f[off..off + 4].copy_from_slice(&a.to_be_bytes());
-            out.push(f);
-        }
-        out.len()
+        Some(AckSteps {
+            off: s.tcp_off + 8,
+            una,
+            step: delta / pieces,
+            count: pieces - 1,
+        })
     }
 
     /// When the next probe is due, if data is outstanding.
@@ -395,6 +400,7 @@ mod tests {
             win: 1000,
             syn_or_rst: false,
             fin: false,
+            tcp_off: 34,
             hdr_end: 54,
             v4: true,
         }
@@ -458,12 +464,24 @@ mod tests {
         let mut r = Recovery::default();
         rx(&mut r, &frame(1000, 0, 1000), 0);
         r.on_sent(&sent(1000, 64_000), t(0));
+        // The intermediate ACKs, each made from the template in turn.
+        let split = |r: &Recovery, f: &[u8], out: &mut Vec<Vec<u8>>| -> u32 {
+            out.clear();
+            let mut tmpl = Vec::new();
+            let Some(steps) = r.split(&parse(f).unwrap(), f, &mut tmpl) else {
+                return 0;
+            };
+            for k in 1..=steps.count {
+                steps.set(&mut tmpl, k);
+                out.push(tmpl.clone());
+            }
+            steps.count
+        };
         let mut out = Vec::new();
         // 64 000 bytes acknowledged at once (with 30 bytes of data): seven
         // intermediate ACKs without payload, then the real one.
         let f = frame(65_000, 30, 1000);
-        let s = parse(&f).unwrap();
-        assert_eq!(r.split(&s, &f, &mut out), 7);
+        assert_eq!(split(&r, &f, &mut out), 7);
         let acks: Vec<_> = out.iter().map(|p| parse(p).unwrap()).collect();
         assert!(acks.iter().all(|a| a.len == 0 && a.win == 1000));
         assert_eq!(
@@ -472,12 +490,12 @@ mod tests {
         );
         // Two segments' worth or less: as it is.
         let f = frame(3_800, 0, 1000);
-        assert_eq!(r.split(&parse(&f).unwrap(), &f, &mut out), 0);
+        assert_eq!(split(&r, &f, &mut out), 0);
         // Nor a FIN, a zero window, or an old ACK.
         let f = frame(65_000, 0, 0);
-        assert_eq!(r.split(&parse(&f).unwrap(), &f, &mut out), 0);
+        assert_eq!(split(&r, &f, &mut out), 0);
         let f = frame(900, 0, 1000);
-        assert_eq!(r.split(&parse(&f).unwrap(), &f, &mut out), 0);
+        assert_eq!(split(&r, &f, &mut out), 0);
     }
 
     #[test]

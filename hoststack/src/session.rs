@@ -231,6 +231,15 @@ struct Reservation {
 /// one); beyond, bind() fails with ENOBUFS rather than grow without bound.
 const MAX_RESERVATIONS_PER_APP: usize = 4096;
 
+/// The IP versions a socket on `local` takes (see [`is_v6only`]).
+fn family_of(local: SocketAddr, v6only: bool) -> ListenFamily {
+    match local {
+        SocketAddr::V4(_) => ListenFamily::V4,
+        SocketAddr::V6(_) if v6only => ListenFamily::V6,
+        SocketAddr::V6(_) => ListenFamily::Any,
+    }
+}
+
 /// A listener on `local` takes no IPv4 connections: an IPv6 address, and
 /// for the wildcard only with IPV6_V6ONLY.
 fn is_v6only(local: SocketAddr, flags: u8) -> bool {
@@ -985,11 +994,7 @@ impl Engine {
                 self.new_group(gid, local, shared, v6only)
             }
             None => {
-                let family = match local {
-                    SocketAddr::V4(_) => ListenFamily::V4,
-                    SocketAddr::V6(_) if v6only => ListenFamily::V6,
-                    SocketAddr::V6(_) => ListenFamily::Any,
-                };
+                let family = family_of(local, v6only);
                 let gid = self
                     .stack
                     .listen_family(ep, family, backlog, LISTEN_BIT)
@@ -1250,14 +1255,10 @@ impl Engine {
         remote: Option<SocketAddr>,
         flags: u8,
     ) -> Result<(u64, u32, u32, SocketAddr), i32> {
-        let family = match local {
-            SocketAddr::V4(_) => ListenFamily::V4,
-            SocketAddr::V6(_) if is_v6only(local, flags) => ListenFamily::V6,
-            SocketAddr::V6(_) => ListenFamily::Any,
-        };
+        let family = family_of(local, is_v6only(local, flags));
         let flow = self
             .stack
-            .udp_bind_family(listen_ep(local), family, 0)
+            .udp_bind(listen_ep(local), family, 0)
             .map_err(StackError::errno)?;
         let port = self
             .stack

@@ -314,7 +314,7 @@ pub struct Stack {
     /// Ports bound by sockets that neither listen nor connect yet (the
     /// session layer's reservations), with how many hold each: ephemeral
     /// ports avoid them.
-    reserved_ports: HashMap<u16, u32>,
+    reserved_ports: HashMap<u16, usize>,
     next_port: u16,
     /// Flow deadlines; stale entries (superseded `Flow::timer`) are skipped.
     timers: Wheel<FlowId>,
@@ -330,8 +330,8 @@ pub struct Stack {
     /// resolution need an egress pass.
     neighbor_changed: bool,
     stats: StackStats,
-    /// Scratch for [`Recovery::split`].
-    ack_pieces: Vec<Vec<u8>>,
+    /// Scratch for [`Recovery::split`]: the intermediate ACK being shown.
+    ack_step: Vec<u8>,
 }
 
 /// One-frame device: ingress gives exactly the frame we hold; egress writes
@@ -660,7 +660,7 @@ impl Stack {
             cfg,
             caps,
             neighbor_changed: false,
-            ack_pieces: Vec::new(),
+            ack_step: Vec::new(),
             stats: StackStats::default(),
         }
     }
@@ -897,12 +897,7 @@ impl Stack {
 
     /// Undo one [`Self::reserve_port`].
     pub fn release_port(&mut self, port: u16) {
-        if let Some(n) = self.reserved_ports.get_mut(&port) {
-            *n -= 1;
-            if *n == 0 {
-                self.reserved_ports.remove(&port);
-            }
-        }
+        release_port(&mut self.reserved_ports, port);
     }
 
     /// Open an active TCP connection.
@@ -966,20 +961,10 @@ impl Stack {
         Ok(id)
     }
 
-    /// Bind a UDP socket on `local` (port 0 = ephemeral).
-    pub fn udp_bind(&mut self, local: IpListenEndpoint, owner: u64) -> Result<FlowId, StackError> {
-        let family = match local.addr {
-            Some(IpAddress::Ipv4(_)) => ListenFamily::V4,
-            Some(IpAddress::Ipv6(_)) => ListenFamily::V6,
-            None => ListenFamily::Any,
-        };
-        self.udp_bind_family(local, family, owner)
-    }
-
-    /// [`Self::udp_bind`] for the IP versions `family` names; it matters for
-    /// a wildcard only (an IPv4 wildcard is `V4`, an IPv6 one `V6` with
-    /// IPV6_V6ONLY, `Any` without).
-    pub fn udp_bind_family(
+    /// Bind a UDP socket on `local` (port 0 = ephemeral) for the IP
+    /// versions `family` names; it matters for a wildcard only (an IPv4
+    /// wildcard is `V4`, an IPv6 one `V6` with IPV6_V6ONLY, `Any` without).
+    pub fn udp_bind(
         &mut self,
         local: IpListenEndpoint,
         family: ListenFamily,
@@ -1222,23 +1207,19 @@ impl Stack {
                 self.stats.rx_flow_hits += 1;
                 let tcp = recover && f.kind == FlowKind::Tcp;
                 let seg = if tcp { recovery::parse(frame) } else { None };
-                if let Some(seg) = &seg {
-                    let mut pieces = std::mem::take(&mut self.ack_pieces);
-                    {
-                        if f.rec.split(seg, frame, &mut pieces) > 0 {
-                            for p in &pieces {
-                                let mut dev = OneShot {
-                                    rx: Some(p),
-                                    tx: &mut *tx,
-                                    caps: self.caps.clone(),
-                                    sent: &mut sent,
-                                    log: Some((&mut f.rec, now)),
-                                };
-                                self.iface.poll_ingress_single(now, &mut dev, &mut f.set);
-                            }
-                        }
+                // A large cumulative ACK: its intermediate points first.
+                if let Some(steps) = seg.and_then(|s| f.rec.split(&s, frame, &mut self.ack_step)) {
+                    for k in 1..=steps.count {
+                        steps.set(&mut self.ack_step, k);
+                        let mut dev = OneShot {
+                            rx: Some(&self.ack_step),
+                            tx: &mut *tx,
+                            caps: self.caps.clone(),
+                            sent: &mut sent,
+                            log: Some((&mut f.rec, now)),
+                        };
+                        self.iface.poll_ingress_single(now, &mut dev, &mut f.set);
                     }
-                    self.ack_pieces = pieces;
                 }
                 let mut dev = OneShot {
                     rx: Some(frame),

@@ -1586,25 +1586,7 @@ impl Worker {
     /// see [`Request::BindCheck`]). Returns the address to bind: port 0
     /// replaced by a free port.
     pub fn bind_check(&mut self, local: SocketAddr, flags: u8) -> Result<SocketAddr> {
-        let req_id = self.req_id();
-        self.send_req(Request::BindCheck {
-            req_id,
-            local,
-            flags,
-        })?;
-        // A plain check reserves nothing (no BIND_RESERVE).
-        let late = if flags & crate::msg::BIND_RESERVE != 0 {
-            Late::Reservation
-        } else {
-            Late::Nothing
-        };
-        match self.await_reply(req_id, late)? {
-            Event::Reply {
-                errno: 0, local: l, ..
-            } => Ok(l.unwrap_or(local)),
-            Event::Reply { errno, .. } => Err(Error::Errno(errno)),
-            _ => Err(Error::Protocol("bad reply".into())),
-        }
+        self.bind_request(local, flags).map(|(a, _)| a)
     }
 
     /// Bind a TCP socket's address as the kernel does: [`Self::bind_check`]
@@ -1614,13 +1596,24 @@ impl Worker {
     /// [`crate::msg::LISTEN_SHARED`] (SO_REUSEPORT), [`crate::msg::BIND_REUSEADDR`],
     /// [`crate::msg::LISTEN_V6ONLY`].
     pub fn bind_reserve(&mut self, local: SocketAddr, flags: u8) -> Result<(SocketAddr, u64)> {
+        self.bind_request(local, flags | crate::msg::BIND_RESERVE)
+    }
+
+    /// [`Request::BindCheck`]: the address and the reservation token (0
+    /// without `BIND_RESERVE`).
+    fn bind_request(&mut self, local: SocketAddr, flags: u8) -> Result<(SocketAddr, u64)> {
         let req_id = self.req_id();
         self.send_req(Request::BindCheck {
             req_id,
             local,
-            flags: flags | crate::msg::BIND_RESERVE,
+            flags,
         })?;
-        match self.await_reply(req_id, Late::Reservation)? {
+        let late = if flags & crate::msg::BIND_RESERVE != 0 {
+            Late::Reservation
+        } else {
+            Late::Nothing
+        };
+        match self.await_reply(req_id, late)? {
             Event::Reply {
                 errno: 0,
                 local: l,
