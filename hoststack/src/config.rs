@@ -24,6 +24,8 @@
 //! [tcp]
 //! rx_buffer = 262144        # smoltcp receive buffer per connection (bytes)
 //! tx_buffer = 262144        # smoltcp send buffer per connection (bytes)
+//! rx_buffer_max = 4194304    # receive buffer while the budget below lasts
+//! rx_large_budget_mb = 512   # MiB of rx_buffer_max buffers at once
 //! connect_timeout_ms = 20000
 //! ack_delay_ms = 10         # delayed ACK: a reply sent within this time carries the ACK (0 = ACK at once)
 //! ack_delay_max_ms = 100    # ... stretched up to this while the app takes longer to answer (= ack_delay_ms: fixed)
@@ -117,6 +119,15 @@ pub struct TcpConfig {
     pub rx_buffer: usize,
     /// smoltcp send buffer.
     pub tx_buffer: usize,
+    /// Receive buffer (window) for connections while the larger buffers
+    /// lent stay within `rx_large_budget_mb`; the rest get `rx_buffer`.
+    /// smoltcp cannot grow a connection's window later, and a window of
+    /// 256 KiB starves a fast sender as soon as a segment is lost.
+    /// At or below `rx_buffer`: every connection gets `rx_buffer`.
+    pub rx_buffer_max: usize,
+    /// MiB of `rx_buffer_max` buffers lent at once, at most (only pages a
+    /// connection's data has passed through are resident).
+    pub rx_large_budget_mb: usize,
     /// Active open timeout.
     pub connect_timeout_ms: u64,
     /// Delayed-ACK timer: a reply within this time carries the ACK, so a
@@ -203,6 +214,8 @@ impl Default for TcpConfig {
         TcpConfig {
             rx_buffer: 256 * 1024,
             tx_buffer: 256 * 1024,
+            rx_buffer_max: 4 << 20,
+            rx_large_budget_mb: 512,
             connect_timeout_ms: 20_000,
             ack_delay_ms: 10,
             ack_delay_max_ms: 100,
@@ -297,6 +310,16 @@ impl Config {
         if self.tcp.rx_buffer < 1024 || self.tcp.tx_buffer < 1024 {
             return v("tcp.rx_buffer", "buffers must be at least 1024 bytes");
         }
+        // smoltcp's window scale tops out at 2^30 bytes; keep far below.
+        if self.tcp.rx_buffer > 64 << 20 || self.tcp.tx_buffer > 64 << 20 {
+            return v("tcp.rx_buffer", "buffers must be at most 64 MiB");
+        }
+        if self.tcp.rx_buffer_max > 64 << 20 {
+            return v("tcp.rx_buffer_max", "must be at most 64 MiB");
+        }
+        if self.tcp.rx_large_budget_mb > 1 << 20 {
+            return v("tcp.rx_large_budget_mb", "must be at most 1048576 (1 TiB)");
+        }
         if self.tcp.ack_delay_ms > 500 {
             // RFC 1122 4.2.3.2: an ACK must not be delayed more than 0.5 s.
             return v("tcp.ack_delay_ms", "must be at most 500 (RFC 1122)");
@@ -387,6 +410,10 @@ mod tests {
         c.tcp.ack_delay_max_ms = 501;
         assert!(c.validate().is_err());
         c.tcp.ack_delay_max_ms = 100;
+        c.tcp.rx_buffer_max = 128 << 20;
+        assert!(c.validate().is_err());
+        c.tcp.rx_buffer_max = 0;
+        c.validate().unwrap();
         c.session.fifo_size = 1000;
         assert!(c.validate().is_err());
         assert!(parse_mac("01:00:00:00:00:00").is_err());

@@ -206,6 +206,8 @@ impl Daemon {
                 gateway6,
                 tcp_rx_buf: cfg.tcp.rx_buffer,
                 tcp_tx_buf: cfg.tcp.tx_buffer,
+                tcp_rx_buf_max: cfg.tcp.rx_buffer_max,
+                tcp_rx_large_budget: cfg.tcp.rx_large_budget_mb << 20,
                 tcp_ack_delay: (cfg.tcp.ack_delay_ms > 0)
                     .then(|| smoltcp::time::Duration::from_millis(cfg.tcp.ack_delay_ms)),
                 tcp_ack_delay_max: smoltcp::time::Duration::from_millis(cfg.tcp.ack_delay_max_ms),

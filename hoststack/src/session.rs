@@ -2534,6 +2534,8 @@ mod tests {
             gateway6: None,
             tcp_rx_buf: buf,
             tcp_tx_buf: buf,
+            tcp_rx_buf_max: 0,
+            tcp_rx_large_budget: 0,
             tcp_ack_delay: Some(Duration::from_millis(10)),
             tcp_ack_delay_max: Duration::from_millis(100),
             tcp_timestamps: true,

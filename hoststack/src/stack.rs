@@ -118,6 +118,12 @@ pub struct StackConfig {
     pub tcp_rx_buf: usize,
     /// smoltcp send buffer per TCP connection.
     pub tcp_tx_buf: usize,
+    /// Receive buffer (and so window) a TCP connection gets instead of
+    /// `tcp_rx_buf` while the larger buffers lent stay within
+    /// `tcp_rx_large_budget` bytes (at or below `tcp_rx_buf`: off).
+    pub tcp_rx_buf_max: usize,
+    /// Bytes of `tcp_rx_buf_max` buffers lent at once, at most.
+    pub tcp_rx_large_budget: usize,
     /// Delayed-ACK timer (`None`: ACK every segment at once).
     pub tcp_ack_delay: Option<Duration>,
     /// Longest delayed ACK when the session layer stretches it to the
@@ -288,6 +294,10 @@ pub struct StackStats {
     /// Segments retransmitted early on the stack's own loss decision (probe
     /// timeouts and partial ACKs, see [`crate::recovery`]).
     pub tcp_early_retransmits: u64,
+    /// TCP connections given the larger receive buffer (`tcp_rx_buf_max`).
+    pub tcp_rx_large: u64,
+    /// Bytes of larger receive buffers lent now (at most the budget).
+    pub tcp_rx_large_bytes: u64,
 }
 
 /// The stack.
@@ -748,10 +758,37 @@ impl Stack {
         (self.cfg.tcp_ack_delay_max > min).then_some((min, self.cfg.tcp_ack_delay_max))
     }
 
+    /// The receive buffer size for a new TCP socket: the larger one while
+    /// the budget lasts. smoltcp fixes a socket's buffers (and the window
+    /// scale it offers) at creation, so the window cannot grow later as
+    /// Linux's autotuning does; the budget bounds the memory this costs
+    /// (pool buffers are lazily backed: only what the ring has walked over
+    /// is resident).
+    fn rx_size(&mut self) -> usize {
+        let (base, max) = (self.cfg.tcp_rx_buf, self.cfg.tcp_rx_buf_max);
+        if max > base
+            && self.stats.tcp_rx_large_bytes as usize + max <= self.cfg.tcp_rx_large_budget
+        {
+            self.stats.tcp_rx_large += 1;
+            self.stats.tcp_rx_large_bytes += max as u64;
+            max
+        } else {
+            base
+        }
+    }
+
+    /// Account for a TCP socket's buffers going back.
+    fn rx_release(&mut self, sock: &tcp::Socket) {
+        let cap = sock.recv_capacity();
+        if cap > self.cfg.tcp_rx_buf {
+            self.stats.tcp_rx_large_bytes =
+                self.stats.tcp_rx_large_bytes.saturating_sub(cap as u64);
+        }
+    }
+
     fn new_tcp_socket(&mut self) -> (tcp::Socket<'static>, Option<Lease>) {
-        let (rx, tx, lease) = self
-            .pool
-            .tcp_buffers(self.cfg.tcp_rx_buf, self.cfg.tcp_tx_buf);
+        let rx_size = self.rx_size();
+        let (rx, tx, lease) = self.pool.tcp_buffers(rx_size, self.cfg.tcp_tx_buf);
         let mut s = tcp::Socket::new(rx, tx);
         s.set_congestion_control(tcp::CongestionControl::Cubic);
         s.set_ack_delay(self.cfg.tcp_ack_delay);
@@ -1134,6 +1171,9 @@ impl Stack {
             }
         }
         self.touched_set.remove(&id);
+        if f.kind == FlowKind::Tcp {
+            self.rx_release(f.set.get::<tcp::Socket>(f.handle));
+        }
         if let Some(l) = f.lease {
             self.pool.recycle(f.set, l);
         }
@@ -1141,6 +1181,7 @@ impl Stack {
 
     /// Return the buffers of a socket that never became a flow.
     fn give_back(&mut self, sock: tcp::Socket<'static>, lease: Option<Lease>) {
+        self.rx_release(&sock);
         if let Some(l) = lease {
             let mut set = SocketSet::new(Vec::with_capacity(1));
             set.add(sock);
@@ -1513,6 +1554,8 @@ mod tests {
             gateway6: None,
             tcp_rx_buf: 65536,
             tcp_tx_buf: 65536,
+            tcp_rx_buf_max: 0,
+            tcp_rx_large_budget: 0,
             tcp_ack_delay: Some(Duration::from_millis(10)),
             tcp_ack_delay_max: Duration::from_millis(10),
             tcp_timestamps: true,
@@ -1658,6 +1701,88 @@ mod tests {
             w.now += Duration::from_micros(100);
         }
         w.now - t0
+    }
+
+    /// Bytes B holds unread after A tried to send `n` bytes to it, for
+    /// each of three connections opened at once, and B's stats.
+    fn unread_at_receiver(b_cfg: StackConfig, n: usize) -> (Vec<usize>, StackStats) {
+        let mut w = Wire::new();
+        w.b = Stack::new(b_cfg, w.now);
+        w.b.listen(
+            IpListenEndpoint {
+                addr: None,
+                port: 80,
+            },
+            16,
+            7,
+        )
+        .unwrap();
+        let mut out = VecTx::default();
+        let conns: Vec<FlowId> = (0..3)
+            .map(|_| {
+                let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
+                w.a.egress(f, w.now, &mut out);
+                f
+            })
+            .collect();
+        w.pump(std::mem::take(&mut out.0), Vec::new());
+        let data = vec![7u8; n];
+        let mut sent = [0usize; 3];
+        for _ in 0..200 {
+            for (i, &f) in conns.iter().enumerate() {
+                let s = w.a.tcp(f).unwrap();
+                sent[i] += s.send_slice(&data[sent[i]..]).unwrap();
+                w.a.egress(f, w.now, &mut out);
+            }
+            w.pump(std::mem::take(&mut out.0), Vec::new());
+            w.settle();
+        }
+        let mut unread: Vec<usize> = (0..w.b.flows.len())
+            .filter_map(|i| {
+                let f = w.b.flows[i].as_ref()?;
+                Some(f.set.get::<tcp::Socket>(f.handle).recv_queue())
+            })
+            .collect();
+        unread.sort_unstable();
+        (unread, w.b.stats().clone())
+    }
+
+    #[test]
+    fn connections_get_the_larger_window_while_the_budget_lasts() {
+        // 64 KiB base, 512 KiB larger buffers, budget for two of them.
+        let mut c = cfg(2);
+        c.tcp_rx_buf_max = 512 << 10;
+        c.tcp_rx_large_budget = 1 << 20;
+        let (unread, st) = unread_at_receiver(c.clone(), 400_000);
+        // Two connections took all 400 000 bytes without the app reading;
+        // the third stopped at its 64 KiB window.
+        assert_eq!(unread, vec![65536, 400_000, 400_000]);
+        assert_eq!((st.tcp_rx_large, st.tcp_rx_large_bytes), (2, 1 << 20));
+        // Without the larger size every connection stops at 64 KiB.
+        c.tcp_rx_buf_max = 0;
+        let (unread, st) = unread_at_receiver(c, 400_000);
+        assert_eq!(unread, vec![65536; 3]);
+        assert_eq!(st.tcp_rx_large, 0);
+    }
+
+    #[test]
+    fn a_closed_connection_gives_its_larger_buffer_back_to_the_budget() {
+        let mut c = cfg(1);
+        c.tcp_rx_buf_max = 512 << 10;
+        c.tcp_rx_large_budget = 512 << 10;
+        let mut s = Stack::new(c, Instant::from_millis(1));
+        let mut tx = VecTx::default();
+        let now = Instant::from_millis(1);
+        let a = s.connect(ep(2, 80), None, 1, now).unwrap();
+        let b = s.connect(ep(2, 80), None, 1, now).unwrap();
+        assert_eq!(s.tcp(a).unwrap().recv_capacity(), 512 << 10);
+        assert_eq!(s.tcp(b).unwrap().recv_capacity(), 65536);
+        s.tcp(a).unwrap().abort();
+        s.remove_flow(a, now, &mut tx);
+        assert_eq!(s.stats().tcp_rx_large_bytes, 0);
+        let c2 = s.connect(ep(2, 80), None, 1, now).unwrap();
+        assert_eq!(s.tcp(c2).unwrap().recv_capacity(), 512 << 10);
+        assert_eq!(s.stats().tcp_rx_large, 2);
     }
 
     #[test]

@@ -25,6 +25,9 @@ CONFIG FILE (TOML; every key optional unless noted, flags override the file):
   [tcp]
     rx_buffer = 262144         smoltcp receive buffer per connection
     tx_buffer = 262144         smoltcp send buffer per connection
+    rx_buffer_max = 4194304    receive buffer (window) a connection gets while rx_large_budget_mb
+                               lasts; smoltcp cannot grow a window later (<= rx_buffer: off)
+    rx_large_budget_mb = 512   MiB of rx_buffer_max buffers lent at once (lazily backed)
     connect_timeout_ms = 20000 active open gives up after this (ETIMEDOUT)
     ack_delay_ms = 10          delayed ACK: a reply within this time carries the ACK (0 = at once)
     ack_delay_max_ms = 100     per connection stretched up to this when the app answers later
@@ -106,6 +109,10 @@ struct Cli {
     /// false (overrides tcp.loss_recovery).
     #[arg(long, value_name = "BOOL")]
     tcp_loss_recovery: Option<bool>,
+    /// Receive buffer for connections while the budget lasts, in bytes
+    /// (overrides tcp.rx_buffer_max; at or below tcp.rx_buffer: off).
+    #[arg(long, value_name = "BYTES")]
+    tcp_rx_buffer_max: Option<usize>,
     /// Add an app namespace NAME=SECRET (repeatable; adds to the file's).
     #[arg(long = "namespace", value_name = "NAME=SECRET")]
     namespaces: Vec<String>,
@@ -177,6 +184,9 @@ fn main() -> Result<()> {
     }
     if let Some(on) = cli.tcp_loss_recovery {
         cfg.tcp.loss_recovery = on;
+    }
+    if let Some(n) = cli.tcp_rx_buffer_max {
+        cfg.tcp.rx_buffer_max = n;
     }
     if let Some(on) = cli.tcp_timestamps {
         cfg.tcp.timestamps = on;
