@@ -188,6 +188,8 @@ pub struct Recovery {
     last_ack: Vec<u8>,
     /// Its acknowledgment number.
     last_ack_no: u32,
+    /// Where its window field is.
+    last_ack_win: usize,
     /// Replays done (segments retransmitted on our decision).
     pub replays: u64,
 }
@@ -245,6 +247,7 @@ impl Recovery {
         let usable = !s.fin && s.win > 0 && header_copy(s, frame, &mut self.last_ack);
         if usable {
             self.last_ack_no = ack;
+            self.last_ack_win = s.tcp_off + 14;
         } else if self.last_ack_no != ack {
             self.last_ack.clear();
         }
@@ -361,6 +364,27 @@ impl Recovery {
     /// [`Recovery::on_received`]).
     pub fn replay_frame(&self) -> &[u8] {
         &self.last_ack
+    }
+
+    /// The frames that make smoltcp retransmit once, whatever its count of
+    /// duplicate ACKs, in order. It retransmits when the count reaches
+    /// exactly three and counts on through later duplicates (an earlier
+    /// replay's, or the peer's own), so a second probe without progress in
+    /// between would do nothing. An ACK that changes the window is no
+    /// duplicate and resets the count: first the replay frame with its
+    /// window one unit off, then the frame itself (the change back: count
+    /// zero), then three duplicates. The window ends as the peer sent it.
+    pub fn replay_frames(&self) -> [Vec<u8>; 5] {
+        let f = self.last_ack.clone();
+        let mut nudged = f.clone();
+        let w = self.last_ack_win;
+        if let Some(b) = nudged.get_mut(w..w + 2) {
+            let win = u16::from_be_bytes([b[0], b[1]]);
+            // Never zero: smoltcp would start probing a closed window.
+            let other = if win > 1 { win - 1 } else { win + 1 };
+            b.copy_from_slice(&other.to_be_bytes());
+        }
+        [nudged, f.clone(), f.clone(), f.clone(), f]
     }
 }
 

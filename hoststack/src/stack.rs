@@ -427,9 +427,9 @@ impl Device for OneShot<'_> {
     }
 }
 
-/// Feed the peer's last ACK (without payload) to the flow's socket three
-/// times: smoltcp counts them as duplicate ACKs and retransmits its first
-/// unacknowledged segment (see [`crate::recovery`]).
+/// Feed the peer's last ACK (without payload) to the flow's socket as
+/// duplicate ACKs: smoltcp retransmits its first unacknowledged segment
+/// (see [`crate::recovery`] and [`Recovery::replay_frames`]).
 fn replay_dup_acks(
     iface: &mut Interface,
     f: &mut Flow,
@@ -440,8 +440,7 @@ fn replay_dup_acks(
     stats: &mut StackStats,
 ) {
     stats.tcp_early_retransmits += 1;
-    let ack = f.rec.replay_frame().to_vec();
-    for _ in 0..3 {
+    for ack in f.rec.replay_frames() {
         let mut dev = OneShot {
             rx: Some(&ack),
             tx: &mut *tx,
@@ -1644,10 +1643,11 @@ mod tests {
         IpEndpoint::new(IpAddress::v4(198, 18, 0, last), port)
     }
 
-    /// Send 20 segments from A to B, dropping the first transmission of
-    /// the data segments numbered in `lost` (1-based); returns how long B
-    /// took to receive everything.
-    fn deliver_losing(recovery: bool, lost: &[usize]) -> Duration {
+    /// Send 20 segments from A to B, dropping the transmissions `(segment,
+    /// transmission)` in `lost` (both 1-based: `(3, 1)` is the first send
+    /// of the third data segment); returns how long B took to receive
+    /// everything.
+    fn deliver_losing(recovery: bool, lost: &[(usize, usize)]) -> Duration {
         let mut a_cfg = cfg(1);
         a_cfg.tcp_loss_recovery = recovery;
         let mut w = Wire::new();
@@ -1669,13 +1669,14 @@ mod tests {
         let data = vec![7u8; 20 * 1400];
         assert_eq!(w.a.tcp(f).unwrap().send_slice(&data).unwrap(), data.len());
         let (t0, mut got, mut n) = (w.now, 0, 0);
-        let mut first = HashSet::new();
+        // Per sequence number: (segment number, transmissions so far).
+        let mut seen: HashMap<u32, (usize, usize)> = HashMap::new();
         let mut buf = vec![0u8; 65536];
         let mut to_a: Vec<Vec<u8>> = Vec::new();
         while got < data.len() {
             assert!(w.now - t0 < Duration::from_secs(10), "stalled at {got}");
             // A: what B sent, timers, then its output through the lossy
-            // wire (only first transmissions of the chosen segments die).
+            // wire (the chosen transmissions of the chosen segments die).
             let mut ta = VecTx::default();
             for fr in to_a.drain(..) {
                 w.a.ingress(w.now, &fr, false, &mut ta);
@@ -1685,9 +1686,13 @@ mod tests {
             let mut tb = VecTx::default();
             for fr in ta.0 {
                 let s = recovery::parse(&fr).unwrap();
-                if s.len > 0 && !s.syn_or_rst && first.insert(s.seq) {
-                    n += 1;
-                    if lost.contains(&n) {
+                if s.len > 0 && !s.syn_or_rst {
+                    let e = seen.entry(s.seq).or_insert_with(|| {
+                        n += 1;
+                        (n, 0)
+                    });
+                    e.1 += 1;
+                    if lost.contains(&*e) {
                         continue;
                     }
                 }
@@ -1790,7 +1795,15 @@ mod tests {
         // A tail loss (no duplicate ACKs can follow it; a lone segment
         // waits out the peer's possible delayed ACK, 200 ms, first), and
         // two holes in one window (the second is found by a partial ACK).
-        for (lost, within) in [(&[20][..], 300), (&[8, 10][..], 60)] {
+        // A retransmission lost as well: the next probe must send it again
+        // (smoltcp counts duplicate ACKs on, and retransmits only at the
+        // third, so each probe first resets its count).
+        for (lost, within) in [
+            (&[(20, 1)][..], 300),
+            (&[(8, 1), (10, 1)][..], 60),
+            (&[(5, 1), (5, 2)][..], 60),
+            (&[(5, 1), (5, 2), (5, 3)][..], 200),
+        ] {
             let with = deliver_losing(true, lost);
             let without = deliver_losing(false, lost);
             assert!(with < Duration::from_millis(within), "{lost:?}: {with}");
