@@ -147,7 +147,7 @@ pub struct TcpConfig {
     /// client opening many short connections runs out of ports.
     pub timestamps: bool,
     /// Loss recovery smoltcp lacks: retransmit the first unacknowledged
-    /// segment after a probe timeout (2 x RTT, at least 10 ms) without
+    /// segment after a probe timeout (2 x RTT, at least 2 ms) without
     /// progress, and at once on a partial ACK while recovering, instead of
     /// waiting for smoltcp's retransmission timer (at least 1 s).
     pub loss_recovery: bool,

@@ -17,7 +17,7 @@
 //! unacknowledged segment at once. The decisions:
 //!
 //! * **Probe timeout** (as Linux's tail loss probe): data outstanding and no
-//!   ACK of new data for `max(2 * srtt, 10 ms)`, doubling per probe without
+//!   ACK of new data for `max(2 * srtt, 2 ms)`, doubling per probe without
 //!   progress, at most [`MAX_PTO`] (well below smoltcp's 1 s timer).
 //! * **Partial ACK** (NewReno, RFC 6582): while recovering (a retransmission
 //!   was seen), an ACK that moves forward but not past the highest sequence
@@ -45,8 +45,8 @@ const SMALL_FLIGHT: u32 = 2 * 1460;
 /// The longest delayed ACK to allow for (Linux's maximum; a hoststack peer
 /// delays at most `tcp.ack_delay_max_ms`, 100 ms by default).
 const DELAYED_ACK: Duration = Duration::from_millis(200);
-/// Shortest probe timeout (Linux's TLP floor).
-const MIN_PTO: Duration = Duration::from_millis(10);
+/// Shortest probe timeout (Linux's TLP floor, `TCP_TIMEOUT_MIN_US`).
+const MIN_PTO: Duration = Duration::from_millis(2);
 /// Probe timeout before the first RTT sample.
 const INITIAL_PTO: Duration = Duration::from_millis(100);
 /// Largest ACK frame kept for replay (Ethernet + IPv6 + TCP with options).
@@ -461,6 +461,35 @@ mod tests {
         // One small segment out: allow for the peer's delayed ACK.
         r.on_sent(&sent(21_000, 100), t(200));
         assert_eq!(r.deadline(), Some(t(200 + 40 + 200)));
+    }
+
+    #[test]
+    fn on_a_fast_link_the_probe_comes_after_two_milliseconds() {
+        let mut r = Recovery::default();
+        rx(&mut r, &frame(1000, 0, 1000), 0);
+        // A sub-millisecond RTT (a veth): 2 x srtt is below the floor.
+        r.on_sent(&sent(1000, 10_000), t(100));
+        assert!(!rx(&mut r, &frame(11_000, 0, 1000), 100));
+        r.on_sent(&sent(11_000, 10_000), t(100));
+        assert_eq!(r.deadline(), Some(t(102)));
+    }
+
+    #[test]
+    fn a_replay_resets_the_duplicate_count_before_its_three_duplicates() {
+        let mut r = Recovery::default();
+        rx(&mut r, &frame(1000, 0, 1000), 0);
+        let w = |f: &Vec<u8>| parse(f).map(|s| (s.ack, s.win, s.len));
+        let frames = r.replay_frames();
+        // A window change (not a duplicate), the change back, then the
+        // same ACK three times: exactly three duplicates whatever came
+        // before.
+        assert_eq!(w(&frames[0]), Some((Some(1000), 999, 0)));
+        for f in &frames[1..] {
+            assert_eq!(w(f), Some((Some(1000), 1000, 0)));
+        }
+        // A window of one never becomes zero.
+        rx(&mut r, &frame(1000, 0, 1), 1);
+        assert_eq!(w(&r.replay_frames()[0]), Some((Some(1000), 2, 0)));
     }
 
     #[test]
