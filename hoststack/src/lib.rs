@@ -10,6 +10,7 @@ pub mod app;
 pub mod bufpool;
 pub mod config;
 pub mod daemon;
+pub mod frag;
 pub mod recovery;
 pub mod session;
 pub mod stack;

@@ -18,6 +18,7 @@
 //! by unit tests that wire two stacks together.
 
 use crate::bufpool::{Lease, Pool};
+use crate::frag;
 use crate::recovery::{self, Recovery};
 use crate::timers::Wheel;
 use session_api::fasthash::FastSet;
@@ -298,6 +299,8 @@ pub struct StackStats {
     pub tcp_rx_large: u64,
     /// Bytes of larger receive buffers lent now (at most the budget).
     pub tcp_rx_large_bytes: u64,
+    /// IP fragments received and datagrams reassembled (see [`crate::frag`]).
+    pub frag: frag::FragStats,
 }
 
 /// The stack.
@@ -336,6 +339,9 @@ pub struct Stack {
     touched_set: FastSet<FlowId>,
     cfg: StackConfig,
     caps: DeviceCapabilities,
+    link: Link,
+    /// IP fragments being put back together.
+    frags: frag::Reassembler,
     /// Set when an ARP/NDP frame arrived: flows blocked on neighbour
     /// resolution need an egress pass.
     neighbor_changed: bool,
@@ -350,6 +356,9 @@ struct OneShot<'a> {
     rx: Option<&'a [u8]>,
     tx: &'a mut dyn FrameTx,
     caps: DeviceCapabilities,
+    /// The link's IP MTU and whether TCP checksums are left to the device
+    /// (see [`Link`]).
+    link: Link,
     sent: &'a mut u64,
     /// The flow's recovery state, told about every TCP segment sent.
     log: Option<(&'a mut Recovery, Instant)>,
@@ -360,6 +369,7 @@ struct Tx<'a, 'b> {
     tx: &'b mut dyn FrameTx,
     sent: &'b mut u64,
     gso: Option<u16>,
+    link: Link,
     log: Option<(&'b mut Recovery, Instant)>,
     _p: std::marker::PhantomData<&'a ()>,
 }
@@ -370,11 +380,54 @@ impl phy::RxToken for Rx<'_> {
     }
 }
 
+/// What the transmit path needs to know about the real link: smoltcp's
+/// interface is given a far larger MTU (see [`crate::frag`]).
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    /// IP MTU.
+    mtu: usize,
+    /// smoltcp fills TCP checksums (no offload): a clamped SYN needs a new one.
+    tcp_csum: bool,
+}
+
+impl Link {
+    /// The largest TCP segment that fits the link (IPv6 header assumed:
+    /// the same value is offered on IPv4 SYNs only when smaller).
+    fn mss(&self, v4: bool) -> u16 {
+        (self.mtu - if v4 { 40 } else { 60 }).min(65535) as u16
+    }
+}
+
+/// Longest frame that can be a TCP SYN (Ethernet, IPv6, TCP with options).
+const SYN_MAX: usize = 14 + 40 + 60;
+
+/// IP fragment identifiers (IPv4 uses the low 16 bits); any start will do,
+/// they need only differ between datagrams in flight to one peer.
+static FRAG_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0x5eed);
+
 impl phy::TxToken for Tx<'_, '_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        if len > self.link.mtu + 14 && self.gso.is_none() {
+            // A datagram larger than the link: cut it into fragments.
+            let mut big = vec![0u8; len];
+            let r = f(&mut big);
+            let id = FRAG_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tx = self.tx;
+            let sent = self.sent;
+            frag::fragment(&big, self.link.mtu, id, &mut |piece| {
+                *sent += 1;
+                tx.tx_frame(piece.len()).copy_from_slice(piece);
+            });
+            return r;
+        }
         *self.sent += 1;
         let buf = self.tx.tx_frame_gso(len, self.gso);
         let r = f(buf);
+        if len <= SYN_MAX {
+            // smoltcp offers an MSS from the large MTU it was given.
+            let v4 = buf.get(12..14) == Some(&[0x08, 0x00]);
+            frag::clamp_mss(buf, self.link.mss(v4), self.link.tcp_csum);
+        }
         if let Some((rec, now)) = self.log {
             if let Some(seg) = recovery::parse(buf) {
                 rec.on_sent(&seg, now);
@@ -406,6 +459,7 @@ impl Device for OneShot<'_> {
                 tx: &mut *self.tx,
                 sent: &mut *self.sent,
                 gso: None,
+                link: self.link,
                 log: self.log.as_mut().map(|(r, t)| (&mut **r, *t)),
                 _p: std::marker::PhantomData,
             },
@@ -417,6 +471,7 @@ impl Device for OneShot<'_> {
             tx: &mut *self.tx,
             sent: &mut *self.sent,
             gso: None,
+            link: self.link,
             log: self.log.as_mut().map(|(r, t)| (&mut **r, *t)),
             _p: std::marker::PhantomData,
         })
@@ -434,6 +489,7 @@ fn replay_dup_acks(
     iface: &mut Interface,
     f: &mut Flow,
     caps: &DeviceCapabilities,
+    link: Link,
     tx: &mut dyn FrameTx,
     sent: &mut u64,
     now: Instant,
@@ -445,6 +501,7 @@ fn replay_dup_acks(
             rx: Some(&ack),
             tx: &mut *tx,
             caps: caps.clone(),
+            link,
             sent: &mut *sent,
             log: Some((&mut f.rec, now)),
         };
@@ -603,7 +660,13 @@ impl Stack {
     pub fn new(cfg: StackConfig, now: Instant) -> Self {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = cfg.mtu + 14;
+        // Whole datagrams up to 64 KiB: the transmit path cuts larger-than-
+        // link ones into fragments itself (see `frag`).
+        caps.max_transmission_unit = frag::MAX_FRAME;
+        let link = Link {
+            mtu: cfg.mtu,
+            tcp_csum: !cfg.tso,
+        };
         // smoltcp computes checksums on transmit but does not verify on
         // receive: `ingress` verifies them itself unless the device vouches
         // for them (or they are partial, from a local veth peer).
@@ -627,6 +690,7 @@ impl Stack {
             rx: None,
             tx: &mut sink,
             caps: caps.clone(),
+            link,
             sent: &mut sent,
             log: None,
         };
@@ -668,6 +732,8 @@ impl Stack {
             touched_set: FastSet::default(),
             cfg,
             caps,
+            link,
+            frags: frag::Reassembler::default(),
             neighbor_changed: false,
             ack_step: Vec::new(),
             stats: StackStats::default(),
@@ -1206,6 +1272,41 @@ impl Stack {
     /// from a local sender), so smoltcp must not verify them.
     pub fn ingress(&mut self, now: Instant, frame: &[u8], csum_ok: bool, tx: &mut dyn FrameTx) {
         self.stats.rx_frames += 1;
+        if frag::is_fragment(frame) {
+            // Only ours are kept; the whole datagram then comes through
+            // here as one frame (its transport checksum is checked then).
+            let ours = frag::destination(frame).is_some_and(|a| self.is_local(a));
+            if ours && (csum_ok || checksums_valid(frame)) {
+                let whole = self.frags.push(frame, now);
+                self.stats.frag = self.frags.stats.clone();
+                if let Some(whole) = whole {
+                    self.ingress(now, &whole, false, tx);
+                }
+            }
+            return;
+        }
+        if frame.len() <= SYN_MAX {
+            // smoltcp's interface has a large MTU (see `frag`): keep a
+            // peer's offered MSS within the link, so segments we send
+            // fit it, as smoltcp's own limit did.
+            let mut f = [0u8; SYN_MAX];
+            f[..frame.len()].copy_from_slice(frame);
+            let f = &mut f[..frame.len()];
+            let v4 = f.get(12..14) == Some(&[0x08, 0x00]);
+            if frag::clamp_mss(f, self.link.mss(v4), false) {
+                // Checked as it arrived; the new MSS is ours.
+                if !csum_ok && !checksums_valid(frame) {
+                    self.stats.rx_bad_checksum += 1;
+                    return;
+                }
+                let f = f.to_vec();
+                return self.ingress_one(now, &f, true, tx);
+            }
+        }
+        self.ingress_one(now, frame, csum_ok, tx)
+    }
+
+    fn ingress_one(&mut self, now: Instant, frame: &[u8], csum_ok: bool, tx: &mut dyn FrameTx) {
         let target = match demux(frame) {
             Demux::Tcp { key, syn_only } => match self.tcp.get(&key).copied() {
                 // A new SYN on a 4-tuple whose old connection lingers in
@@ -1255,6 +1356,7 @@ impl Stack {
                             rx: Some(&self.ack_step),
                             tx: &mut *tx,
                             caps: self.caps.clone(),
+                            link: self.link,
                             sent: &mut sent,
                             log: Some((&mut f.rec, now)),
                         };
@@ -1265,6 +1367,7 @@ impl Stack {
                     rx: Some(frame),
                     tx: &mut *tx,
                     caps: self.caps.clone(),
+                    link: self.link,
                     sent: &mut sent,
                     log: tcp.then_some((&mut f.rec, now)),
                 };
@@ -1274,9 +1377,9 @@ impl Stack {
                     if f.rec.on_received(seg, frame, now) {
                         // A partial ACK while recovering: the next hole
                         // goes out now, not after smoltcp's timer.
-                        let caps = &self.caps;
+                        let (caps, link) = (&self.caps, self.link);
                         let st = &mut self.stats;
-                        replay_dup_acks(&mut self.iface, f, caps, tx, &mut sent, now, st);
+                        replay_dup_acks(&mut self.iface, f, caps, link, tx, &mut sent, now, st);
                     }
                 }
                 self.stats.tx_frames += sent;
@@ -1306,6 +1409,7 @@ impl Stack {
                     rx: Some(frame),
                     tx,
                     caps: self.caps.clone(),
+                    link: self.link,
                     sent: &mut sent,
                     log: None,
                 };
@@ -1385,15 +1489,16 @@ impl Stack {
         if tcp && f.rec.probe(now) {
             // Nothing acknowledged for a probe timeout: retransmit the first
             // unacknowledged segment now.
-            let caps = &self.caps;
+            let (caps, link) = (&self.caps, self.link);
             let st = &mut self.stats;
-            replay_dup_acks(&mut self.iface, f, caps, tx, &mut sent, now, st);
+            replay_dup_acks(&mut self.iface, f, caps, link, tx, &mut sent, now, st);
         }
         {
             let mut dev = OneShot {
                 rx: None,
                 tx,
                 caps: self.caps.clone(),
+                link: self.link,
                 sent: &mut sent,
                 log: tcp.then_some((&mut f.rec, now)),
             };
@@ -1430,6 +1535,10 @@ impl Stack {
     /// Run expired timers (retransmits, delayed ACKs, keepalives, TIME-WAIT)
     /// and the neighbour-resolution retry pass. Flows get touched.
     pub fn poll_timers(&mut self, now: Instant, tx: &mut dyn FrameTx) {
+        if self.frags.pending() > 0 {
+            self.frags.expire(now);
+            self.stats.frag = self.frags.stats.clone();
+        }
         if std::mem::take(&mut self.neighbor_changed) {
             // Rare (ARP/NDP): give every flow an egress chance.
             let ids: Vec<FlowId> = self

@@ -471,6 +471,60 @@ fn udp_sockets_for_ipv4_and_v6_only_ipv6_share_a_port_and_each_gets_its_own() ->
 }
 
 #[test]
+fn udp_datagrams_larger_than_the_link_mtu_go_both_ways_in_fragments() -> Result<()> {
+    // DNS with EDNS, NFS, SIP: a datagram larger than the MTU travels in
+    // IP fragments. Before, the daemon dropped such a datagram without a
+    // word either way (sendto() returned its length, nothing arrived).
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let port = 22000 + (std::process::id() % 2000) as u16;
+    let sizes = [1473, 4000, 20000, 60000];
+    let server = format!(
+        "import select, socket\n\
+         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(('0.0.0.0', {port}))\n\
+         b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); b.bind(('::', {port}))\n\
+         print('ready', flush=True)\n\
+         for _ in range({n}):\n\
+         \x20   r, _, _ = select.select([a, b], [], [], 20)\n\
+         \x20   for s in r:\n\
+         \x20       m, src = s.recvfrom(65536)\n\
+         \x20       s.sendto(m[::-1], src)\n",
+        n = 2 * sizes.len()
+    );
+    let mut srv = Proc::spawn(shim(&d, &["python3", "-c", &server])?, "udp server")?;
+    srv.expect("ready", T)?;
+    for (fam, addr) in [
+        ("AF_INET", tb.daemon_ip4.to_string()),
+        ("AF_INET6", tb.daemon_ip6.to_string()),
+    ] {
+        let code = format!(
+            "import socket\n\
+             s = socket.socket(socket.{fam}, socket.SOCK_DGRAM); s.settimeout(10)\n\
+             for n in {sizes:?}:\n\
+             \x20   m = bytes(i % 251 for i in range(n))\n\
+             \x20   s.sendto(m, ('{addr}', {port}))\n\
+             \x20   r = s.recvfrom(65536)[0]\n\
+             \x20   print(n, len(r), r == m[::-1])\n"
+        );
+        let out = tb.peer_cmd("python3", &["-c", &code]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "{fam} client: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want: String = sizes.iter().map(|n| format!("{n} {n} True\n")).collect();
+        ensure!(text == want, "{fam}: got {text:?}, want {want:?}");
+    }
+    srv.success(T)?;
+    // Both families arrived in fragments and were put back together here.
+    let reassembled = d.counter(&["stack", "frag", "reassembled"])?;
+    ensure!(reassembled >= 6, "{reassembled} datagrams reassembled");
+    Ok(())
+}
+
+#[test]
 fn a_server_on_port_0_knows_its_port_before_listening() -> Result<()> {
     // Python's socketserver binds port 0 and stores getsockname() as
     // `server_address` before listen(); programs then announce
