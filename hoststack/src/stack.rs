@@ -488,8 +488,7 @@ impl Device for OneShot<'_> {
 fn replay_dup_acks(
     iface: &mut Interface,
     f: &mut Flow,
-    caps: &DeviceCapabilities,
-    link: Link,
+    (caps, link): (&DeviceCapabilities, Link),
     tx: &mut dyn FrameTx,
     sent: &mut u64,
     now: Instant,
@@ -1379,7 +1378,7 @@ impl Stack {
                         // goes out now, not after smoltcp's timer.
                         let (caps, link) = (&self.caps, self.link);
                         let st = &mut self.stats;
-                        replay_dup_acks(&mut self.iface, f, caps, link, tx, &mut sent, now, st);
+                        replay_dup_acks(&mut self.iface, f, (caps, link), tx, &mut sent, now, st);
                     }
                 }
                 self.stats.tx_frames += sent;
@@ -1491,7 +1490,7 @@ impl Stack {
             // unacknowledged segment now.
             let (caps, link) = (&self.caps, self.link);
             let st = &mut self.stats;
-            replay_dup_acks(&mut self.iface, f, caps, link, tx, &mut sent, now, st);
+            replay_dup_acks(&mut self.iface, f, (caps, link), tx, &mut sent, now, st);
         }
         {
             let mut dev = OneShot {
