@@ -1832,10 +1832,17 @@ impl Engine {
     /// have. Call after a batch of frames.
     pub fn service_touched(&mut self, now: Instant, tx: &mut dyn FrameTx) {
         let mut touched = std::mem::take(&mut self.touched);
-        self.stack.take_touched(&mut touched);
-        for id in touched.drain(..) {
-            self.service_flow(id, now, tx);
-            self.stack.egress(id, now, tx);
+        // Serving a flow can touch others (a UDP datagram to one of our own
+        // addresses lands in its socket at once): a few more rounds.
+        for _ in 0..4 {
+            self.stack.take_touched(&mut touched);
+            if touched.is_empty() {
+                break;
+            }
+            for id in touched.drain(..) {
+                self.service_flow(id, now, tx);
+                self.stack.egress(id, now, tx);
+            }
         }
         self.touched = touched;
     }
@@ -1890,7 +1897,7 @@ impl Engine {
         };
         match self.stack.kind(flow) {
             Some(FlowKind::Tcp) => self.service_tcp(h, flow, now, tx),
-            Some(FlowKind::Udp) => self.service_udp(h, flow),
+            Some(FlowKind::Udp) => self.service_udp(h, flow, now),
             None => {}
         }
     }
@@ -2183,11 +2190,14 @@ impl Engine {
         }
     }
 
-    fn service_udp(&mut self, h: u64, flow: FlowId) {
+    fn service_udp(&mut self, h: u64, flow: FlowId, now: Instant) {
         let idx = (h & 0xffff_ffff) as usize;
         if self.sess(h).is_none() {
             return;
         }
+        let local = self.stack.local_addrs();
+        // Datagrams to our own addresses, delivered once the socket is free.
+        let mut looped: Vec<(IpEndpoint, Vec<u8>)> = Vec::new();
         let Some(sock) = self.stack.udp(flow) else {
             return;
         };
@@ -2269,7 +2279,11 @@ impl Engine {
             let _ = txf.consume(total as u32);
             drained = true;
             if let Some(d) = dest {
-                if sock.send_slice(&buf[DGRAM_HDR..], sa_to_ep(d)).is_ok() {
+                let ep = sa_to_ep(d);
+                if local.contains(&Some(ep.addr)) {
+                    looped.push((ep, buf[DGRAM_HDR..].to_vec()));
+                    s.tx_bytes += len as u64;
+                } else if sock.send_slice(&buf[DGRAM_HDR..], ep).is_ok() {
                     s.tx_bytes += len as u64;
                 }
             }
@@ -2291,6 +2305,9 @@ impl Engine {
         }
         for e in evs {
             self.post(app, worker, e);
+        }
+        for (dst, data) in looped {
+            self.stack.udp_local(flow, dst, &data, now);
         }
     }
 

@@ -301,6 +301,10 @@ pub struct StackStats {
     pub tcp_rx_large_bytes: u64,
     /// IP fragments received and datagrams reassembled (see [`crate::frag`]).
     pub frag: frag::FragStats,
+    /// UDP datagrams to our own addresses delivered locally.
+    pub udp_local: u64,
+    /// ... dropped for want of a socket bound there.
+    pub udp_local_unreachable: u64,
 }
 
 /// The stack.
@@ -586,6 +590,47 @@ fn demux(frame: &[u8]) -> Demux {
     }
 }
 
+/// An Ethernet frame carrying a UDP datagram from `src` to `dst` (same IP
+/// version), addressed to `mac` on both ends.
+fn local_udp_frame(
+    mac: [u8; 6],
+    src: IpEndpoint,
+    dst: IpEndpoint,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpRepr, UdpRepr};
+    let udp_len = 8 + payload.len();
+    let ip = IpRepr::new(src.addr, dst.addr, IpProtocol::Udp, udp_len, 64);
+    if src.addr.version() != dst.addr.version() || ip.buffer_len() > 65535 {
+        return None;
+    }
+    let (eth_type, ip_len) = match dst.addr {
+        IpAddress::Ipv4(_) => (EthernetProtocol::Ipv4, ip.header_len()),
+        IpAddress::Ipv6(_) => (EthernetProtocol::Ipv6, ip.header_len()),
+    };
+    let mut f = vec![0u8; 14 + ip_len + udp_len];
+    let mut eth = EthernetFrame::new_unchecked(&mut f[..]);
+    eth.set_dst_addr(EthernetAddress(mac));
+    eth.set_src_addr(EthernetAddress(mac));
+    eth.set_ethertype(eth_type);
+    let caps = ChecksumCapabilities::default();
+    ip.emit(&mut f[14..14 + ip_len], &caps);
+    let repr = UdpRepr {
+        src_port: src.port,
+        dst_port: dst.port,
+    };
+    repr.emit(
+        &mut UdpPacket::new_unchecked(&mut f[14 + ip_len..]),
+        &src.addr,
+        &dst.addr,
+        payload.len(),
+        |b| b.copy_from_slice(payload),
+        &caps,
+    );
+    Some(f)
+}
+
 /// Verify the IPv4 header and TCP/UDP checksums of a frame (what smoltcp
 /// would check, done here so it can be skipped per frame).
 fn checksums_valid(frame: &[u8]) -> bool {
@@ -752,6 +797,51 @@ impl Stack {
     /// Is `ip` one of our addresses?
     pub fn is_local(&self, ip: IpAddress) -> bool {
         self.iface.has_ip_addr(ip)
+    }
+
+    /// Deliver a datagram from UDP flow `from` to `dst`, one of our own
+    /// addresses, as the kernel's loopback would: straight to the UDP
+    /// socket bound there (smoltcp would instead ask the wire who has our
+    /// own address and never send it). The source address is the
+    /// sender's, or `dst`'s if it is bound to a wildcard. False if nothing
+    /// is bound there (the datagram is dropped, as a kernel does after
+    /// its ICMP port unreachable).
+    pub fn udp_local(
+        &mut self,
+        from: FlowId,
+        dst: IpEndpoint,
+        payload: &[u8],
+        now: Instant,
+    ) -> bool {
+        let Some(ep) = self.udp(from).map(|s| s.endpoint()) else {
+            return false;
+        };
+        let src = IpEndpoint::new(ep.addr.unwrap_or(dst.addr), ep.port);
+        if self
+            .udp
+            .get(&dst.port)
+            .and_then(|b| udp_pick(b, dst.addr))
+            .is_none()
+            && !self.udp_conn.contains_key(&(src, dst.port))
+        {
+            self.stats.udp_local_unreachable += 1;
+            return false;
+        }
+        let Some(frame) = local_udp_frame(self.cfg.mac, src, dst, payload) else {
+            return false;
+        };
+        self.stats.udp_local += 1;
+        self.ingress(now, &frame, true, &mut NullTx(Vec::new()));
+        true
+    }
+
+    /// Our addresses (the interface holds at most four).
+    pub fn local_addrs(&self) -> [Option<IpAddress>; 4] {
+        let mut a = [None; 4];
+        for (slot, c) in a.iter_mut().zip(&self.cfg.addrs) {
+            *slot = Some(c.address());
+        }
+        a
     }
 
     fn local_addr_for(&self, remote: IpAddress) -> Option<IpAddress> {

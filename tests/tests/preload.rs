@@ -525,6 +525,57 @@ fn udp_datagrams_larger_than_the_link_mtu_go_both_ways_in_fragments() -> Result<
 }
 
 #[test]
+fn udp_to_the_daemons_own_address_reaches_the_app_bound_there() -> Result<()> {
+    // Two apps on one node speaking UDP over the node's address (a QUIC
+    // client and server, a local DNS forwarder). Before, smoltcp asked
+    // the wire who had its own address and the datagram never left.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let port = 24000 + (std::process::id() % 2000) as u16;
+    let server = format!(
+        "import select, socket\n\
+         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(('0.0.0.0', {port}))\n\
+         b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); b.bind(('::', {port}))\n\
+         print('ready', flush=True)\n\
+         for _ in range(4):\n\
+         \x20   r, _, _ = select.select([a, b], [], [], 20)\n\
+         \x20   for s in r:\n\
+         \x20       m, src = s.recvfrom(65536)\n\
+         \x20       s.sendto((b'v4:' if s is a else b'v6:') + m[::-1], src)\n"
+    );
+    let mut srv = Proc::spawn(shim(&d, &["python3", "-c", &server])?, "udp server")?;
+    srv.expect("ready", T)?;
+    for (fam, addr, tag) in [
+        ("AF_INET", tb.daemon_ip4.to_string(), "v4:"),
+        ("AF_INET6", tb.daemon_ip6.to_string(), "v6:"),
+    ] {
+        let code = format!(
+            "import socket\n\
+             s = socket.socket(socket.{fam}, socket.SOCK_DGRAM); s.settimeout(10)\n\
+             for n in (5, 60000):\n\
+             \x20   m = bytes(i % 251 for i in range(n))\n\
+             \x20   s.sendto(m, ('{addr}', {port}))\n\
+             \x20   r, src = s.recvfrom(65536)\n\
+             \x20   print(n, r == b'{tag}' + m[::-1], src[1])\n"
+        );
+        let mut cli = Proc::spawn(shim(&d, &["python3", "-c", &code])?, "udp client")?;
+        for n in [5, 60000] {
+            let line = cli.expect(&format!("{n} "), T)?;
+            ensure!(
+                line.trim() == format!("{n} True {port}"),
+                "{fam}: {line:?} (want the reversed datagram from port {port})"
+            );
+        }
+        cli.success(T)?;
+    }
+    srv.success(T)?;
+    let local = d.counter(&["stack", "udp_local"])?;
+    ensure!(local >= 8, "{local} datagrams delivered locally");
+    Ok(())
+}
+
+#[test]
 fn a_server_on_port_0_knows_its_port_before_listening() -> Result<()> {
     // Python's socketserver binds port 0 and stores getsockname() as
     // `server_address` before listen(); programs then announce
