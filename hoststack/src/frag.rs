@@ -34,6 +34,9 @@ pub const MAX_FRAME: usize = 14 + 65535;
 pub const MAX_DATAGRAMS: usize = 64;
 /// Reassembly buffer bytes at once, at most.
 pub const MAX_BYTES: usize = 4 << 20;
+/// Fragments per datagram, at most (a 64 KiB datagram over a 576-byte
+/// path is 115; the bound keeps each arrival's overlap check cheap).
+pub const MAX_PIECES: usize = 256;
 /// How long an incomplete datagram is kept (Linux `ipfrag_time`).
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -243,7 +246,7 @@ impl Reassembler {
             Some(t) => end > t || (!p.more && end != t),
             None => !p.more && e.have.iter().any(|&(_, b)| b > end),
         };
-        if overlaps || bad_total {
+        if overlaps || bad_total || e.have.len() >= MAX_PIECES {
             self.drop_entry(&p.key);
             return None;
         }
@@ -559,6 +562,25 @@ mod tests {
         assert!(r.push(&f[2], t).is_some());
         let f = cut(&udp4(3000), 1500, 0);
         assert!(r.push(&f[1], t).is_none() && r.push(&f[2], t).is_none());
+        // Too many pieces (8-byte slivers): discarded.
+        let big = udp4(4000);
+        let mut slivers = 0;
+        for i in 0..=MAX_PIECES {
+            let mut f = big[..ETH + 20 + 8].to_vec();
+            let mut ip = Ipv4Packet::new_unchecked(&mut f[ETH..]);
+            ip.set_total_len(28);
+            ip.set_ident(9999);
+            ip.set_more_frags(true);
+            ip.set_frag_offset((i * 8) as u16);
+            ip.fill_checksum();
+            r.push(&f, t);
+            slivers += 1;
+        }
+        assert_eq!(slivers, MAX_PIECES + 1);
+        assert!(
+            r.entries.keys().all(|k| k.id != 9999),
+            "kept {slivers} pieces"
+        );
         // A non-final fragment whose length is no multiple of 8.
         let mut bad = frags[0].clone();
         let n = bad.len() - 3;
