@@ -2075,6 +2075,136 @@ mod tests {
     }
 
     #[test]
+    fn mangled_frames_from_the_wire_never_panic_the_stack() {
+        // Frames from the wire are untrusted input. Real ones (handshake,
+        // data, UDP, IPv4 and IPv6 fragments, ARP) with random bytes
+        // changed, cut short or extended go to a stack with a listener
+        // and UDP sockets, checksums trusted half the time so the deepest
+        // parsing runs; afterwards it still serves a real connection.
+        let with_v6 = |last: u8| {
+            let mut c = cfg(last);
+            c.addrs.push(IpCidr::new(
+                IpAddress::v6(0x2001, 2, 0, 0, 0, 0, 0, last as u16),
+                64,
+            ));
+            c
+        };
+        let now = Instant::from_millis(1);
+        let mut w = Wire::new();
+        w.a = Stack::new(with_v6(1), now);
+        w.b = Stack::new(with_v6(2), now);
+        w.b.listen(
+            IpListenEndpoint {
+                addr: None,
+                port: 80,
+            },
+            64,
+            7,
+        )
+        .unwrap();
+        for addr in [None, Some(IpAddress::v6(0x2001, 2, 0, 0, 0, 0, 0, 2))] {
+            let fam = if addr.is_some() {
+                ListenFamily::V6
+            } else {
+                ListenFamily::V4
+            };
+            w.b.udp_bind(IpListenEndpoint { addr, port: 53 }, fam, 9)
+                .unwrap();
+        }
+        // Seeds: what A sends B in a handshake, a request, and UDP
+        // datagrams small and large (fragments) over both IP versions.
+        let mut seeds: Vec<Vec<u8>> = Vec::new();
+        let mut out = VecTx::default();
+        let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
+        w.a.egress(f, w.now, &mut out);
+        seeds.extend(out.0.iter().cloned());
+        w.pump(std::mem::take(&mut out.0), Vec::new());
+        w.a.tcp(f).unwrap().send_slice(&[b'x'; 3000]).unwrap();
+        w.a.egress(f, w.now, &mut out);
+        seeds.extend(out.0.iter().cloned());
+        w.pump(std::mem::take(&mut out.0), Vec::new());
+        // UDP from A's addresses to B's port 53, small and (cut as A's
+        // transmit path cuts it) in fragments.
+        for (src, dst) in [
+            (IpAddress::v4(198, 18, 0, 1), IpAddress::v4(198, 18, 0, 2)),
+            (
+                IpAddress::v6(0x2001, 2, 0, 0, 0, 0, 0, 1),
+                IpAddress::v6(0x2001, 2, 0, 0, 0, 0, 0, 2),
+            ),
+        ] {
+            let (src, dst) = (IpEndpoint::new(src, 5353), IpEndpoint::new(dst, 53));
+            seeds.push(local_udp_frame(cfg(2).mac, src, dst, &[7; 40]).unwrap());
+            let big = local_udp_frame(cfg(2).mac, src, dst, &[7; 5000]).unwrap();
+            frag::fragment(&big, 1500, 1, &mut |p| seeds.push(p.to_vec()));
+        }
+        let fragments = seeds.iter().filter(|s| frag::is_fragment(s));
+        assert_eq!(
+            fragments.count(),
+            8,
+            "IPv4 and IPv6 fragments among the seeds"
+        );
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut sink = NullTx(Vec::new());
+        for i in 0..40_000u64 {
+            let mut fr = seeds[(next() % seeds.len() as u64) as usize].clone();
+            for _ in 0..1 + next() % 4 {
+                match next() % 6 {
+                    // Mostly the headers (the first 120 bytes).
+                    0..=2 => {
+                        let at = (next() % fr.len().min(120) as u64) as usize;
+                        fr[at] = next() as u8;
+                    }
+                    3 => {
+                        let at = (next() % fr.len() as u64) as usize;
+                        fr[at] ^= 0xff;
+                    }
+                    4 => fr.truncate((next() % fr.len() as u64) as usize),
+                    _ => fr.extend((0..next() % 64).map(|_| next() as u8)),
+                }
+                if fr.is_empty() {
+                    break;
+                }
+            }
+            w.b.ingress(w.now, &fr, next() % 2 == 0, &mut sink);
+            let mut t = Vec::new();
+            w.b.take_touched(&mut t);
+            for id in t {
+                w.b.egress(id, w.now, &mut sink);
+            }
+            if i % 1000 == 0 {
+                w.now += Duration::from_millis(50);
+                w.b.poll_timers(w.now, &mut sink);
+            }
+        }
+        // Still a working host: a new connection carries data.
+        let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
+        w.a.egress(f, w.now, &mut out);
+        w.pump(std::mem::take(&mut out.0), Vec::new());
+        w.a.tcp(f).unwrap().send_slice(b"still here").unwrap();
+        w.a.egress(f, w.now, &mut out);
+        w.pump(std::mem::take(&mut out.0), Vec::new());
+        w.settle();
+        let got = w.b.tcp.iter().filter_map(|(k, id)| {
+            (k.rport
+                == w.a
+                    .tcp(f)
+                    .map(|s| s.local_endpoint().unwrap().port)
+                    .unwrap_or(0))
+            .then_some(*id)
+        });
+        let ids: Vec<FlowId> = got.collect();
+        let mut buf = [0u8; 32];
+        let n = w.b.tcp(ids[0]).unwrap().recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"still here");
+    }
+
+    #[test]
     fn data_flows_both_ways_and_per_flow_sets_stay_small() {
         let (mut w, f) = Wire::connected(80);
         let mut data = vec![0u8; 50_000];
