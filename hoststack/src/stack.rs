@@ -1774,12 +1774,26 @@ mod tests {
 
     impl Wire {
         fn new() -> Self {
+            Self::with(cfg(1), cfg(2))
+        }
+
+        /// A and B with these configurations.
+        fn with(a: StackConfig, b: StackConfig) -> Self {
             let now = Instant::from_millis(1);
             Wire {
-                a: Stack::new(cfg(1), now),
-                b: Stack::new(cfg(2), now),
+                a: Stack::new(a, now),
+                b: Stack::new(b, now),
                 now,
             }
+        }
+
+        /// B listens on port 80 (all addresses) with this backlog.
+        fn listen_80(&mut self, backlog: u32) {
+            let any = IpListenEndpoint {
+                addr: None,
+                port: 80,
+            };
+            self.b.listen(any, backlog, 7).unwrap();
         }
 
         fn pump(&mut self, mut to_b: Vec<Vec<u8>>, mut to_a: Vec<Vec<u8>>) {
@@ -1848,17 +1862,8 @@ mod tests {
     fn deliver_losing(recovery: bool, lost: &[(usize, usize)]) -> Duration {
         let mut a_cfg = cfg(1);
         a_cfg.tcp_loss_recovery = recovery;
-        let mut w = Wire::new();
-        w.a = Stack::new(a_cfg, w.now);
-        w.b.listen(
-            IpListenEndpoint {
-                addr: None,
-                port: 80,
-            },
-            16,
-            7,
-        )
-        .unwrap();
+        let mut w = Wire::with(a_cfg, cfg(2));
+        w.listen_80(16);
         let mut out = VecTx::default();
         let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
         w.a.egress(f, w.now, &mut out);
@@ -1909,17 +1914,8 @@ mod tests {
     /// Bytes B holds unread after A tried to send `n` bytes to it, for
     /// each of three connections opened at once, and B's stats.
     fn unread_at_receiver(b_cfg: StackConfig, n: usize) -> (Vec<usize>, StackStats) {
-        let mut w = Wire::new();
-        w.b = Stack::new(b_cfg, w.now);
-        w.b.listen(
-            IpListenEndpoint {
-                addr: None,
-                port: 80,
-            },
-            16,
-            7,
-        )
-        .unwrap();
+        let mut w = Wire::with(cfg(1), b_cfg);
+        w.listen_80(16);
         let mut out = VecTx::default();
         let conns: Vec<FlowId> = (0..3)
             .map(|_| {
@@ -2014,15 +2010,7 @@ mod tests {
     #[test]
     fn many_concurrent_syns_get_accepted() {
         let mut w = Wire::new();
-        w.b.listen(
-            IpListenEndpoint {
-                addr: None,
-                port: 80,
-            },
-            4096,
-            7,
-        )
-        .unwrap();
+        w.listen_80(4096);
         let mut flows = Vec::new();
         let mut out = VecTx::default();
         for _ in 0..300 {
@@ -2044,15 +2032,7 @@ mod tests {
     #[test]
     fn backlog_bounds_half_open_connections() {
         let mut w = Wire::new();
-        w.b.listen(
-            IpListenEndpoint {
-                addr: None,
-                port: 80,
-            },
-            4,
-            7,
-        )
-        .unwrap();
+        w.listen_80(4);
         let mut out = VecTx::default();
         for _ in 0..10 {
             let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
@@ -2089,19 +2069,8 @@ mod tests {
             ));
             c
         };
-        let now = Instant::from_millis(1);
-        let mut w = Wire::new();
-        w.a = Stack::new(with_v6(1), now);
-        w.b = Stack::new(with_v6(2), now);
-        w.b.listen(
-            IpListenEndpoint {
-                addr: None,
-                port: 80,
-            },
-            64,
-            7,
-        )
-        .unwrap();
+        let mut w = Wire::with(with_v6(1), with_v6(2));
+        w.listen_80(64);
         for addr in [None, Some(IpAddress::v6(0x2001, 2, 0, 0, 0, 0, 0, 2))] {
             let fam = if addr.is_some() {
                 ListenFamily::V6

@@ -425,6 +425,29 @@ fn nginx_listening_on_ipv4_and_ipv6_wildcards_serves_both() -> Result<()> {
     Ok(())
 }
 
+/// A UDP server under the shim with an IPv4 and a v6-only IPv6 socket on
+/// `port` (DNS servers, QUIC): for `rounds` rounds it waits for datagrams
+/// and answers each with `reply`, a Python expression of the datagram `m`
+/// and `tag` (b'v4:' or b'v6:', the socket it came in on).
+fn dual_stack_udp_server(d: &Daemon, port: u16, rounds: usize, reply: &str) -> Result<Proc> {
+    let server = format!(
+        "import select, socket\n\
+         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(('0.0.0.0', {port}))\n\
+         b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); b.bind(('::', {port}))\n\
+         print('ready', flush=True)\n\
+         for _ in range({rounds}):\n\
+         \x20   r, _, _ = select.select([a, b], [], [], 20)\n\
+         \x20   for s in r:\n\
+         \x20       m, src = s.recvfrom(65536)\n\
+         \x20       tag = b'v4:' if s is a else b'v6:'\n\
+         \x20       s.sendto({reply}, src)\n"
+    );
+    let mut srv = Proc::spawn(shim(d, &["python3", "-c", &server])?, "udp server")?;
+    srv.expect("ready", T)?;
+    Ok(srv)
+}
+
 #[test]
 fn udp_sockets_for_ipv4_and_v6_only_ipv6_share_a_port_and_each_gets_its_own() -> Result<()> {
     // A server with one UDP socket per family (DNS servers, QUIC): the
@@ -433,20 +456,7 @@ fn udp_sockets_for_ipv4_and_v6_only_ipv6_share_a_port_and_each_gets_its_own() ->
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
     let port = 20000 + (std::process::id() % 2000) as u16;
-    let server = format!(
-        "import select, socket\n\
-         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(('0.0.0.0', {port}))\n\
-         b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
-         b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); b.bind(('::', {port}))\n\
-         print('ready', flush=True)\n\
-         for _ in range(2):\n\
-         \x20   r, _, _ = select.select([a, b], [], [], 20)\n\
-         \x20   for s in r:\n\
-         \x20       m, src = s.recvfrom(100)\n\
-         \x20       s.sendto((b'v4:' if s is a else b'v6:') + m, src)\n"
-    );
-    let mut srv = Proc::spawn(shim(&d, &["python3", "-c", &server])?, "udp server")?;
-    srv.expect("ready", T)?;
+    let mut srv = dual_stack_udp_server(&d, port, 2, "tag + m")?;
     let client = |fam: &str, addr: String, msg: &str| -> Result<String> {
         let code = format!(
             "import socket\n\
@@ -479,21 +489,7 @@ fn udp_datagrams_larger_than_the_link_mtu_go_both_ways_in_fragments() -> Result<
     let d = Daemon::start(&tb, &[])?;
     let port = 22000 + (std::process::id() % 2000) as u16;
     let sizes = [1473, 4000, 20000, 60000];
-    let server = format!(
-        "import select, socket\n\
-         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(('0.0.0.0', {port}))\n\
-         b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
-         b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); b.bind(('::', {port}))\n\
-         print('ready', flush=True)\n\
-         for _ in range({n}):\n\
-         \x20   r, _, _ = select.select([a, b], [], [], 20)\n\
-         \x20   for s in r:\n\
-         \x20       m, src = s.recvfrom(65536)\n\
-         \x20       s.sendto(m[::-1], src)\n",
-        n = 2 * sizes.len()
-    );
-    let mut srv = Proc::spawn(shim(&d, &["python3", "-c", &server])?, "udp server")?;
-    srv.expect("ready", T)?;
+    let mut srv = dual_stack_udp_server(&d, port, 2 * sizes.len(), "m[::-1]")?;
     for (fam, addr) in [
         ("AF_INET", tb.daemon_ip4.to_string()),
         ("AF_INET6", tb.daemon_ip6.to_string()),
@@ -532,20 +528,7 @@ fn udp_to_the_daemons_own_address_reaches_the_app_bound_there() -> Result<()> {
     let tb = Testbed::new()?;
     let d = Daemon::start(&tb, &[])?;
     let port = 24000 + (std::process::id() % 2000) as u16;
-    let server = format!(
-        "import select, socket\n\
-         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(('0.0.0.0', {port}))\n\
-         b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
-         b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); b.bind(('::', {port}))\n\
-         print('ready', flush=True)\n\
-         for _ in range(4):\n\
-         \x20   r, _, _ = select.select([a, b], [], [], 20)\n\
-         \x20   for s in r:\n\
-         \x20       m, src = s.recvfrom(65536)\n\
-         \x20       s.sendto((b'v4:' if s is a else b'v6:') + m[::-1], src)\n"
-    );
-    let mut srv = Proc::spawn(shim(&d, &["python3", "-c", &server])?, "udp server")?;
-    srv.expect("ready", T)?;
+    let mut srv = dual_stack_udp_server(&d, port, 4, "tag + m[::-1]")?;
     for (fam, addr, tag) in [
         ("AF_INET", tb.daemon_ip4.to_string(), "v4:"),
         ("AF_INET6", tb.daemon_ip6.to_string(), "v6:"),
