@@ -65,6 +65,8 @@ pub struct Seg {
     pub win: u16,
     /// SYN or RST set (recovery leaves those alone).
     pub syn_or_rst: bool,
+    /// SYN set (and RST not).
+    pub syn: bool,
     /// FIN set.
     pub fin: bool,
     /// Where the TCP header starts in the frame.
@@ -110,6 +112,7 @@ pub fn parse(frame: &[u8]) -> Option<Seg> {
         ack: t.ack().then(|| t.ack_number().0 as u32),
         win: t.window_len(),
         syn_or_rst: t.syn() || t.rst(),
+        syn: t.syn() && !t.rst(),
         fin: t.fin(),
     })
 }
@@ -192,6 +195,10 @@ pub struct Recovery {
     last_ack_win: usize,
     /// Replays done (segments retransmitted on our decision).
     pub replays: u64,
+    /// The sequence number of our SYN, once one went out: a connect whose
+    /// SYN never left waits for the neighbour, and an ICMP error about a
+    /// connect must quote it.
+    pub syn_seq: Option<u32>,
 }
 
 impl Recovery {
@@ -201,6 +208,9 @@ impl Recovery {
 
     /// A segment we sent.
     pub fn on_sent(&mut self, s: &Seg, now: Instant) {
+        if s.syn {
+            self.syn_seq.get_or_insert(s.seq);
+        }
         if s.syn_or_rst || s.len == 0 {
             return;
         }
@@ -232,6 +242,7 @@ impl Recovery {
             // count.
             *self = Recovery {
                 replays: self.replays,
+                syn_seq: self.syn_seq,
                 ..Recovery::default()
             };
             if let Some(a) = s.ack {
@@ -423,6 +434,7 @@ mod tests {
             ack: Some(1),
             win: 1000,
             syn_or_rst: false,
+            syn: false,
             fin: false,
             tcp_off: 34,
             hdr_end: 54,

@@ -34,6 +34,10 @@ const LISTEN_BIT: u64 = 1 << 63;
 /// Segments an app may have (its main one plus growth); bounds daemon
 /// memory per app together with `max_sessions_per_app`.
 const MAX_SEGMENTS_PER_APP: usize = 64;
+/// How long a connect waits for its first hop to answer ARP/NDP before it
+/// fails with EHOSTUNREACH (Linux: three probes a second apart).
+pub const NEIGHBOR_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Listen groups with ids from here up exist only for cut-through
 /// (loopback addresses); the stack has no listener for them.
 const CT_ONLY_BASE: u32 = 1 << 31;
@@ -2005,6 +2009,8 @@ impl Engine {
         }
         let connect_timeout = self.cfg.connect_timeout;
         let ack_bounds = self.stack.ack_delay_bounds();
+        let icmp_error = self.stack.take_error(flow);
+        let syn_sent = self.stack.syn_sent(flow);
         let Some(sock) = self.stack.tcp(flow) else {
             return;
         };
@@ -2017,7 +2023,25 @@ impl Engine {
         let mut corrupt = false;
         if let Some((req_id, started)) = s.pending_connect {
             match state {
-                tcp::State::SynSent | tcp::State::SynReceived => return,
+                tcp::State::SynSent | tcp::State::SynReceived => {
+                    // An ICMP error about our SYN fails the connect at once;
+                    // a SYN that never left (no neighbour answered) fails
+                    // it after NEIGHBOR_TIMEOUT, as Linux's ARP/NDP gives
+                    // up: EHOSTUNREACH rather than ETIMEDOUT much later.
+                    let waited = now - started;
+                    let errno = icmp_error.or((state == tcp::State::SynSent
+                        && !syn_sent
+                        && waited >= NEIGHBOR_TIMEOUT)
+                        .then_some(libc::EHOSTUNREACH));
+                    if let Some(errno) = errno {
+                        sock.abort();
+                        let (app, worker) = (s.app, s.worker);
+                        self.post(app, worker, Event::error_reply(req_id, errno));
+                        self.stack.remove_flow(flow, now, tx);
+                        self.free_session(h);
+                    }
+                    return;
+                }
                 tcp::State::Closed | tcp::State::TimeWait => {
                     let errno = if now - started >= connect_timeout {
                         libc::ETIMEDOUT

@@ -183,6 +183,8 @@ struct Flow {
     lease: Option<Lease>,
     /// TCP loss recovery state (see [`crate::recovery`]).
     rec: Recovery,
+    /// An ICMP error about this connection's SYN, as an errno.
+    error: Option<i32>,
 }
 
 /// TCP timestamp clock (RFC 7323): milliseconds from an offset drawn at
@@ -303,6 +305,8 @@ pub struct StackStats {
     pub frag: frag::FragStats,
     /// UDP datagrams to our own addresses delivered locally.
     pub udp_local: u64,
+    /// Connects failed by an ICMP error (host, network or port unreachable).
+    pub icmp_connect_errors: u64,
     /// ... dropped for want of a socket bound there.
     pub udp_local_unreachable: u64,
 }
@@ -590,6 +594,104 @@ fn demux(frame: &[u8]) -> Demux {
     }
 }
 
+/// errno for an ICMPv4 destination-unreachable code, as Linux maps it
+/// (`icmp_err_convert`); `None` for "fragmentation needed" (path MTU).
+fn icmp4_errno(code: u8) -> Option<i32> {
+    Some(match code {
+        0 | 6 | 9 | 11 => libc::ENETUNREACH,
+        1 | 10 | 12 | 13 | 14 | 15 => libc::EHOSTUNREACH,
+        2 => libc::ENOPROTOOPT,
+        3 => libc::ECONNREFUSED,
+        5 => libc::EOPNOTSUPP,
+        7 => libc::EHOSTDOWN,
+        8 => libc::ENONET,
+        _ => return None,
+    })
+}
+
+/// errno for an ICMPv6 destination-unreachable code (`icmpv6_err_convert`).
+fn icmp6_errno(code: u8) -> Option<i32> {
+    Some(match code {
+        0 => libc::ENETUNREACH,
+        1 | 5 | 6 => libc::EACCES,
+        2 | 3 => libc::EHOSTUNREACH,
+        4 => libc::ECONNREFUSED,
+        _ => return None,
+    })
+}
+
+/// A destination-unreachable ICMP error about one of our TCP segments: the
+/// connection it names, the quoted sequence number and the errno.
+fn icmp_tcp_error(frame: &[u8]) -> Option<(TcpKey, u32, i32)> {
+    use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet};
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let (quoted, errno) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            if ip.next_header() != IpProtocol::Icmp || ip.more_frags() || ip.frag_offset() != 0 {
+                return None;
+            }
+            let icmp = Icmpv4Packet::new_checked(ip.payload()).ok()?;
+            if u8::from(icmp.msg_type()) != 3 || !icmp.verify_checksum() {
+                return None;
+            }
+            (ip.payload().get(8..)?, icmp4_errno(icmp.msg_code())?)
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+            if ip.next_header() != IpProtocol::Icmpv6 {
+                return None;
+            }
+            let icmp = Icmpv6Packet::new_checked(ip.payload()).ok()?;
+            let (src, dst) = (ip.src_addr().into(), ip.dst_addr().into());
+            if u8::from(icmp.msg_type()) != 1 || !icmp.verify_checksum(&src, &dst) {
+                return None;
+            }
+            (ip.payload().get(8..)?, icmp6_errno(icmp.msg_code())?)
+        }
+        _ => return None,
+    };
+    // The quoted packet: our IP header, then at least 8 bytes of TCP.
+    let (local, remote, tcp): (IpAddress, IpAddress, &[u8]) = match quoted.first()? >> 4 {
+        4 => {
+            let hl = usize::from(quoted[0] & 0xf) * 4;
+            if quoted.len() < hl + 8 || hl < 20 || quoted[9] != 6 {
+                return None;
+            }
+            let a = |o: usize| {
+                smoltcp::wire::Ipv4Address::new(
+                    quoted[o],
+                    quoted[o + 1],
+                    quoted[o + 2],
+                    quoted[o + 3],
+                )
+            };
+            (a(12).into(), a(16).into(), &quoted[hl..])
+        }
+        6 => {
+            if quoted.len() < 48 || quoted[6] != 6 {
+                return None;
+            }
+            let a = |o: usize| {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&quoted[o..o + 16]);
+                IpAddress::Ipv6(smoltcp::wire::Ipv6Address::from(b))
+            };
+            (a(8), a(24), &quoted[40..])
+        }
+        _ => return None,
+    };
+    let port = |o: usize| u16::from_be_bytes([tcp[o], tcp[o + 1]]);
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let key = TcpKey {
+        local,
+        lport: port(0),
+        remote,
+        rport: port(2),
+    };
+    Some((key, seq, errno))
+}
+
 /// An Ethernet frame carrying a UDP datagram from `src` to `dst` (same IP
 /// version), addressed to `mac` on both ends.
 fn local_udp_frame(
@@ -799,6 +901,17 @@ impl Stack {
         self.iface.has_ip_addr(ip)
     }
 
+    /// An ICMP error that ended `id`'s connect, once (errno).
+    pub fn take_error(&mut self, id: FlowId) -> Option<i32> {
+        self.flow_mut(id)?.error.take()
+    }
+
+    /// Whether `id`'s SYN has gone out (a connect still waiting for its
+    /// neighbour has sent none).
+    pub fn syn_sent(&self, id: FlowId) -> bool {
+        self.flow(id).is_some_and(|f| f.rec.syn_seq.is_some())
+    }
+
     /// Deliver a datagram from UDP flow `from` to `dst`, one of our own
     /// addresses, as the kernel's loopback would: straight to the UDP
     /// socket bound there (smoltcp would instead ask the wire who has our
@@ -886,6 +999,7 @@ impl Stack {
             owner: 0,
             timer: None,
             rec: Recovery::default(),
+            error: None,
             lease: None,
         });
         self.nflows += 1;
@@ -1396,6 +1510,21 @@ impl Stack {
     }
 
     fn ingress_one(&mut self, now: Instant, frame: &[u8], csum_ok: bool, tx: &mut dyn FrameTx) {
+        if let Some((key, seq, errno)) = icmp_tcp_error(frame) {
+            // About one of our connects (it quotes our SYN): it fails with
+            // the error, as in Linux. Later errors are soft: ignored.
+            if let Some(&id) = self.tcp.get(&key) {
+                if let Some(f) = self.flow_mut(id) {
+                    let h = f.handle;
+                    let connecting = f.set.get::<tcp::Socket>(h).state() == tcp::State::SynSent;
+                    if connecting && f.rec.syn_seq == Some(seq) {
+                        f.error = Some(errno);
+                        self.stats.icmp_connect_errors += 1;
+                        self.touch(id);
+                    }
+                }
+            }
+        }
         let target = match demux(frame) {
             Demux::Tcp { key, syn_only } => match self.tcp.get(&key).copied() {
                 // A new SYN on a 4-tuple whose old connection lingers in
@@ -1458,7 +1587,8 @@ impl Stack {
                     caps: self.caps.clone(),
                     link: self.link,
                     sent: &mut sent,
-                    log: tcp.then_some((&mut f.rec, now)),
+                    // Every TCP segment we send is seen (a SYN-ACK too).
+                    log: (f.kind == FlowKind::Tcp).then_some((&mut f.rec, now)),
                 };
                 let r = self.iface.poll_ingress_single(now, &mut dev, &mut f.set);
                 let _ = r == PollIngressSingleResult::None;
@@ -1574,7 +1704,8 @@ impl Stack {
             return;
         };
         let mut sent = 0u64;
-        let tcp = self.cfg.tcp_loss_recovery && f.kind == FlowKind::Tcp;
+        let is_tcp = f.kind == FlowKind::Tcp;
+        let tcp = self.cfg.tcp_loss_recovery && is_tcp;
         if tcp && f.rec.probe(now) {
             // Nothing acknowledged for a probe timeout: retransmit the first
             // unacknowledged segment now.
@@ -1589,7 +1720,7 @@ impl Stack {
                 caps: self.caps.clone(),
                 link: self.link,
                 sent: &mut sent,
-                log: tcp.then_some((&mut f.rec, now)),
+                log: is_tcp.then_some((&mut f.rec, now)),
             };
             // Bounded: each call sends what the window allows; stop when idle.
             for _ in 0..1024 {
@@ -2052,6 +2183,62 @@ mod tests {
         w.a.egress(f, w.now, &mut out);
         w.pump(out.0, Vec::new());
         assert_eq!(w.a.tcp(f).unwrap().state(), tcp::State::Closed);
+    }
+
+    /// An ICMPv4 destination-unreachable `code` from 198.18.0.254 to A,
+    /// quoting `quoted` (A's frame, from its IP header on).
+    fn icmp_unreachable(code: u8, quoted: &[u8]) -> Vec<u8> {
+        use smoltcp::wire::Icmpv4Packet;
+        let q = &quoted[14..14 + 28];
+        let mut f = vec![0u8; 14 + 20 + 8 + q.len()];
+        f[..6].copy_from_slice(&cfg(1).mac);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let mut ip = Ipv4Packet::new_unchecked(&mut f[14..]);
+        ip.set_version(4);
+        ip.set_header_len(20);
+        ip.set_total_len((20 + 8 + q.len()) as u16);
+        ip.set_hop_limit(64);
+        ip.set_next_header(IpProtocol::Icmp);
+        ip.set_src_addr(Ipv4Address::new(198, 18, 0, 254));
+        ip.set_dst_addr(Ipv4Address::new(198, 18, 0, 1));
+        ip.fill_checksum();
+        let t = 14 + 20;
+        f[t] = 3;
+        f[t + 1] = code;
+        f[t + 8..].copy_from_slice(q);
+        Icmpv4Packet::new_unchecked(&mut f[t..]).fill_checksum();
+        f
+    }
+
+    #[test]
+    fn an_icmp_error_quoting_our_syn_fails_the_connect_and_no_other_does() {
+        let mut w = Wire::new();
+        let mut out = VecTx::default();
+        // A's first connect resolves B's MAC; the second's SYN goes out.
+        let first = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
+        w.a.egress(first, w.now, &mut out);
+        w.pump(std::mem::take(&mut out.0), Vec::new());
+        let f = w.a.connect(ep(2, 81), None, 1, w.now).unwrap();
+        assert!(!w.a.syn_sent(f));
+        w.a.egress(f, w.now, &mut out);
+        let syn = out.0.pop().expect("a SYN");
+        assert!(w.a.syn_sent(f));
+        let mut sink = NullTx(Vec::new());
+        // A forged error with another sequence number: ignored.
+        let mut forged = syn.clone();
+        forged[14 + 20 + 4] ^= 0x55;
+        w.a.ingress(w.now, &icmp_unreachable(1, &forged), false, &mut sink);
+        assert_eq!(w.a.take_error(f), None);
+        // Fragmentation needed is path MTU news, not an error.
+        w.a.ingress(w.now, &icmp_unreachable(4, &syn), false, &mut sink);
+        assert_eq!(w.a.take_error(f), None);
+        // Host unreachable quoting the SYN: the connect's error.
+        w.a.ingress(w.now, &icmp_unreachable(1, &syn), false, &mut sink);
+        assert_eq!(w.a.take_error(f), Some(libc::EHOSTUNREACH));
+        assert_eq!(w.a.stats().icmp_connect_errors, 1);
+        // Port unreachable maps to ECONNREFUSED.
+        w.a.ingress(w.now, &icmp_unreachable(3, &syn), false, &mut sink);
+        assert_eq!(w.a.take_error(f), Some(libc::ECONNREFUSED));
     }
 
     #[test]

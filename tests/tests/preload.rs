@@ -559,6 +559,63 @@ fn udp_to_the_daemons_own_address_reaches_the_app_bound_there() -> Result<()> {
 }
 
 #[test]
+fn connects_fail_fast_on_icmp_errors_and_unanswered_neighbours() -> Result<()> {
+    // As with the kernel: an ICMP error quoting our SYN fails connect() at
+    // once with its errno, and a first hop that never answers ARP fails it
+    // with EHOSTUNREACH after about 3 s. Before, each waited for the
+    // 20 s connect timeout and got ETIMEDOUT.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let rules = "table inet hs_reject {\n\
+                 chain input {\n\
+                 type filter hook input priority 0;\n\
+                 tcp dport 81 reject with icmp type host-unreachable\n\
+                 tcp dport 82 reject with icmp type net-unreachable\n\
+                 tcp dport 83 reject with icmp type port-unreachable\n\
+                 }\n}\n";
+    let mut nft = tb
+        .peer_cmd("nft", &["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut nft.stdin.take().context("nft stdin")?,
+        rules.as_bytes(),
+    )?;
+    ensure!(nft.wait()?.success(), "nft rules in the peer namespace");
+    let o = tb.daemon_ip4.octets();
+    let nobody = format!("{}.{}.{}.77", o[0], o[1], o[2]);
+    let peer = tb.peer_ip4.to_string();
+    let code = format!(
+        "import socket, time\n\
+         for host, port in [('{peer}', 81), ('{peer}', 82), ('{peer}', 83), ('{nobody}', 80)]:\n\
+         \x20   s = socket.socket(); s.settimeout(30); t = time.time()\n\
+         \x20   try:\n\
+         \x20       s.connect((host, port)); print(port, 'connected', flush=True)\n\
+         \x20   except OSError as e:\n\
+         \x20       print(port, e.errno, round(time.time() - t, 1), flush=True)\n"
+    );
+    let mut p = Proc::spawn(shim(&d, &["python3", "-c", &code])?, "connects")?;
+    for (port, errno, within) in [
+        (81, libc::EHOSTUNREACH, 2.0),
+        (82, libc::ENETUNREACH, 2.0),
+        (83, libc::ECONNREFUSED, 2.0),
+        (80, libc::EHOSTUNREACH, 10.0),
+    ] {
+        let line = p.expect(&format!("{port} "), Duration::from_secs(40))?;
+        let f: Vec<&str> = line.split_whitespace().collect();
+        ensure!(
+            f.len() == 3 && f[1] == errno.to_string(),
+            "port {port}: {line:?}, want errno {errno}"
+        );
+        let secs: f64 = f[2].parse()?;
+        ensure!(secs <= within, "port {port}: failed after {secs} s");
+    }
+    p.success(T)?;
+    ensure!(d.counter(&["stack", "icmp_connect_errors"])? == 3);
+    Ok(())
+}
+
+#[test]
 fn a_server_on_port_0_knows_its_port_before_listening() -> Result<()> {
     // Python's socketserver binds port 0 and stores getsockname() as
     // `server_address` before listen(); programs then announce
