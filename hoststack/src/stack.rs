@@ -643,7 +643,7 @@ fn icmp_tcp_error(frame: &[u8]) -> Option<(TcpKey, u32, i32)> {
                 return None;
             }
             let icmp = Icmpv6Packet::new_checked(ip.payload()).ok()?;
-            let (src, dst) = (ip.src_addr().into(), ip.dst_addr().into());
+            let (src, dst) = (ip.src_addr(), ip.dst_addr());
             if u8::from(icmp.msg_type()) != 1 || !icmp.verify_checksum(&src, &dst) {
                 return None;
             }
