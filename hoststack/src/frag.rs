@@ -147,9 +147,19 @@ fn parse(frame: &[u8]) -> Option<Piece<'_>> {
     }
 }
 
-/// Whether `frame` is an IPv4 or IPv6 fragment.
+/// Whether `frame` is an IPv4 or IPv6 fragment (checked on every frame:
+/// a few loads first, the full parse only for likely ones).
 pub fn is_fragment(frame: &[u8]) -> bool {
-    parse(frame).is_some()
+    let likely = match frame.get(12..14) {
+        // More-fragments flag or a fragment offset.
+        Some([0x08, 0x00]) => frame
+            .get(20..22)
+            .is_some_and(|b| b[0] & 0x3f != 0 || b[1] != 0),
+        // Next header: Fragment.
+        Some([0x86, 0xdd]) => frame.get(20) == Some(&44),
+        _ => false,
+    };
+    likely && parse(frame).is_some()
 }
 
 /// The destination address of a fragment.
@@ -375,6 +385,19 @@ pub fn fragment(frame: &[u8], mtu: usize, id: u32, out: &mut dyn FnMut(&[u8])) -
         }
         _ => 0,
     }
+}
+
+/// Whether `frame` looks like a TCP SYN (a few loads, no parsing: the
+/// test on every small frame before [`clamp_mss`] looks closer).
+pub fn maybe_syn(frame: &[u8]) -> bool {
+    let flags_at = match frame.get(12..14) {
+        Some([0x08, 0x00]) if frame.get(23) == Some(&6) => {
+            ETH + usize::from(frame.get(14).map_or(0, |b| b & 0xf)) * 4 + 13
+        }
+        Some([0x86, 0xdd]) if frame.get(20) == Some(&6) => ETH + IPV6_HDR + 13,
+        _ => return false,
+    };
+    frame.get(flags_at).is_some_and(|f| f & 0x02 != 0)
 }
 
 /// If `frame` is a TCP SYN whose MSS option is above `mss`, lower it to
@@ -616,6 +639,7 @@ mod tests {
             let mut p = TcpPacket::new_unchecked(&mut f[ETH + 20..]);
             p.fill_checksum(&src.into(), &dst.into());
         }
+        assert!(maybe_syn(&f));
         assert!(clamp_mss(&mut f, 1460, true));
         let p = TcpPacket::new_checked(&f[ETH + 20..]).unwrap();
         assert_eq!(&f[ETH + 20 + 24..ETH + 20 + 26], &1460u16.to_be_bytes());
@@ -623,6 +647,6 @@ mod tests {
         // Already small enough, or not a SYN: untouched.
         assert!(!clamp_mss(&mut f, 1460, true));
         f[ETH + 20 + 13] = 0x10;
-        assert!(!clamp_mss(&mut f, 536, true));
+        assert!(!maybe_syn(&f) && !clamp_mss(&mut f, 536, true));
     }
 }

@@ -431,7 +431,7 @@ impl phy::TxToken for Tx<'_, '_> {
         *self.sent += 1;
         let buf = self.tx.tx_frame_gso(len, self.gso);
         let r = f(buf);
-        if len <= SYN_MAX {
+        if len <= SYN_MAX && frag::maybe_syn(buf) {
             // smoltcp offers an MSS from the large MTU it was given.
             let v4 = buf.get(12..14) == Some(&[0x08, 0x00]);
             frag::clamp_mss(buf, self.link.mss(v4), self.link.tcp_csum);
@@ -1488,7 +1488,7 @@ impl Stack {
             }
             return;
         }
-        if frame.len() <= SYN_MAX {
+        if frame.len() <= SYN_MAX && frag::maybe_syn(frame) {
             // smoltcp's interface has a large MTU (see `frag`): keep a
             // peer's offered MSS within the link, so segments we send
             // fit it, as smoltcp's own limit did.
