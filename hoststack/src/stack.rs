@@ -624,6 +624,15 @@ fn icmp6_errno(code: u8) -> Option<i32> {
 /// connection it names, the quoted sequence number and the errno.
 fn icmp_tcp_error(frame: &[u8]) -> Option<(TcpKey, u32, i32)> {
     use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet};
+    // Every frame comes here: ICMP or not is a byte or two away.
+    let icmp = match frame.get(12..14)? {
+        [0x08, 0x00] => frame.get(23) == Some(&1),
+        [0x86, 0xdd] => frame.get(20) == Some(&58),
+        _ => false,
+    };
+    if !icmp {
+        return None;
+    }
     let eth = EthernetFrame::new_checked(frame).ok()?;
     let (quoted, errno) = match eth.ethertype() {
         EthernetProtocol::Ipv4 => {
