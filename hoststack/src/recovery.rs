@@ -67,6 +67,10 @@ pub struct Seg {
     pub syn_or_rst: bool,
     /// SYN set (and RST not).
     pub syn: bool,
+    /// A SYN's MSS option.
+    pub mss: Option<u16>,
+    /// A SYN's timestamp option is there.
+    pub ts: bool,
     /// FIN set.
     pub fin: bool,
     /// Where the TCP header starts in the frame.
@@ -100,6 +104,29 @@ pub fn parse(frame: &[u8]) -> Option<Seg> {
     };
     let t = TcpPacket::new_checked(payload).ok()?;
     let hdr = usize::from(t.header_len());
+    let (mut mss, mut ts) = (None, false);
+    if t.syn() {
+        let o = t.options();
+        let mut i = 0;
+        while let Some(&kind) = o.get(i) {
+            match kind {
+                0 => break,
+                1 => i += 1,
+                _ => {
+                    let n = usize::from(*o.get(i + 1).unwrap_or(&0));
+                    if n < 2 || i + n > o.len() {
+                        break;
+                    }
+                    match (kind, n) {
+                        (2, 4) => mss = Some(u16::from_be_bytes([o[i + 2], o[i + 3]])),
+                        (8, 10) => ts = true,
+                        _ => {}
+                    }
+                    i += n;
+                }
+            }
+        }
+    }
     let data = payload.len().checked_sub(hdr)? as u32;
     // Where the TCP header starts in the frame.
     let tcp_off = payload.as_ptr() as usize - frame.as_ptr() as usize;
@@ -113,6 +140,8 @@ pub fn parse(frame: &[u8]) -> Option<Seg> {
         win: t.window_len(),
         syn_or_rst: t.syn() || t.rst(),
         syn: t.syn() && !t.rst(),
+        mss,
+        ts,
         fin: t.fin(),
     })
 }
@@ -195,6 +224,10 @@ pub struct Recovery {
     last_ack_win: usize,
     /// Replays done (segments retransmitted on our decision).
     pub replays: u64,
+    /// The peer's MSS, from its SYN (after clamping to the link).
+    pub peer_mss: Option<u16>,
+    /// The peer's SYN offered timestamps.
+    pub peer_ts: bool,
     /// The sequence number of our SYN, once one went out: a connect whose
     /// SYN never left waits for the neighbour, and an ICMP error about a
     /// connect must quote it.
@@ -243,6 +276,8 @@ impl Recovery {
             *self = Recovery {
                 replays: self.replays,
                 syn_seq: self.syn_seq,
+                peer_mss: self.peer_mss,
+                peer_ts: self.peer_ts,
                 ..Recovery::default()
             };
             if let Some(a) = s.ack {
@@ -371,6 +406,12 @@ impl Recovery {
         true
     }
 
+    /// The peer's SYN (or SYN-ACK): what it offered.
+    pub fn peer_syn(&mut self, s: &Seg) {
+        self.peer_mss = s.mss.filter(|&m| m != 0);
+        self.peer_ts = s.ts;
+    }
+
     /// The frame to replay (see [`Recovery::probe`],
     /// [`Recovery::on_received`]).
     pub fn replay_frame(&self) -> &[u8] {
@@ -435,6 +476,8 @@ mod tests {
             win: 1000,
             syn_or_rst: false,
             syn: false,
+            mss: None,
+            ts: false,
             fin: false,
             tcp_off: 34,
             hdr_end: 54,

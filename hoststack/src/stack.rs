@@ -143,8 +143,8 @@ pub struct StackConfig {
     pub max_flows: usize,
     /// Random seed (ISNs, ephemeral ports).
     pub seed: u64,
-    /// The device segments TCP super-frames and fills TCP checksums
-    /// (IPv4 TSO; smoltcp 0.14 cannot emit IPv6 super-frames).
+    /// The device segments TCP super-frames (IPv4 and IPv6) and fills TCP
+    /// checksums.
     pub tso: bool,
 }
 
@@ -396,6 +396,10 @@ struct Link {
     mtu: usize,
     /// smoltcp fills TCP checksums (no offload): a clamped SYN needs a new one.
     tcp_csum: bool,
+    /// The device segments TCP super-frames.
+    tso: bool,
+    /// We answer TCP timestamps (`tcp_timestamps`).
+    timestamps: bool,
 }
 
 impl Link {
@@ -414,7 +418,26 @@ const SYN_MAX: usize = 14 + 40 + 60;
 static FRAG_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0x5eed);
 
 impl phy::TxToken for Tx<'_, '_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(mut self, len: usize, f: F) -> R {
+        if len > self.link.mtu + 14 && self.gso.is_none() && self.link.tso {
+            // smoltcp 0.14 builds IPv6 TCP super-frames but passes their
+            // segment size on only for IPv4. It is what smoltcp computes:
+            // the smaller of our MSS and the peer's (536 if it sent none),
+            // less 12 bytes when timestamps are in use.
+            if let Some((rec, _)) = &self.log {
+                let mss = rec
+                    .peer_mss
+                    .unwrap_or(536)
+                    .max(48)
+                    .min(self.link.mss(false));
+                let opts = if self.link.timestamps && rec.peer_ts {
+                    12
+                } else {
+                    0
+                };
+                self.gso = Some(mss - opts);
+            }
+        }
         if len > self.link.mtu + 14 && self.gso.is_none() {
             // A datagram larger than the link: cut it into fragments.
             let mut big = vec![0u8; len];
@@ -821,6 +844,8 @@ impl Stack {
         let link = Link {
             mtu: cfg.mtu,
             tcp_csum: !cfg.tso,
+            tso: cfg.tso,
+            timestamps: cfg.tcp_timestamps,
         };
         // smoltcp computes checksums on transmit but does not verify on
         // receive: `ingress` verifies them itself unless the device vouches
@@ -835,6 +860,9 @@ impl Stack {
             if cfg.tso {
                 caps.checksum.tcp = Checksum::None;
                 caps.segmentation.tcpv4 = std::num::NonZeroUsize::new(65000);
+                // IPv6 too: smoltcp drops an IPv6 packet above the MTU it
+                // was given, which for super-frames is now 64 KiB (`frag`).
+                caps.segmentation.tcpv6 = std::num::NonZeroUsize::new(65000);
             }
         }
         let mut icfg = Config::new(HardwareAddress::Ethernet(EthernetAddress(cfg.mac)));
@@ -1574,7 +1602,12 @@ impl Stack {
             Some((id, f)) => {
                 self.stats.rx_flow_hits += 1;
                 let tcp = recover && f.kind == FlowKind::Tcp;
-                let seg = if tcp { recovery::parse(frame) } else { None };
+                let syn = f.kind == FlowKind::Tcp && frag::maybe_syn(frame);
+                let seg = if tcp || syn {
+                    recovery::parse(frame)
+                } else {
+                    None
+                };
                 // A large cumulative ACK: its intermediate points first.
                 if let Some(steps) = seg.and_then(|s| f.rec.split(&s, frame, &mut self.ack_step)) {
                     for k in 1..=steps.count {
@@ -1601,7 +1634,7 @@ impl Stack {
                 };
                 let r = self.iface.poll_ingress_single(now, &mut dev, &mut f.set);
                 let _ = r == PollIngressSingleResult::None;
-                if let Some(seg) = &seg {
+                if let Some(seg) = seg.as_ref().filter(|_| tcp) {
                     if f.rec.on_received(seg, frame, now) {
                         // A partial ACK while recovering: the next hole
                         // goes out now, not after smoltcp's timer.
@@ -1609,6 +1642,9 @@ impl Stack {
                         let st = &mut self.stats;
                         replay_dup_acks(&mut self.iface, f, (caps, link), tx, &mut sent, now, st);
                     }
+                }
+                if let Some(seg) = seg.as_ref().filter(|s| s.syn) {
+                    f.rec.peer_syn(seg);
                 }
                 self.stats.tx_frames += sent;
                 // A listening socket that did not move to SYN-RECEIVED was
@@ -2248,6 +2284,72 @@ mod tests {
         // Port unreachable maps to ECONNREFUSED.
         w.a.ingress(w.now, &icmp_unreachable(3, &syn), false, &mut sink);
         assert_eq!(w.a.take_error(f), Some(libc::ECONNREFUSED));
+    }
+
+    /// Frames and the segment size asked of the device, as sent.
+    #[derive(Default)]
+    struct GsoTx(Vec<(Vec<u8>, Option<u16>)>);
+
+    impl FrameTx for GsoTx {
+        fn tx_frame(&mut self, len: usize) -> &mut [u8] {
+            self.tx_frame_gso(len, None)
+        }
+        fn tx_frame_gso(&mut self, len: usize, gso: Option<u16>) -> &mut [u8] {
+            self.0.push((vec![0; len], gso));
+            &mut self.0.last_mut().expect("just pushed").0
+        }
+    }
+
+    #[test]
+    fn ipv6_bulk_goes_out_in_super_frames_cut_at_the_peers_mss() {
+        // smoltcp builds IPv6 super-frames but passes their segment size
+        // on only for IPv4: without it they were cut into IP fragments
+        // (before the large MTU they were dropped), and IPv6 bulk ran at a
+        // tenth of IPv4's.
+        let v6 = |last: u8| {
+            let mut c = cfg(last);
+            c.tso = true;
+            c.addrs = vec![
+                IpCidr::new(IpAddress::v6(0x2001, 2, 0, 0, 0, 0, 0, last.into()), 64),
+                IpCidr::new(IpAddress::v6(0xfe80, 0, 0, 0, 0, 0, 0, last.into()), 64),
+            ];
+            c
+        };
+        let mut w = Wire::with(v6(1), v6(2));
+        w.listen_80(16);
+        let dst = IpEndpoint::new(IpAddress::v6(0x2001, 2, 0, 0, 0, 0, 0, 2), 80);
+        let f = w.a.connect(dst, None, 1, w.now).unwrap();
+        // TCP checksums are left to the device here: frames are trusted.
+        let mut to_b = VecTx::default();
+        w.a.egress(f, w.now, &mut to_b);
+        for _ in 0..4 {
+            let mut to_a = VecTx::default();
+            for fr in to_b.0.drain(..) {
+                w.b.ingress(w.now, &fr, true, &mut to_a);
+            }
+            let mut t = Vec::new();
+            w.b.take_touched(&mut t);
+            for id in t {
+                w.b.egress(id, w.now, &mut to_a);
+            }
+            for fr in to_a.0.drain(..) {
+                w.a.ingress(w.now, &fr, true, &mut to_b);
+            }
+            w.a.egress(f, w.now, &mut to_b);
+        }
+        assert_eq!(w.a.tcp(f).unwrap().state(), tcp::State::Established);
+        w.a.tcp(f).unwrap().send_slice(&[5u8; 100_000]).unwrap();
+        let mut tx = GsoTx::default();
+        w.a.egress(f, w.now, &mut tx);
+        let big: Vec<_> = tx.0.iter().filter(|(fr, _)| fr.len() > 1514).collect();
+        assert!(
+            !big.is_empty(),
+            "no super-frame in {:?}",
+            tx.0.iter().map(|f| f.0.len()).collect::<Vec<_>>()
+        );
+        assert!(tx.0.iter().all(|(fr, _)| !frag::is_fragment(fr)));
+        // 1440 (the link's IPv6 MSS, which B offered) less 12 for timestamps.
+        assert!(big.iter().all(|(_, gso)| *gso == Some(1428)));
     }
 
     #[test]

@@ -65,6 +65,7 @@ const VNET_HDR: usize = 10;
 const VNET_F_NEEDS_CSUM: u8 = 1;
 const VNET_F_DATA_VALID: u8 = 2;
 const VNET_GSO_TCPV4: u8 = 1;
+const VNET_GSO_TCPV6: u8 = 4;
 
 /// Fold a ones'-complement sum to 16 bits.
 fn fold(mut s: u32) -> u16 {
@@ -112,8 +113,12 @@ fn fill_vnet(buf: &mut [u8], gso: u16) {
     let tcp_hdr = usize::from(f[tcp_off + 12] >> 4) * 4;
     let h = &mut buf[..VNET_HDR];
     h[0] = VNET_F_NEEDS_CSUM;
-    if gso > 0 && l3 == 4 {
-        h[1] = VNET_GSO_TCPV4;
+    if gso > 0 {
+        h[1] = if l3 == 4 {
+            VNET_GSO_TCPV4
+        } else {
+            VNET_GSO_TCPV6
+        };
         h[2..4].copy_from_slice(&((tcp_off + tcp_hdr) as u16).to_le_bytes());
         h[4..6].copy_from_slice(&gso.to_le_bytes());
     }
