@@ -224,6 +224,9 @@ pub struct Recovery {
     last_ack_win: usize,
     /// Replays done (segments retransmitted on our decision).
     pub replays: u64,
+    /// ARP requests / neighbour solicitations sent while smoltcp tried to
+    /// send for this connection (its next hop was unknown).
+    pub neighbor_probes: u32,
     /// The peer's MSS, from its SYN (after clamping to the link).
     pub peer_mss: Option<u16>,
     /// The peer's SYN offered timestamps.

@@ -37,6 +37,8 @@ const MAX_SEGMENTS_PER_APP: usize = 64;
 /// How long a connect waits for its first hop to answer ARP/NDP before it
 /// fails with EHOSTUNREACH (Linux: three probes a second apart).
 pub const NEIGHBOR_TIMEOUT: Duration = Duration::from_secs(3);
+/// ... after at least this many unanswered ARP/NDP probes for it.
+pub const NEIGHBOR_PROBES: u32 = 3;
 
 /// Listen groups with ids from here up exist only for cut-through
 /// (loopback addresses); the stack has no listener for them.
@@ -2010,7 +2012,7 @@ impl Engine {
         let connect_timeout = self.cfg.connect_timeout;
         let ack_bounds = self.stack.ack_delay_bounds();
         let icmp_error = self.stack.take_error(flow);
-        let syn_sent = self.stack.syn_sent(flow);
+        let (syn_sent, probes) = self.stack.syn_progress(flow);
         let Some(sock) = self.stack.tcp(flow) else {
             return;
         };
@@ -2025,12 +2027,17 @@ impl Engine {
             match state {
                 tcp::State::SynSent | tcp::State::SynReceived => {
                     // An ICMP error about our SYN fails the connect at once;
-                    // a SYN that never left (no neighbour answered) fails
-                    // it after NEIGHBOR_TIMEOUT, as Linux's ARP/NDP gives
-                    // up: EHOSTUNREACH rather than ETIMEDOUT much later.
+                    // a SYN that never left because three ARP/NDP probes
+                    // for the next hop went unanswered fails it after
+                    // NEIGHBOR_TIMEOUT, as Linux's neighbour code gives up:
+                    // EHOSTUNREACH rather than ETIMEDOUT much later. (Not
+                    // on time alone: smoltcp rate-limits probes for the
+                    // whole interface, so dead neighbours can delay a live
+                    // one's probes.)
                     let waited = now - started;
                     let errno = icmp_error.or((state == tcp::State::SynSent
                         && !syn_sent
+                        && probes >= NEIGHBOR_PROBES
                         && waited >= NEIGHBOR_TIMEOUT)
                         .then_some(libc::EHOSTUNREACH));
                     if let Some(errno) = errno {

@@ -462,6 +462,9 @@ impl phy::TxToken for Tx<'_, '_> {
         if let Some((rec, now)) = self.log {
             if let Some(seg) = recovery::parse(buf) {
                 rec.on_sent(&seg, now);
+            } else if is_neighbor_probe(buf) {
+                // smoltcp asks for the next hop while sending for this flow.
+                rec.neighbor_probes = rec.neighbor_probes.saturating_add(1);
             }
         }
         r
@@ -614,6 +617,17 @@ fn demux(frame: &[u8]) -> Demux {
             Err(_) => Demux::Other,
         },
         _ => Demux::Other,
+    }
+}
+
+/// An ARP request or an IPv6 neighbour solicitation.
+fn is_neighbor_probe(frame: &[u8]) -> bool {
+    match frame.get(12..14) {
+        // ARP, opcode 1 (request).
+        Some([0x08, 0x06]) => frame.get(20..22) == Some(&[0, 1]),
+        // ICMPv6 type 135.
+        Some([0x86, 0xdd]) => frame.get(20) == Some(&58) && frame.get(54) == Some(&135),
+        _ => false,
     }
 }
 
@@ -944,9 +958,12 @@ impl Stack {
     }
 
     /// Whether `id`'s SYN has gone out (a connect still waiting for its
-    /// neighbour has sent none).
-    pub fn syn_sent(&self, id: FlowId) -> bool {
-        self.flow(id).is_some_and(|f| f.rec.syn_seq.is_some())
+    /// neighbour has sent none), and how many ARP requests or neighbour
+    /// solicitations smoltcp sent while trying to send for it.
+    pub fn syn_progress(&self, id: FlowId) -> (bool, u32) {
+        self.flow(id).map_or((false, 0), |f| {
+            (f.rec.syn_seq.is_some(), f.rec.neighbor_probes)
+        })
     }
 
     /// Deliver a datagram from UDP flow `from` to `dst`, one of our own
@@ -2264,10 +2281,10 @@ mod tests {
         w.a.egress(first, w.now, &mut out);
         w.pump(std::mem::take(&mut out.0), Vec::new());
         let f = w.a.connect(ep(2, 81), None, 1, w.now).unwrap();
-        assert!(!w.a.syn_sent(f));
+        assert!(!w.a.syn_progress(f).0);
         w.a.egress(f, w.now, &mut out);
         let syn = out.0.pop().expect("a SYN");
-        assert!(w.a.syn_sent(f));
+        assert_eq!(w.a.syn_progress(f), (true, 0));
         let mut sink = NullTx(Vec::new());
         // A forged error with another sequence number: ignored.
         let mut forged = syn.clone();
@@ -2284,6 +2301,10 @@ mod tests {
         // Port unreachable maps to ECONNREFUSED.
         w.a.ingress(w.now, &icmp_unreachable(3, &syn), false, &mut sink);
         assert_eq!(w.a.take_error(f), Some(libc::ECONNREFUSED));
+        // A connect to an address nobody answers ARP for: no SYN, probes.
+        let lost = w.a.connect(ep(77, 80), None, 1, w.now).unwrap();
+        w.a.egress(lost, w.now, &mut out);
+        assert_eq!(w.a.syn_progress(lost), (false, 1));
     }
 
     /// Frames and the segment size asked of the device, as sent.
