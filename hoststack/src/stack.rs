@@ -2301,7 +2301,9 @@ mod tests {
         // Port unreachable maps to ECONNREFUSED.
         w.a.ingress(w.now, &icmp_unreachable(3, &syn), false, &mut sink);
         assert_eq!(w.a.take_error(f), Some(libc::ECONNREFUSED));
-        // A connect to an address nobody answers ARP for: no SYN, probes.
+        // A connect to an address nobody answers ARP for: no SYN, probes
+        // (smoltcp sends at most one per second for the interface).
+        w.now += Duration::from_secs(2);
         let lost = w.a.connect(ep(77, 80), None, 1, w.now).unwrap();
         w.a.egress(lost, w.now, &mut out);
         assert_eq!(w.a.syn_progress(lost), (false, 1));
