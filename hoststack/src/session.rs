@@ -2011,8 +2011,15 @@ impl Engine {
         }
         let connect_timeout = self.cfg.connect_timeout;
         let ack_bounds = self.stack.ack_delay_bounds();
-        let icmp_error = self.stack.take_error(flow);
-        let (syn_sent, probes) = self.stack.syn_progress(flow);
+        // Only a connect in progress asks how its SYN fares (not per request).
+        let connecting = self.sessions[idx]
+            .as_ref()
+            .is_some_and(|s| s.pending_connect.is_some());
+        let (icmp_error, (syn_sent, probes)) = if connecting {
+            (self.stack.take_error(flow), self.stack.syn_progress(flow))
+        } else {
+            (None, (true, 0))
+        };
         let Some(sock) = self.stack.tcp(flow) else {
             return;
         };

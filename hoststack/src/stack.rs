@@ -403,8 +403,7 @@ struct Link {
 }
 
 impl Link {
-    /// The largest TCP segment that fits the link (IPv6 header assumed:
-    /// the same value is offered on IPv4 SYNs only when smaller).
+    /// The largest TCP segment that fits the link over IPv4 (`v4`) or IPv6.
     fn mss(&self, v4: bool) -> u16 {
         (self.mtu - if v4 { 40 } else { 60 }).min(65535) as u16
     }
@@ -1556,8 +1555,7 @@ impl Stack {
                     self.stats.rx_bad_checksum += 1;
                     return;
                 }
-                let f = f.to_vec();
-                return self.ingress_one(now, &f, true, tx);
+                return self.ingress_one(now, f, true, tx);
             }
         }
         self.ingress_one(now, frame, csum_ok, tx)
