@@ -1059,6 +1059,26 @@ impl Stack {
         FlowId { idx, gen }
     }
 
+    /// Start loading flow `id`'s socket into the cache (a hint, see
+    /// `Engine::prefetch`); its owner token.
+    pub fn prefetch(&self, id: FlowId) -> Option<u64> {
+        let f = self.flow(id)?;
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            if let Some(s) = f.set.iter().next() {
+                let p = (s.1 as *const smoltcp::socket::Socket).cast::<i8>();
+                // SAFETY: prefetch never dereferences or faults.
+                unsafe {
+                    for k in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * k));
+                    }
+                }
+            }
+        }
+        Some(f.owner)
+    }
+
     fn flow(&self, id: FlowId) -> Option<&Flow> {
         self.flows
             .get(id.idx as usize)?

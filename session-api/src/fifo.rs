@@ -191,6 +191,25 @@ impl Ring {
         unsafe { self.hdr.as_ref() }
     }
 
+    /// Ask the CPU to start loading the header's two shared lines (the
+    /// consumer's and the producer's). A hint: it never faults and changes
+    /// nothing. Callers about to serve many FIFOs issue it for all of them
+    /// first, so the cache misses overlap instead of stalling one by one.
+    #[inline]
+    fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let p = self.hdr.as_ptr().cast::<i8>();
+            // SAFETY: prefetch is a hint that never dereferences or faults;
+            // `p` and `p + 64` are inside the mapped header anyway.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+            }
+        }
+    }
+
     #[inline]
     fn data(&self) -> *mut u8 {
         // SAFETY: the data area directly follows the header inside the
@@ -531,6 +550,22 @@ impl FifoConsumer {
         // The plain load keeps the common "not requested" case free of a
         // read-modify-write on the shared line.
         w.load(Ordering::Relaxed) != 0 && w.swap(0, Ordering::SeqCst) != 0
+    }
+}
+
+impl FifoProducer {
+    /// Start loading this FIFO's header into the cache (see `Ring::prefetch`).
+    #[inline]
+    pub fn prefetch(&self) {
+        self.ring.prefetch()
+    }
+}
+
+impl FifoConsumer {
+    /// Start loading this FIFO's header into the cache (see `Ring::prefetch`).
+    #[inline]
+    pub fn prefetch(&self) {
+        self.ring.prefetch()
     }
 }
 
