@@ -31,6 +31,7 @@
 //! ack_delay_max_ms = 100    # ... stretched up to this while the app takes longer to answer (= ack_delay_ms: fixed)
 //! timestamps = true         # answer the peer's TCP timestamps (PAWS; lets Linux clients reuse TIME-WAIT ports)
 //! loss_recovery = true      # retransmit early on probe timeouts and partial ACKs (smoltcp waits >= 1 s)
+//! user_timeout_secs = 900   # drop a connection whose peer is silent this long with data unacknowledged (0 = never)
 //!
 //! [session]
 //! fifo_size = 262144        # each rx/tx FIFO, power of two
@@ -151,6 +152,12 @@ pub struct TcpConfig {
     /// progress, and at once on a partial ACK while recovering, instead of
     /// waiting for smoltcp's retransmission timer (at least 1 s).
     pub loss_recovery: bool,
+    /// Drop a connection (ETIMEDOUT) whose peer stays silent this long
+    /// while data waits to be acknowledged, like Linux after
+    /// `tcp_retries2` (about 15 minutes): a vanished peer must not hold a
+    /// connection's buffers for ever. An app's `TCP_USER_TIMEOUT` or
+    /// keepalive replaces it per socket. 0 = never.
+    pub user_timeout_secs: u64,
 }
 
 /// `[session]`.
@@ -221,6 +228,7 @@ impl Default for TcpConfig {
             ack_delay_max_ms: 100,
             timestamps: true,
             loss_recovery: true,
+            user_timeout_secs: 900,
         }
     }
 }

@@ -213,6 +213,8 @@ impl Daemon {
                 tcp_ack_delay_max: smoltcp::time::Duration::from_millis(cfg.tcp.ack_delay_max_ms),
                 tcp_timestamps: cfg.tcp.timestamps,
                 tcp_loss_recovery: cfg.tcp.loss_recovery,
+                tcp_user_timeout: (cfg.tcp.user_timeout_secs > 0)
+                    .then(|| smoltcp::time::Duration::from_secs(cfg.tcp.user_timeout_secs)),
                 udp_packets: 256,
                 udp_bytes: 256 * 1024,
                 max_flows: cfg.session.max_flows,

@@ -15,7 +15,9 @@ use crate::app::{
     alloc_block, chan_ref, consumer, producer, write_desc, App, AppId, ChanRef, PostError, Segment,
     SessionBlock,
 };
-use crate::stack::{FlowId, FlowKind, FrameTx, ListenFamily, ListenerId, Stack, StackError};
+use crate::stack::{
+    FlowId, FlowKind, FrameTx, KeepAlive, ListenFamily, ListenerId, Stack, StackError,
+};
 use session_api::fasthash::{FastMap, FastSet};
 use session_api::fifo::{FifoConsumer, FifoProducer};
 use session_api::msg::{
@@ -941,20 +943,34 @@ impl Engine {
                 }
                 if let Some(Kind::Net { flow, .. }) = self.sess(handle).map(|s| &s.kind) {
                     let flow = *flow;
-                    if let Some(sock) = self.stack.tcp(flow) {
-                        match opt {
-                            SessOpt::NoDelay(b) => sock.set_nagle_enabled(!b),
-                            SessOpt::KeepAliveMs(0) => sock.set_keep_alive(None),
-                            SessOpt::KeepAliveMs(ms) => {
-                                sock.set_keep_alive(Some(Duration::from_millis(ms as u64)))
-                            }
-                            SessOpt::TimeoutMs(0) => sock.set_timeout(None),
-                            SessOpt::TimeoutMs(ms) => {
-                                sock.set_timeout(Some(Duration::from_millis(ms as u64)))
+                    if self.stack.tcp(flow).is_none() {
+                        return;
+                    }
+                    let ms = |v: u32| Duration::from_millis(v as u64);
+                    match opt {
+                        SessOpt::NoDelay(b) => {
+                            if let Some(sock) = self.stack.tcp(flow) {
+                                sock.set_nagle_enabled(!b)
                             }
                         }
-                        self.stack.egress(flow, now, tx);
+                        SessOpt::KeepAlive {
+                            idle_ms,
+                            interval_ms,
+                            probes,
+                        } => {
+                            let ka = (idle_ms > 0).then(|| KeepAlive {
+                                idle: ms(idle_ms),
+                                interval: ms(interval_ms.max(1)),
+                                probes: probes.clamp(1, 1000),
+                            });
+                            self.stack.set_keepalive(flow, ka, now);
+                        }
+                        SessOpt::TimeoutMs(t) => {
+                            self.stack
+                                .set_user_timeout(flow, (t > 0).then(|| ms(t)), now)
+                        }
                     }
+                    self.stack.egress(flow, now, tx);
                 }
             }
         }
@@ -2044,6 +2060,7 @@ impl Engine {
         } else {
             (None, (true, 0))
         };
+        let timed_out = self.stack.timed_out(flow);
         let Some(sock) = self.stack.tcp(flow) else {
             return;
         };
@@ -2220,7 +2237,13 @@ impl Engine {
             remove_flow = true;
             let graceful = s.peer_closed_sent && s.fin_done;
             if !graceful && !s.app_closed {
-                reset = Some(libc::ECONNRESET);
+                // Given up on a silent peer (keepalive, user timeout), as
+                // Linux reports it; else the peer reset it.
+                reset = Some(if timed_out {
+                    libc::ETIMEDOUT
+                } else {
+                    libc::ECONNRESET
+                });
             }
         }
         if corrupt {
@@ -2619,6 +2642,7 @@ mod tests {
             tcp_ack_delay_max: Duration::from_millis(100),
             tcp_timestamps: true,
             tcp_loss_recovery: true,
+            tcp_user_timeout: None,
             udp_packets: 16,
             udp_bytes: 65536,
             max_flows: 1000,

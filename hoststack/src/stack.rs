@@ -135,6 +135,11 @@ pub struct StackConfig {
     /// Loss recovery smoltcp lacks (tail-loss probes, NewReno partial ACKs;
     /// see [`crate::recovery`]).
     pub tcp_loss_recovery: bool,
+    /// Abort a connection whose peer stays silent this long while data
+    /// waits to be acknowledged (Linux gives up after `tcp_retries2`, about
+    /// 15 minutes); a socket's own `TCP_USER_TIMEOUT` or keepalive replaces
+    /// it. None: never.
+    pub tcp_user_timeout: Option<Duration>,
     /// UDP buffers: packets and bytes.
     pub udp_packets: usize,
     /// UDP payload bytes buffered per socket and direction.
@@ -185,6 +190,55 @@ struct Flow {
     rec: Recovery,
     /// An ICMP error about this connection's SYN, as an errno.
     error: Option<i32>,
+    /// Keepalive settings (TCP).
+    keepalive: Option<KeepAlive>,
+    /// The socket's own user timeout (TCP_USER_TIMEOUT).
+    user_timeout: Option<Duration>,
+    /// When the peer last sent us anything (TCP, with keepalive on).
+    last_rx: Instant,
+    /// The socket closed in a timer pass, not on a segment from the peer:
+    /// it gave up on a silent peer (ETIMEDOUT, not ECONNRESET).
+    timed_out: bool,
+}
+
+/// TCP keepalive as Linux runs it (`SO_KEEPALIVE`, `TCP_KEEPIDLE`,
+/// `TCP_KEEPINTVL`, `TCP_KEEPCNT`): after `idle` without hearing from the
+/// peer, a probe every `interval`; after `probes` unanswered ones the
+/// connection is dropped with ETIMEDOUT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAlive {
+    /// Silence before the first probe.
+    pub idle: Duration,
+    /// Between probes.
+    pub interval: Duration,
+    /// Unanswered probes before giving up.
+    pub probes: u32,
+}
+
+/// Push a flow's keepalive and timeout settings into its smoltcp socket.
+/// smoltcp has one keepalive interval and aborts after `timeout` of
+/// silence from the peer: the interval is `idle` until the connection has
+/// been silent that long, then `interval` (switched in [`Stack::egress`]
+/// and back on each arrival), and the timeout is `idle + interval *
+/// probes`: the probes and the verdict (smoltcp then sends a RST, as
+/// Linux does) fall where Linux's would.
+fn apply_keepalive(f: &mut Flow, default_timeout: Option<Duration>, now: Instant) {
+    if f.kind != FlowKind::Tcp {
+        return;
+    }
+    let sock = f.set.get_mut::<tcp::Socket>(f.handle);
+    let dead_after = f.keepalive.map(|k| k.idle + k.interval * k.probes);
+    sock.set_timeout(f.user_timeout.or(dead_after).or(default_timeout));
+    let every = f.keepalive.map(|k| {
+        if now >= f.last_rx + k.idle {
+            k.interval
+        } else {
+            k.idle
+        }
+    });
+    if sock.keep_alive() != every {
+        sock.set_keep_alive(every);
+    }
 }
 
 /// TCP timestamp clock (RFC 7323): milliseconds from an offset drawn at
@@ -286,6 +340,9 @@ pub struct StackStats {
     pub rx_other: u64,
     /// SYNs dropped because the listener's backlog was full.
     pub syn_backlog_drops: u64,
+    /// Connections dropped because the peer fell silent (keepalive probes
+    /// unanswered, or the user timeout with data unacknowledged).
+    pub tcp_timeouts: u64,
     /// Frames emitted.
     pub tx_frames: u64,
     /// Passive connections created.
@@ -1054,6 +1111,10 @@ impl Stack {
             rec: Recovery::default(),
             error: None,
             lease: None,
+            keepalive: None,
+            user_timeout: None,
+            last_rx: Instant::from_micros(0),
+            timed_out: false,
         });
         self.nflows += 1;
         FlowId { idx, gen }
@@ -1133,6 +1194,7 @@ impl Stack {
         let mut s = tcp::Socket::new(rx, tx);
         s.set_congestion_control(tcp::CongestionControl::Cubic);
         s.set_ack_delay(self.cfg.tcp_ack_delay);
+        s.set_timeout(self.cfg.tcp_user_timeout);
         // Used only when the peer's SYN offers timestamps (smoltcp drops it
         // otherwise), as Linux does by default.
         if self.cfg.tcp_timestamps {
@@ -1425,6 +1487,35 @@ impl Stack {
     }
 
     /// Access the TCP socket of a flow.
+    /// Turn keepalive on (Linux semantics, see [`KeepAlive`]) or off.
+    pub fn set_keepalive(&mut self, id: FlowId, ka: Option<KeepAlive>, now: Instant) {
+        let default = self.cfg.tcp_user_timeout;
+        if let Some(f) = self.flow_mut(id) {
+            if f.keepalive.is_none() {
+                f.last_rx = now;
+            }
+            f.keepalive = ka;
+            apply_keepalive(f, default, now);
+        }
+    }
+
+    /// `TCP_USER_TIMEOUT`: how long the peer may stay silent while data
+    /// waits to be acknowledged (or, with keepalive, at all) before the
+    /// connection is dropped; None restores the default.
+    pub fn set_user_timeout(&mut self, id: FlowId, t: Option<Duration>, now: Instant) {
+        let default = self.cfg.tcp_user_timeout;
+        if let Some(f) = self.flow_mut(id) {
+            f.user_timeout = t;
+            apply_keepalive(f, default, now);
+        }
+    }
+
+    /// The connection was dropped because its peer fell silent (keepalive
+    /// or user timeout), not reset by it.
+    pub fn timed_out(&self, id: FlowId) -> bool {
+        self.flow(id).is_some_and(|f| f.timed_out)
+    }
+
     pub fn tcp(&mut self, id: FlowId) -> Option<&mut tcp::Socket<'static>> {
         let f = self.flow_mut(id)?;
         if f.kind != FlowKind::Tcp {
@@ -1658,6 +1749,12 @@ impl Stack {
                         self.iface.poll_ingress_single(now, &mut dev, &mut f.set);
                     }
                 }
+                if f.keepalive.is_some() {
+                    // Heard from the peer: back to the idle interval, which
+                    // smoltcp re-arms from now as it takes the segment.
+                    f.last_rx = now;
+                    apply_keepalive(f, self.cfg.tcp_user_timeout, now);
+                }
                 let mut dev = OneShot {
                     rx: Some(frame),
                     tx: &mut *tx,
@@ -1786,6 +1883,16 @@ impl Stack {
         let mut sent = 0u64;
         let is_tcp = f.kind == FlowKind::Tcp;
         let tcp = self.cfg.tcp_loss_recovery && is_tcp;
+        if f.keepalive.is_some() {
+            apply_keepalive(f, self.cfg.tcp_user_timeout, now);
+        }
+        // Only smoltcp's timeout closes a connection in a timer pass (its
+        // TIME-WAIT ending is a clean close): remember it for the errno.
+        let open_before = is_tcp
+            && !matches!(
+                f.set.get::<tcp::Socket>(f.handle).state(),
+                tcp::State::Closed | tcp::State::TimeWait
+            );
         if tcp && f.rec.probe(now) {
             // Nothing acknowledged for a probe timeout: retransmit the first
             // unacknowledged segment now.
@@ -1812,6 +1919,10 @@ impl Stack {
             }
         }
         self.stats.tx_frames += sent;
+        if open_before && f.set.get::<tcp::Socket>(f.handle).state() == tcp::State::Closed {
+            f.timed_out = true;
+            self.stats.tcp_timeouts += 1;
+        }
         let probe_at = if tcp { f.rec.deadline() } else { None };
         let next = match (self.iface.poll_at(now, &f.set), probe_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -1968,6 +2079,7 @@ mod tests {
             tcp_ack_delay_max: Duration::from_millis(10),
             tcp_timestamps: true,
             tcp_loss_recovery: true,
+            tcp_user_timeout: None,
             udp_packets: 16,
             udp_bytes: 65536,
             max_flows: 100_000,
@@ -2215,6 +2327,127 @@ mod tests {
             let without = deliver_losing(false, lost);
             assert!(with < Duration::from_millis(within), "{lost:?}: {with}");
             assert!(without >= Duration::from_millis(900), "{lost:?}: {without}");
+        }
+    }
+
+    /// Step A and B 10 ms at a time for `ms`; frames from A reach B only
+    /// while `alive`. When (ms since `t0`) A sent something, and whether it
+    /// was a RST.
+    fn run_keepalive(w: &mut Wire, t0: Instant, ms: u64, alive: bool) -> Vec<(i64, bool)> {
+        let mut sent = Vec::new();
+        let mut to_a: Vec<Vec<u8>> = Vec::new();
+        for _ in 0..ms / 10 {
+            w.now += Duration::from_millis(10);
+            let mut ta = VecTx::default();
+            for fr in to_a.drain(..) {
+                w.a.ingress(w.now, &fr, false, &mut ta);
+            }
+            w.a.poll_timers(w.now, &mut ta);
+            let mut tb = VecTx::default();
+            for fr in ta.0 {
+                let rst = recovery::parse(&fr).is_some_and(|s| s.syn_or_rst);
+                sent.push(((w.now - t0).total_millis() as i64, rst));
+                if alive {
+                    w.b.ingress(w.now, &fr, false, &mut tb);
+                }
+            }
+            w.b.poll_timers(w.now, &mut tb);
+            let mut t = Vec::new();
+            w.b.take_touched(&mut t);
+            for id in t {
+                w.b.egress(id, w.now, &mut tb);
+            }
+            to_a = tb.0;
+        }
+        sent
+    }
+
+    #[test]
+    fn keepalive_probes_after_idle_then_every_interval_and_drops_a_silent_peer() {
+        let (mut w, f) = Wire::connected(80);
+        w.settle();
+        let ka = KeepAlive {
+            idle: Duration::from_millis(1000),
+            interval: Duration::from_millis(200),
+            probes: 3,
+        };
+        w.a.set_keepalive(f, Some(ka), w.now);
+        // The peer answers: one probe per second of silence, not one per
+        // interval, and the connection lives on.
+        let t0 = w.now;
+        let sent = run_keepalive(&mut w, t0, 4000, true);
+        assert!(sent.iter().all(|s| !s.1), "{sent:?}");
+        let later: Vec<i64> = sent.iter().map(|s| s.0).filter(|&t| t > 100).collect();
+        assert!(
+            (3..=4).contains(&later.len()),
+            "one probe per idle second: {sent:?}"
+        );
+        for p in later.windows(2) {
+            assert!((990..=1030).contains(&(p[1] - p[0])), "{sent:?}");
+        }
+        assert_eq!(w.a.tcp(f).unwrap().state(), tcp::State::Established);
+        assert!(!w.a.timed_out(f));
+        // The peer vanishes right after answering a probe: three probes
+        // 200 ms apart from 1 s after its answer, then the connection is
+        // dropped at 1.6 s with a RST (Linux's timing), as a timeout.
+        let t1 = w.now;
+        let answered = *later.last().unwrap() - (t1 - t0).total_millis() as i64;
+        let sent = run_keepalive(&mut w, t1, 3000, false);
+        let expect: Vec<(i64, bool)> = [(1000, false), (1200, false), (1400, false), (1600, true)]
+            .iter()
+            .map(|&(t, rst)| (t + answered, rst))
+            .collect();
+        assert_eq!(sent.len(), 4, "{sent:?} (expected near {expect:?})");
+        for (got, want) in sent.iter().zip(&expect) {
+            assert!(
+                (got.0 - want.0).abs() <= 30 && got.1 == want.1,
+                "{sent:?} vs {expect:?}"
+            );
+        }
+        assert_eq!(w.a.tcp(f).unwrap().state(), tcp::State::Closed);
+        assert!(w.a.timed_out(f));
+        assert_eq!(w.a.stats().tcp_timeouts, 1);
+    }
+
+    #[test]
+    fn a_peer_silent_while_data_waits_is_dropped_after_the_user_timeout() {
+        // (stack default, the socket's own): how long until A gives up.
+        for (default, own, within) in [
+            (None, Some(500), Some(500..1400)),
+            (Some(2000), None, Some(2000..2900)),
+            (Some(2000), Some(700), Some(700..1600)),
+            (None, None, None),
+        ] {
+            let mut a_cfg = cfg(1);
+            a_cfg.tcp_user_timeout = default.map(Duration::from_millis);
+            let mut w = Wire::with(a_cfg, cfg(2));
+            w.listen_80(16);
+            let mut out = VecTx::default();
+            let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
+            w.a.egress(f, w.now, &mut out);
+            w.pump(out.0, Vec::new());
+            w.settle();
+            w.a.set_user_timeout(f, own.map(Duration::from_millis), w.now);
+            w.a.tcp(f).unwrap().send_slice(b"hello").unwrap();
+            let t0 = w.now;
+            let mut closed_at = None;
+            for _ in 0..600 {
+                run_keepalive(&mut w, t0, 10, false);
+                let mut out = VecTx::default();
+                w.a.egress(f, w.now, &mut out);
+                if w.a.tcp(f).unwrap().state() == tcp::State::Closed {
+                    closed_at = Some((w.now - t0).total_millis());
+                    break;
+                }
+            }
+            match within {
+                Some(r) => {
+                    let at = closed_at.expect("dropped");
+                    assert!(r.contains(&at), "{default:?}/{own:?}: at {at} ms");
+                    assert!(w.a.timed_out(f));
+                }
+                None => assert_eq!(closed_at, None, "no timeout: never dropped"),
+            }
         }
     }
 

@@ -1411,13 +1411,41 @@ impl Worker {
         })
     }
 
-    /// TCP keepalive interval (None disables).
-    pub fn set_keepalive(&mut self, s: SessionId, every: Option<Duration>) -> Result<()> {
+    /// TCP keepalive (None turns it off): after `idle` without hearing
+    /// from the peer a probe every `interval`; after `probes` unanswered
+    /// ones the session fails with ETIMEDOUT (Linux's `SO_KEEPALIVE` with
+    /// `TCP_KEEPIDLE`, `TCP_KEEPINTVL` and `TCP_KEEPCNT`).
+    pub fn set_keepalive(
+        &mut self,
+        s: SessionId,
+        ka: Option<(Duration, Duration, u32)>,
+    ) -> Result<()> {
         self.sess(s)?;
-        let ms = every.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32);
+        let ms = |d: Duration| d.as_millis().clamp(1, u32::MAX as u128) as u32;
+        let opt = match ka {
+            Some((idle, interval, probes)) => SessOpt::KeepAlive {
+                idle_ms: ms(idle),
+                interval_ms: ms(interval),
+                probes: probes.max(1),
+            },
+            None => SessOpt::KeepAlive {
+                idle_ms: 0,
+                interval_ms: 0,
+                probes: 0,
+            },
+        };
+        self.send_req(Request::SetOpt { handle: s.0, opt })
+    }
+
+    /// `TCP_USER_TIMEOUT`: how long the peer may stay silent while data
+    /// waits to be acknowledged (with keepalive: at all) before the session
+    /// fails with ETIMEDOUT. None restores the daemon's default.
+    pub fn set_user_timeout(&mut self, s: SessionId, t: Option<Duration>) -> Result<()> {
+        self.sess(s)?;
+        let ms = t.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32);
         self.send_req(Request::SetOpt {
             handle: s.0,
-            opt: SessOpt::KeepAliveMs(ms),
+            opt: SessOpt::TimeoutMs(ms),
         })
     }
 

@@ -63,9 +63,21 @@ pub enum Shut {
 pub enum SessOpt {
     /// Disable Nagle (value 0/1).
     NoDelay(bool),
-    /// TCP keepalive interval in milliseconds; 0 disables.
-    KeepAliveMs(u32),
-    /// Idle timeout (ms) after which the connection is aborted; 0 disables.
+    /// TCP keepalive as Linux runs it: the first probe after `idle_ms`
+    /// without hearing from the peer, then one every `interval_ms`; after
+    /// `probes` unanswered ones the connection is dropped (ETIMEDOUT).
+    /// `idle_ms` 0 turns keepalive off.
+    KeepAlive {
+        /// `TCP_KEEPIDLE`, in milliseconds.
+        idle_ms: u32,
+        /// `TCP_KEEPINTVL`, in milliseconds.
+        interval_ms: u32,
+        /// `TCP_KEEPCNT`.
+        probes: u32,
+    },
+    /// `TCP_USER_TIMEOUT` (ms): how long the peer may stay silent while
+    /// data waits to be acknowledged before the connection is dropped
+    /// (ETIMEDOUT); 0 restores the daemon's default.
     TimeoutMs(u32),
 }
 
@@ -457,12 +469,21 @@ impl Request {
                 .addr(4, Some(remote))
                 .done(),
             Request::SetOpt { handle, opt } => {
-                let (code, v) = match opt {
-                    SessOpt::NoDelay(b) => (1u8, b as u32),
-                    SessOpt::KeepAliveMs(ms) => (2, ms),
-                    SessOpt::TimeoutMs(ms) => (3, ms),
+                let (code, v, v2, v3) = match opt {
+                    SessOpt::NoDelay(b) => (1u8, b as u32, 0, 0),
+                    SessOpt::KeepAlive {
+                        idle_ms,
+                        interval_ms,
+                        probes,
+                    } => (2, idle_ms, interval_ms, probes),
+                    SessOpt::TimeoutMs(ms) => (3, ms, 0, 0),
                 };
-                W::new(K_SETOPT, 0, handle).u8(0, code).u32(4, v).done()
+                W::new(K_SETOPT, 0, handle)
+                    .u8(0, code)
+                    .u32(4, v)
+                    .u32(8, v2)
+                    .u32(12, v3)
+                    .done()
             }
         }
     }
@@ -520,7 +541,11 @@ impl Request {
                 handle,
                 opt: match r.u8(0) {
                     1 => SessOpt::NoDelay(r.u32(4) != 0),
-                    2 => SessOpt::KeepAliveMs(r.u32(4)),
+                    2 => SessOpt::KeepAlive {
+                        idle_ms: r.u32(4),
+                        interval_ms: r.u32(8),
+                        probes: r.u32(12),
+                    },
                     3 => SessOpt::TimeoutMs(r.u32(4)),
                     _ => return Err(MsgError::BadField("option")),
                 },
@@ -758,7 +783,11 @@ mod tests {
             },
             Request::SetOpt {
                 handle: 6,
-                opt: SessOpt::KeepAliveMs(1000),
+                opt: SessOpt::KeepAlive {
+                    idle_ms: 1000,
+                    interval_ms: 200,
+                    probes: 3,
+                },
             },
             Request::SetOpt {
                 handle: 6,

@@ -451,7 +451,7 @@ fn keepalive_probes_an_idle_connection() -> Result<()> {
     let addr: std::net::SocketAddr = format!("{ip4}:7900").parse()?;
     let mut idle_frames = |keepalive: Option<Duration>| -> Result<u64> {
         let c = w.connect(addr, Some(T))?;
-        w.set_keepalive(c, keepalive)?;
+        w.set_keepalive(c, keepalive.map(|d| (d, d, 9)))?;
         std::thread::sleep(Duration::from_millis(100));
         let before = d.counter(&["stack", "tx_frames"])?;
         std::thread::sleep(Duration::from_millis(600));

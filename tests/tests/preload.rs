@@ -624,6 +624,92 @@ fn connects_fail_fast_on_icmp_errors_and_unanswered_neighbours() -> Result<()> {
 }
 
 #[test]
+fn keepalive_and_user_timeout_drop_silent_peers_with_etimedout() -> Result<()> {
+    // Python under the shim sets Linux's keepalive options (1 s idle, 1 s
+    // between probes, 2 probes) and TCP_USER_TIMEOUT (1.5 s); then the peer
+    // namespace silently drops everything for one port. As on Linux, the
+    // keepalive connection fails with ETIMEDOUT about 3 s after the peer
+    // last spoke, the one with unacknowledged data 1.5 s after the send,
+    // and a keepalive connection to a live port stays up. Before, the
+    // options were remembered without effect and both waited for ever.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let server = "import socket, threading\n\
+                  def echo(c):\n\
+                  \x20   while True:\n\
+                  \x20       d = c.recv(100)\n\
+                  \x20       if not d: break\n\
+                  \x20       c.sendall(d)\n\
+                  def serve(port):\n\
+                  \x20   l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                  \x20   l.bind(('0.0.0.0', port)); l.listen()\n\
+                  \x20   while True:\n\
+                  \x20       c, _ = l.accept(); threading.Thread(target=echo, args=(c,), daemon=True).start()\n\
+                  threading.Thread(target=serve, args=(7951,), daemon=True).start()\n\
+                  print('listening', flush=True)\n\
+                  serve(7950)\n";
+    let mut srv = Proc::spawn(tb.peer_cmd("python3", &["-c", server]), "echo peer")?;
+    srv.expect("listening", T)?;
+    let flag = std::env::temp_dir().join(format!("hs-ka-{}", unique_tag()));
+    let peer = tb.peer_ip4.to_string();
+    let code = format!(
+        "import socket, time, os\n\
+         S, T = socket.SOL_SOCKET, socket.IPPROTO_TCP\n\
+         def conn(port, ka):\n\
+         \x20   s = socket.create_connection(('{peer}', port), timeout=10)\n\
+         \x20   if ka:\n\
+         \x20       s.setsockopt(S, socket.SO_KEEPALIVE, 1); s.setsockopt(T, socket.TCP_KEEPIDLE, 1)\n\
+         \x20       s.setsockopt(T, socket.TCP_KEEPINTVL, 1); s.setsockopt(T, socket.TCP_KEEPCNT, 2)\n\
+         \x20   return s\n\
+         live, ka, ut = conn(7950, True), conn(7951, True), conn(7951, False)\n\
+         ut.setsockopt(T, socket.TCP_USER_TIMEOUT, 1500)\n\
+         print('opts', ka.getsockopt(T, socket.TCP_KEEPCNT), ut.getsockopt(T, socket.TCP_USER_TIMEOUT), flush=True)\n\
+         while not os.path.exists('{flag}'): time.sleep(0.02)\n\
+         t = time.time(); ut.send(b'lost')\n\
+         for s, name in [(ut, 'user_timeout'), (ka, 'keepalive')]:\n\
+         \x20   s.settimeout(20)\n\
+         \x20   try:\n\
+         \x20       s.recv(10); print(name, 'no error', flush=True)\n\
+         \x20   except OSError as e:\n\
+         \x20       print(name, e.errno, round(time.time() - t, 1), flush=True)\n\
+         live.send(b'ping'); print('live', live.recv(10).decode(), flush=True)\n",
+        flag = flag.display()
+    );
+    let mut p = Proc::spawn(shim(&d, &["python3", "-c", &code])?, "keepalive client")?;
+    let line = p.expect("opts", T)?;
+    ensure!(line.trim() == "opts 2 1500", "options read back: {line:?}");
+    // From now on the peer hears nothing on port 7951.
+    let rules = "table inet hs_silent {\n chain input {\n type filter hook input priority 0;\n \
+                 tcp dport 7951 drop\n }\n}\n";
+    let mut nft = tb
+        .peer_cmd("nft", &["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut nft.stdin.take().context("nft stdin")?,
+        rules.as_bytes(),
+    )?;
+    ensure!(nft.wait()?.success(), "nft rules in the peer namespace");
+    std::fs::write(&flag, b"go")?;
+    for (name, within) in [("user_timeout", 1.0..3.0), ("keepalive", 0.0..4.5)] {
+        let line = p.expect(name, T)?;
+        let f: Vec<&str> = line.split_whitespace().collect();
+        ensure!(
+            f.len() == 3 && f[1] == libc::ETIMEDOUT.to_string(),
+            "{name}: {line:?}, want ETIMEDOUT"
+        );
+        let secs: f64 = f[2].parse()?;
+        ensure!(within.contains(&secs), "{name}: failed after {secs} s");
+    }
+    let line = p.expect("live", T)?;
+    ensure!(line.trim() == "live ping", "the live connection: {line:?}");
+    p.success(T)?;
+    let _ = std::fs::remove_file(&flag);
+    ensure!(d.counter(&["stack", "tcp_timeouts"])? == 2);
+    Ok(())
+}
+
+#[test]
 fn a_server_on_port_0_knows_its_port_before_listening() -> Result<()> {
     // Python's socketserver binds port 0 and stores getsockname() as
     // `server_address` before listen(); programs then announce

@@ -1,12 +1,13 @@
 //! getsockopt/setsockopt on hoststack sockets. Options the stack implements
-//! are applied (TCP_NODELAY, SO_KEEPALIVE/TCP_KEEPIDLE, SO_LINGER,
+//! are applied (TCP_NODELAY, SO_KEEPALIVE with TCP_KEEPIDLE/TCP_KEEPINTVL/
+//! TCP_KEEPCNT, TCP_USER_TIMEOUT, SO_LINGER,
 //! SO_RCVTIMEO/SO_SNDTIMEO, SO_REUSEPORT); a documented set is accepted and
 //! remembered; anything else falls back to a kernel socket when the socket
 //! is still fresh, and fails with ENOPROTOOPT afterwards.
 
 use crate::ops::Route;
 use crate::real;
-use crate::state::{lock, st, SState, R};
+use crate::state::{keepalive_of, lock, st, SState, R};
 use libc::c_int;
 use std::time::Duration;
 
@@ -29,14 +30,11 @@ fn remembered(level: c_int, name: c_int) -> bool {
         ),
         libc::IPPROTO_TCP => matches!(
             name,
-            libc::TCP_KEEPINTVL
-                | libc::TCP_KEEPCNT
-                | libc::TCP_DEFER_ACCEPT
+            libc::TCP_DEFER_ACCEPT
                 | libc::TCP_QUICKACK
                 | libc::TCP_CORK
                 | libc::TCP_FASTOPEN
                 | libc::TCP_FASTOPEN_CONNECT
-                | libc::TCP_USER_TIMEOUT
                 | libc::TCP_NOTSENT_LOWAT
                 | libc::TCP_MAXSEG
                 | libc::TCP_SYNCNT
@@ -107,6 +105,9 @@ pub fn set(fd: c_int, level: c_int, name: c_int, val: &[u8]) -> R<Route<()>> {
             | (libc::SOL_SOCKET, libc::SO_SNDTIMEO)
             | (libc::IPPROTO_TCP, libc::TCP_NODELAY)
             | (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)
+            | (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL)
+            | (libc::IPPROTO_TCP, libc::TCP_KEEPCNT)
+            | (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT)
     ) || remembered(level, name);
     if !known {
         if fresh {
@@ -132,28 +133,49 @@ pub fn set(fd: c_int, level: c_int, name: c_int, val: &[u8]) -> R<Route<()>> {
     match (level, name) {
         (libc::SOL_SOCKET, libc::SO_REUSEPORT) => k.opts.reuseport = int_of(val)? != 0,
         (libc::SOL_SOCKET, libc::SO_REUSEADDR) => k.opts.reuseaddr = int_of(val)? != 0,
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => {
-            k.opts.keepalive = int_of(val)? != 0;
-            let (on, idle) = (k.opts.keepalive, k.opts.keepidle);
-            if let (Some(sid), Ok(w)) = (sid, s.worker()) {
-                let every =
-                    on.then(|| Duration::from_secs(if idle > 0 { idle as u64 } else { 7200 }));
-                w.set_keepalive(sid, every).map_err(|e| e.errno())?;
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE)
+        | (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)
+        | (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL)
+        | (libc::IPPROTO_TCP, libc::TCP_KEEPCNT) => {
+            let v = int_of(val)?;
+            // Linux's bounds (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL,
+            // MAX_TCP_KEEPCNT).
+            match name {
+                libc::SO_KEEPALIVE => {
+                    let on = v != 0;
+                    if on == k.opts.keepalive {
+                        return Ok(Route::Done(()));
+                    }
+                    k.opts.keepalive = on;
+                }
+                libc::TCP_KEEPIDLE | libc::TCP_KEEPINTVL if !(1..=32767).contains(&v) => {
+                    return Err(libc::EINVAL)
+                }
+                libc::TCP_KEEPCNT if !(1..=127).contains(&v) => return Err(libc::EINVAL),
+                libc::TCP_KEEPIDLE => k.opts.keepidle = v,
+                libc::TCP_KEEPINTVL => k.opts.keepintvl = v,
+                _ => k.opts.keepcnt = v,
+            }
+            // Off, or on with the new timing: one request either way (a
+            // change while keepalive is off only takes effect once on).
+            let ka = keepalive_of(&k.opts);
+            if name == libc::SO_KEEPALIVE || ka.is_some() {
+                if let (Some(sid), Ok(w)) = (sid, s.worker()) {
+                    w.set_keepalive(sid, ka).map_err(|e| e.errno())?;
+                }
             }
         }
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => {
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT) => {
             let v = int_of(val)?;
-            if !(1..=32767).contains(&v) {
+            if v < 0 {
                 return Err(libc::EINVAL);
             }
-            k.opts.keepidle = v;
-            if let (Some(sid), true, Ok(w)) = (sid, k.opts.keepalive, s.worker()) {
-                w.set_keepalive(sid, Some(Duration::from_secs(v as u64)))
-                    .map_err(|e| e.errno())?;
+            k.opts.user_timeout_ms = v;
+            if let (Some(sid), Ok(w)) = (sid, s.worker()) {
+                let t = (v > 0).then(|| Duration::from_millis(v as u64));
+                w.set_user_timeout(sid, t).map_err(|e| e.errno())?;
             }
         }
-        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL) => k.opts.keepintvl = int_of(val)?,
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT) => k.opts.keepcnt = int_of(val)?,
         (libc::IPPROTO_TCP, libc::TCP_NODELAY) => {
             let on = int_of(val)? != 0;
             let changed = on != k.opts.nodelay;
@@ -289,6 +311,7 @@ pub fn get(fd: c_int, level: c_int, name: c_int) -> R<Vec<u8>> {
         } else {
             9
         }),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT) => put_int(k.opts.user_timeout_ms),
         (libc::IPPROTO_TCP, libc::TCP_MAXSEG) if !k.opts.other.contains_key(&(level, name)) => {
             put_int(1448)
         }

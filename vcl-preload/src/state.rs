@@ -219,6 +219,19 @@ pub enum SState {
     Orphan,
 }
 
+/// The keepalive a socket's options ask for, with Linux's defaults for
+/// what is unset (7200 s idle, 75 s between probes, 9 probes).
+pub fn keepalive_of(o: &Opts) -> Option<(Duration, Duration, u32)> {
+    let or = |v: c_int, d: u64| Duration::from_secs(if v > 0 { v as u64 } else { d });
+    o.keepalive.then(|| {
+        (
+            or(o.keepidle, 7200),
+            or(o.keepintvl, 75),
+            if o.keepcnt > 0 { o.keepcnt as u32 } else { 9 },
+        )
+    })
+}
+
 #[derive(Clone, Default)]
 pub struct Opts {
     pub reuseaddr: bool,
@@ -234,6 +247,8 @@ pub struct Opts {
     pub keepidle: c_int,
     pub keepintvl: c_int,
     pub keepcnt: c_int,
+    /// TCP_USER_TIMEOUT in ms (0: the daemon's default).
+    pub user_timeout_ms: c_int,
     /// Other options accepted and remembered (level, name) -> value.
     pub other: FastMap<(c_int, c_int), Vec<u8>>,
 }
@@ -1028,16 +1043,22 @@ impl State {
         let SState::Connected { sid } = s.state else {
             return;
         };
-        let (nodelay, ka, idle) = (s.opts.nodelay, s.opts.keepalive, s.opts.keepidle);
+        let (nodelay, ka, ut) = (
+            s.opts.nodelay,
+            keepalive_of(&s.opts),
+            s.opts.user_timeout_ms,
+        );
         let Some(w) = self.worker.as_mut() else {
             return;
         };
         if nodelay {
             let _ = w.set_nodelay(sid, true);
         }
-        if ka {
-            let secs = if idle > 0 { idle as u64 } else { 7200 };
-            let _ = w.set_keepalive(sid, Some(Duration::from_secs(secs)));
+        if ka.is_some() {
+            let _ = w.set_keepalive(sid, ka);
+        }
+        if ut > 0 {
+            let _ = w.set_user_timeout(sid, Some(Duration::from_millis(ut as u64)));
         }
     }
 

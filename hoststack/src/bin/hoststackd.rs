@@ -33,6 +33,8 @@ CONFIG FILE (TOML; every key optional unless noted, flags override the file):
     ack_delay_max_ms = 100     per connection stretched up to this when the app answers later
     timestamps = true          answer the peer's TCP timestamps (PAWS, TIME-WAIT port reuse)
     loss_recovery = true       retransmit early on probe timeouts / partial ACKs (smoltcp alone waits >= 1 s)
+    user_timeout_secs = 900    drop a connection whose peer stays silent this long with data unacknowledged
+                               (ETIMEDOUT; apps override it with TCP_USER_TIMEOUT or keepalive; 0 = never)
   [session]
     fifo_size = 262144         rx and tx FIFO per session (power of two)
     ct_fifo_size = 1048576     each FIFO of a cut-through session (power of two)
@@ -109,6 +111,11 @@ struct Cli {
     /// false (overrides tcp.loss_recovery).
     #[arg(long, value_name = "BOOL")]
     tcp_loss_recovery: Option<bool>,
+    /// Drop a connection whose peer stays silent this long while data waits
+    /// to be acknowledged, in seconds; 0 = never (overrides
+    /// tcp.user_timeout_secs).
+    #[arg(long, value_name = "SECS")]
+    tcp_user_timeout_secs: Option<u64>,
     /// Receive buffer for connections while the budget lasts, in bytes
     /// (overrides tcp.rx_buffer_max; at or below tcp.rx_buffer: off).
     #[arg(long, value_name = "BYTES")]
@@ -184,6 +191,9 @@ fn main() -> Result<()> {
     }
     if let Some(on) = cli.tcp_loss_recovery {
         cfg.tcp.loss_recovery = on;
+    }
+    if let Some(s) = cli.tcp_user_timeout_secs {
+        cfg.tcp.user_timeout_secs = s;
     }
     if let Some(n) = cli.tcp_rx_buffer_max {
         cfg.tcp.rx_buffer_max = n;
