@@ -963,7 +963,7 @@ impl Engine {
                                 interval: ms(interval_ms.max(1)),
                                 probes: probes.clamp(1, 1000),
                             });
-                            self.stack.set_keepalive(flow, ka, now);
+                            self.stack.set_keepalive(flow, ka, now, tx);
                         }
                         SessOpt::TimeoutMs(t) => {
                             self.stack

@@ -1488,14 +1488,47 @@ impl Stack {
 
     /// Access the TCP socket of a flow.
     /// Turn keepalive on (Linux semantics, see [`KeepAlive`]) or off.
-    pub fn set_keepalive(&mut self, id: FlowId, ka: Option<KeepAlive>, now: Instant) {
+    pub fn set_keepalive(
+        &mut self,
+        id: FlowId,
+        ka: Option<KeepAlive>,
+        now: Instant,
+        tx: &mut dyn FrameTx,
+    ) {
         let default = self.cfg.tcp_user_timeout;
-        if let Some(f) = self.flow_mut(id) {
-            if f.keepalive.is_none() {
-                f.last_rx = now;
-            }
-            f.keepalive = ka;
-            apply_keepalive(f, default, now);
+        let idx = id.idx as usize;
+        let Some(f) = self
+            .flows
+            .get_mut(idx)
+            .and_then(|f| f.as_mut())
+            .filter(|f| f.gen == id.gen && f.kind == FlowKind::Tcp)
+        else {
+            return;
+        };
+        if f.keepalive.is_none() {
+            f.last_rx = now;
+        }
+        f.keepalive = ka;
+        apply_keepalive(f, default, now);
+        // smoltcp re-arms its keepalive timer only when a segment arrives
+        // (or a probe leaves): one armed for a longer idle (an app that
+        // sets SO_KEEPALIVE, then TCP_KEEPIDLE) would keep the old time.
+        // The peer's last ACK shown again re-arms it with the new one (on
+        // an idle connection it is no duplicate; the peer's silence is
+        // counted from now, as after any change of the settings).
+        if ka.is_some() && !f.rec.replay_frame().is_empty() {
+            let ack = f.rec.replay_frame().to_vec();
+            let mut sent = 0;
+            let mut dev = OneShot {
+                rx: Some(&ack),
+                tx,
+                caps: self.caps.clone(),
+                link: self.link,
+                sent: &mut sent,
+                log: None,
+            };
+            self.iface.poll_ingress_single(now, &mut dev, &mut f.set);
+            self.stats.tx_frames += sent;
         }
     }
 
@@ -2371,7 +2404,22 @@ mod tests {
             interval: Duration::from_millis(200),
             probes: 3,
         };
-        w.a.set_keepalive(f, Some(ka), w.now);
+        // Linux's defaults first, then the app's own timing (the
+        // immediate probe smoltcp sends on the first is answered at once,
+        // which arms its timer for 7200 s): the new timing must hold.
+        let linux = KeepAlive {
+            idle: Duration::from_secs(7200),
+            interval: Duration::from_secs(75),
+            probes: 9,
+        };
+        let mut out = VecTx::default();
+        w.a.set_keepalive(f, Some(linux), w.now, &mut out);
+        w.a.egress(f, w.now, &mut out);
+        assert_eq!(out.0.len(), 1, "smoltcp's probe at once");
+        w.pump(out.0, Vec::new());
+        let mut out = VecTx::default();
+        w.a.set_keepalive(f, Some(ka), w.now, &mut out);
+        w.pump(out.0, Vec::new());
         // The peer answers: one probe per second of silence, not one per
         // interval, and the connection lives on.
         let t0 = w.now;
