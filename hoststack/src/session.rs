@@ -484,7 +484,8 @@ impl Engine {
             Event::Rx { handle }
             | Event::TxSpace { handle }
             | Event::PeerClosed { handle }
-            | Event::Reset { handle, .. } => self
+            | Event::Reset { handle, .. }
+            | Event::SoftError { handle, .. } => self
                 .sess(handle)
                 .filter(|s| s.app == app && s.worker == worker)
                 .and_then(|s| s.chan),
@@ -1288,6 +1289,18 @@ impl Engine {
             .map(|s| s.endpoint().port)
             .unwrap_or(local.port());
         let bound = SocketAddr::new(local.ip(), port);
+        if let Some(r) = remote {
+            // Connected in the stack too, as in Linux: only the peer's
+            // datagrams reach it, and ICMP errors about it find it.
+            if let Err(e) = self.stack.udp_connect(flow, sa_to_ep(r)) {
+                self.stack.remove_flow(
+                    flow,
+                    Instant::from_micros(0),
+                    &mut crate::stack::NullTx(Vec::new()),
+                );
+                return Err(e.errno());
+            }
+        }
         match self.make_net_session(app, worker, Proto::Udp, flow, Some(bound), remote) {
             Ok((h, blk, doff)) => Ok((h, blk.segment, doff, bound)),
             Err(e) => {
@@ -2373,10 +2386,13 @@ impl Engine {
                 }
             }
         }
-        let (app, worker) = (s.app, s.worker);
+        let (app, worker, remote) = (s.app, s.worker, s.remote);
         let mut evs = Vec::new();
         if delivered && rx.set_event() {
             evs.push(Event::Rx { handle: h });
+        }
+        if let Some(errno) = self.stack.take_error(flow) {
+            evs.push(Event::SoftError { handle: h, errno });
         }
         if drained && txf.take_dequeue_notification() {
             evs.push(Event::TxSpace { handle: h });
@@ -2392,7 +2408,18 @@ impl Engine {
             self.post(app, worker, e);
         }
         for (dst, data) in looped {
-            self.stack.udp_local(flow, dst, &data, now);
+            // Nobody there: a connected sender hears of it as from the
+            // kernel's loopback (ICMP port unreachable: ECONNREFUSED).
+            if !self.stack.udp_local(flow, dst, &data, now) && remote.map(sa_to_ep) == Some(dst) {
+                self.post(
+                    app,
+                    worker,
+                    Event::SoftError {
+                        handle: h,
+                        errno: libc::ECONNREFUSED,
+                    },
+                );
+            }
         }
     }
 

@@ -343,6 +343,8 @@ pub struct StackStats {
     /// Connections dropped because the peer fell silent (keepalive probes
     /// unanswered, or the user timeout with data unacknowledged).
     pub tcp_timeouts: u64,
+    /// ICMP errors reported to connected UDP sockets.
+    pub udp_icmp_errors: u64,
     /// Frames emitted.
     pub tx_frames: u64,
     /// Passive connections created.
@@ -713,9 +715,25 @@ fn icmp6_errno(code: u8) -> Option<i32> {
     })
 }
 
-/// A destination-unreachable ICMP error about one of our TCP segments: the
-/// connection it names, the quoted sequence number and the errno.
-fn icmp_tcp_error(frame: &[u8]) -> Option<(TcpKey, u32, i32)> {
+/// A destination-unreachable ICMP error about one of our TCP segments or
+/// UDP datagrams.
+struct IcmpError {
+    /// The quoted packet's protocol: 6 (TCP) or 17 (UDP).
+    proto: u8,
+    /// Its addresses and ports, ours first.
+    key: TcpKey,
+    /// The quoted TCP sequence number (UDP: meaningless).
+    seq: u32,
+    /// The errno Linux would report.
+    errno: i32,
+    /// A "hard" error (port or protocol unreachable, administratively
+    /// prohibited...): the kind Linux reports on a connected UDP socket.
+    fatal: bool,
+}
+
+/// Parse a destination-unreachable ICMP error about one of our TCP
+/// segments or UDP datagrams.
+fn icmp_error(frame: &[u8]) -> Option<IcmpError> {
     use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet};
     // Every frame comes here: ICMP or not is a byte or two away.
     let icmp = match frame.get(12..14)? {
@@ -727,7 +745,7 @@ fn icmp_tcp_error(frame: &[u8]) -> Option<(TcpKey, u32, i32)> {
         return None;
     }
     let eth = EthernetFrame::new_checked(frame).ok()?;
-    let (quoted, errno) = match eth.ethertype() {
+    let (quoted, (errno, fatal)) = match eth.ethertype() {
         EthernetProtocol::Ipv4 => {
             let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
             if ip.next_header() != IpProtocol::Icmp || ip.more_frags() || ip.frag_offset() != 0 {
@@ -737,7 +755,9 @@ fn icmp_tcp_error(frame: &[u8]) -> Option<(TcpKey, u32, i32)> {
             if u8::from(icmp.msg_type()) != 3 || !icmp.verify_checksum() {
                 return None;
             }
-            (ip.payload().get(8..)?, icmp4_errno(icmp.msg_code())?)
+            let code = icmp.msg_code();
+            let fatal = matches!(code, 2 | 3 | 6..=10 | 13..=15);
+            (ip.payload().get(8..)?, (icmp4_errno(code)?, fatal))
         }
         EthernetProtocol::Ipv6 => {
             let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
@@ -749,15 +769,20 @@ fn icmp_tcp_error(frame: &[u8]) -> Option<(TcpKey, u32, i32)> {
             if u8::from(icmp.msg_type()) != 1 || !icmp.verify_checksum(&src, &dst) {
                 return None;
             }
-            (ip.payload().get(8..)?, icmp6_errno(icmp.msg_code())?)
+            let code = icmp.msg_code();
+            let fatal = matches!(code, 1 | 4..=6);
+            (ip.payload().get(8..)?, (icmp6_errno(code)?, fatal))
         }
         _ => return None,
     };
-    // The quoted packet: our IP header, then at least 8 bytes of TCP.
-    let (local, remote, tcp): (IpAddress, IpAddress, &[u8]) = match quoted.first()? >> 4 {
+    // The quoted packet: our IP header, then at least 8 bytes of TCP or
+    // UDP.
+    let transport = |p: u8| p == 6 || p == 17;
+    let (proto, local, remote, tcp): (u8, IpAddress, IpAddress, &[u8]) = match quoted.first()? >> 4
+    {
         4 => {
             let hl = usize::from(quoted[0] & 0xf) * 4;
-            if quoted.len() < hl + 8 || hl < 20 || quoted[9] != 6 {
+            if quoted.len() < hl + 8 || hl < 20 || !transport(quoted[9]) {
                 return None;
             }
             let a = |o: usize| {
@@ -768,10 +793,10 @@ fn icmp_tcp_error(frame: &[u8]) -> Option<(TcpKey, u32, i32)> {
                     quoted[o + 3],
                 )
             };
-            (a(12).into(), a(16).into(), &quoted[hl..])
+            (quoted[9], a(12).into(), a(16).into(), &quoted[hl..])
         }
         6 => {
-            if quoted.len() < 48 || quoted[6] != 6 {
+            if quoted.len() < 48 || !transport(quoted[6]) {
                 return None;
             }
             let a = |o: usize| {
@@ -779,7 +804,7 @@ fn icmp_tcp_error(frame: &[u8]) -> Option<(TcpKey, u32, i32)> {
                 b.copy_from_slice(&quoted[o..o + 16]);
                 IpAddress::Ipv6(smoltcp::wire::Ipv6Address::from(b))
             };
-            (a(8), a(24), &quoted[40..])
+            (quoted[6], a(8), a(24), &quoted[40..])
         }
         _ => return None,
     };
@@ -791,7 +816,13 @@ fn icmp_tcp_error(frame: &[u8]) -> Option<(TcpKey, u32, i32)> {
         remote,
         rport: port(2),
     };
-    Some((key, seq, errno))
+    Some(IcmpError {
+        proto,
+        key,
+        seq,
+        errno,
+        fatal,
+    })
 }
 
 /// An Ethernet frame carrying a UDP datagram from `src` to `dst` (same IP
@@ -1706,20 +1737,44 @@ impl Stack {
     }
 
     fn ingress_one(&mut self, now: Instant, frame: &[u8], csum_ok: bool, tx: &mut dyn FrameTx) {
-        if let Some((key, seq, errno)) = icmp_tcp_error(frame) {
-            // About one of our connects (it quotes our SYN): it fails with
-            // the error, as in Linux. Later errors are soft: ignored.
-            if let Some(&id) = self.tcp.get(&key) {
-                if let Some(f) = self.flow_mut(id) {
-                    let h = f.handle;
-                    let connecting = f.set.get::<tcp::Socket>(h).state() == tcp::State::SynSent;
-                    if connecting && f.rec.syn_seq == Some(seq) {
+        match icmp_error(frame) {
+            Some(IcmpError {
+                proto: 6,
+                key,
+                seq,
+                errno,
+                ..
+            }) => {
+                // About one of our connects (it quotes our SYN): it fails
+                // with the error, as in Linux. Later errors are soft:
+                // ignored.
+                if let Some(&id) = self.tcp.get(&key) {
+                    if let Some(f) = self.flow_mut(id) {
+                        let h = f.handle;
+                        let connecting = f.set.get::<tcp::Socket>(h).state() == tcp::State::SynSent;
+                        if connecting && f.rec.syn_seq == Some(seq) {
+                            f.error = Some(errno);
+                            self.stats.icmp_connect_errors += 1;
+                            self.touch(id);
+                        }
+                    }
+                }
+            }
+            Some(IcmpError {
+                key, errno, fatal, ..
+            }) if fatal => {
+                // A connected UDP socket reports a hard error once on its
+                // next call, as in Linux (an unconnected one ignores it).
+                let remote = IpEndpoint::new(key.remote, key.rport);
+                if let Some(&id) = self.udp_conn.get(&(remote, key.lport)) {
+                    if let Some(f) = self.flow_mut(id) {
                         f.error = Some(errno);
-                        self.stats.icmp_connect_errors += 1;
+                        self.stats.udp_icmp_errors += 1;
                         self.touch(id);
                     }
                 }
             }
+            _ => {}
         }
         let target = match demux(frame) {
             Demux::Tcp { key, syn_only } => match self.tcp.get(&key).copied() {

@@ -461,6 +461,8 @@ struct Sess {
     remote: Option<SocketAddr>,
     peer_closed: bool,
     reset: Option<i32>,
+    /// An error to report once on the next call (connected UDP: ICMP).
+    soft_error: Option<i32>,
     shut_wr: bool,
     cut_through: bool,
 }
@@ -914,6 +916,12 @@ impl Worker {
                     self.notes.push_back(Notify::Readable(SessionId(handle)));
                     self.notes.push_back(Notify::Writable(SessionId(handle)));
                 }
+                Event::SoftError { handle, errno } => {
+                    if let Some(s) = self.sessions.get_mut(&handle) {
+                        s.soft_error = Some(errno);
+                        self.notes.push_back(Notify::Readable(SessionId(handle)));
+                    }
+                }
                 Event::Shutdown => {
                     self.dead = true;
                 }
@@ -1083,6 +1091,7 @@ impl Worker {
                 remote: d.remote,
                 peer_closed: false,
                 reset: None,
+                soft_error: None,
                 shut_wr: false,
                 cut_through: d.cut_through,
             },
@@ -1522,8 +1531,15 @@ impl Worker {
             readable: rx > 0 || sess.peer_closed || sess.reset.is_some(),
             writable: tx >= min_tx || sess.reset.is_some(),
             hup: sess.peer_closed,
-            error: sess.reset,
+            error: sess.reset.or(sess.soft_error),
         })
+    }
+
+    /// Take the error a session reports once (a connected UDP socket's
+    /// ICMP error), as `getsockopt(SO_ERROR)` does.
+    pub fn take_soft_error(&mut self, s: SessionId) -> Result<Option<i32>> {
+        self.process_events()?;
+        Ok(self.sess(s)?.soft_error.take())
     }
 
     /// Does listener `l` have connections waiting?
@@ -1704,6 +1720,9 @@ impl Worker {
             if sess.proto != Proto::Udp {
                 break Err(Error::Errno(libc::EOPNOTSUPP));
             }
+            if let Some(e) = sess.soft_error.take() {
+                break Err(Error::Errno(e));
+            }
             if to.is_none() && sess.remote.is_none() {
                 break Err(Error::Errno(libc::EDESTADDRREQ));
             }
@@ -1755,6 +1774,10 @@ impl Worker {
             let sess = self.sess(s)?;
             if sess.proto != Proto::Udp {
                 return Err(Error::Errno(libc::EOPNOTSUPP));
+            }
+            // Like Linux: a pending error comes before queued datagrams.
+            if let Some(e) = sess.soft_error.take() {
+                return Err(Error::Errno(e));
             }
             sess.rx.clear_event();
             let have = sess.rx.len().map_err(|_| Error::Corrupt)? as usize;

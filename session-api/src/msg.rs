@@ -268,6 +268,14 @@ pub enum Event {
         /// errno to report (ECONNRESET, ETIMEDOUT, EPIPE...).
         errno: i32,
     },
+    /// An error the session survives (a connected UDP socket's ICMP port
+    /// unreachable): reported once, by the next call, as in Linux.
+    SoftError {
+        /// Session handle.
+        handle: u64,
+        /// errno to report once (ECONNREFUSED, EHOSTUNREACH...).
+        errno: i32,
+    },
     /// The daemon is shutting down; every handle is dead.
     Shutdown,
 }
@@ -321,6 +329,7 @@ const E_TXSPACE: u16 = 104;
 const E_PEER_CLOSED: u16 = 105;
 const E_RESET: u16 = 106;
 const E_SHUTDOWN: u16 = 107;
+const E_SOFT_ERROR: u16 = 108;
 
 /// Encoded socket address size in a message payload.
 pub const ADDR_SIZE: usize = 20;
@@ -600,6 +609,9 @@ impl Event {
             Event::Reset { handle, errno } => {
                 W::new(E_RESET, 0, handle).u32(0, errno as u32).done()
             }
+            Event::SoftError { handle, errno } => {
+                W::new(E_SOFT_ERROR, 0, handle).u32(0, errno as u32).done()
+            }
             Event::Shutdown => W::new(E_SHUTDOWN, 0, 0).done(),
         }
     }
@@ -627,6 +639,10 @@ impl Event {
             E_TXSPACE => Event::TxSpace { handle },
             E_PEER_CLOSED => Event::PeerClosed { handle },
             E_RESET => Event::Reset {
+                handle,
+                errno: r.u32(0) as i32,
+            },
+            E_SOFT_ERROR => Event::SoftError {
                 handle,
                 errno: r.u32(0) as i32,
             },
@@ -831,6 +847,10 @@ mod tests {
             Event::Reset {
                 handle: 1,
                 errno: 104,
+            },
+            Event::SoftError {
+                handle: 1,
+                errno: 111,
             },
             Event::Shutdown,
         ];

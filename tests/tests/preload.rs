@@ -717,6 +717,73 @@ fn keepalive_and_user_timeout_drop_silent_peers_with_etimedout() -> Result<()> {
 }
 
 #[test]
+fn connected_udp_hears_port_unreachable_as_econnrefused() -> Result<()> {
+    // As on Linux: a connected UDP socket whose datagram meets a closed
+    // port (the peer's ICMP port unreachable, or nobody bound at one of the
+    // daemon's own addresses) fails its next call once with ECONNREFUSED,
+    // and getsockopt(SO_ERROR) reports and clears it. An unconnected
+    // socket, and a "soft" ICMP error (host unreachable), change nothing.
+    // Before, every one of these calls waited for its timeout.
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let rules =
+        "table inet hs_udp_reject {\n chain input {\n type filter hook input priority 0;\n \
+                 udp dport 7963 reject with icmp type host-unreachable\n }\n}\n";
+    let mut nft = tb
+        .peer_cmd("nft", &["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut nft.stdin.take().context("nft stdin")?,
+        rules.as_bytes(),
+    )?;
+    ensure!(nft.wait()?.success(), "nft rules in the peer namespace");
+    let (peer, me) = (tb.peer_ip4.to_string(), tb.daemon_ip4.to_string());
+    let code = format!(
+        "import socket, time\n\
+         def udp(host, port):\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.5)\n\
+         \x20   if port: s.connect((host, port))\n\
+         \x20   return s\n\
+         def recv(name, s):\n\
+         \x20   try:\n\
+         \x20       s.recv(10); print(name, 'data', flush=True)\n\
+         \x20   except socket.timeout:\n\
+         \x20       print(name, 'timeout', flush=True)\n\
+         \x20   except OSError as e:\n\
+         \x20       print(name, e.errno, flush=True)\n\
+         s = udp('{peer}', 7961); s.send(b'x'); recv('peer', s)\n\
+         s.send(b'again'); print('peer again sent', flush=True)\n\
+         s = udp('{me}', 7962); s.send(b'x'); recv('local', s)\n\
+         s = udp('{peer}', 0); s.sendto(b'x', ('{peer}', 7961)); recv('unconnected', s)\n\
+         s = udp('{peer}', 7963); s.send(b'x'); recv('soft', s)\n\
+         s = udp('{peer}', 7961); s.send(b'x'); time.sleep(0.5)\n\
+         print('so_error', s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), flush=True)\n"
+    );
+    let mut p = Proc::spawn(shim(&d, &["python3", "-c", &code])?, "udp client")?;
+    let refused = libc::ECONNREFUSED.to_string();
+    for (name, want) in [
+        ("peer ", refused.clone()),
+        ("peer again", "sent".into()),
+        ("local", refused.clone()),
+        ("unconnected", "timeout".into()),
+        ("soft", "timeout".into()),
+        ("so_error", format!("{refused} 0")),
+    ] {
+        let line = p.expect(name, T)?;
+        ensure!(
+            line.trim().ends_with(&format!(" {want}")),
+            "{name}: {line:?}, want {want}"
+        );
+    }
+    p.success(T)?;
+    // The first socket's two datagrams and the last one's: the host
+    // unreachable was not taken, nor the one to the unconnected socket.
+    ensure!(d.counter(&["stack", "udp_icmp_errors"])? == 3);
+    Ok(())
+}
+
+#[test]
 fn a_server_on_port_0_knows_its_port_before_listening() -> Result<()> {
     // Python's socketserver binds port 0 and stores getsockname() as
     // `server_address` before listen(); programs then announce

@@ -247,6 +247,12 @@ pub fn get(fd: c_int, level: c_int, name: c_int) -> R<Vec<u8>> {
                 return Ok(put_int(e));
             }
         }
+        // A connected UDP socket's ICMP error: reported (and cleared) once.
+        if let (SState::Udp { sid }, 0) = (k.state, k.so_error) {
+            if let Some(Ok(Some(e))) = s.worker.as_mut().map(|w| w.take_soft_error(sid)) {
+                return Ok(put_int(e));
+            }
+        }
     }
     let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
     let tv = |d: Option<Duration>| {

@@ -1163,6 +1163,9 @@ impl State {
                             m |= e;
                         }
                     }
+                } else if r.error.is_some() {
+                    // A connected UDP socket's pending ICMP error.
+                    m |= e;
                 }
                 m
             }
