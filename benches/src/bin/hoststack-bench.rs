@@ -992,6 +992,9 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
     let _source = peer_role(&tb, "kernel-source", &format!("{peer}:5006"))?;
     let echo_addr: SocketAddr = format!("{peer}:5001").parse()?;
     let sink_addr: SocketAddr = format!("{peer}:5002").parse()?;
+    // The same sink over IPv6 (TSO builds IPv6 super-frames too).
+    let _sink6 = peer_role(&tb, "kernel-sink", &format!("[{}]:5007", tb.peer_ip6))?;
+    let sink6_addr: SocketAddr = format!("[{}]:5007", tb.peer_ip6).parse()?;
     let source_addr: SocketAddr = format!("{peer}:5006").parse()?;
     // Packet-loss rows: 1% of the bulk flows' packets dropped at the peer.
     let loss_secs = if cli.quick { 1.0 } else { 3.0 };
@@ -1002,6 +1005,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
     // ---- hoststack side ----
     let (mut ct_rtt, mut ct_busy_rtt, mut up_rtt, mut ct_bulk, mut up_bulk) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut up_bulk6, mut k_veth_bulk6) = (vec![], vec![]);
     let (mut ct_sys, mut up_sys) = (vec![], vec![]);
     let mut scale = Vec::new();
     let (mut shim_ct_rtt, mut shim_up_rtt) = (vec![], vec![]);
@@ -1037,6 +1041,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             up_sys.push((sys + loops) as f64 / (n_pp + n_pp / 10) as f64);
             ct_bulk.push(native_bulk_ct(&app, port + 2, bulk)?);
             up_bulk.push(native_bulk_to(&app, sink_addr, Amount::Bytes(bulk / 2))?);
+            up_bulk6.push(native_bulk_to(&app, sink6_addr, Amount::Bytes(bulk / 2))?);
             up_rx.push(native_bulk_from(
                 &app,
                 source_addr,
@@ -1126,6 +1131,21 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             "dev",
             &tb.daemon_if,
         ])?;
+        // The testbed keeps the kernel's IPv6 off this interface while the
+        // daemon owns it.
+        std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tb.daemon_if),
+            "0",
+        )?;
+        run(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/{}", tb.daemon_ip6, tb.prefix_len6),
+            "dev",
+            &tb.daemon_if,
+            "nodad",
+        ])?;
         std::thread::sleep(Duration::from_millis(300));
         for r in 0..reps {
             let l = TcpListener::bind("127.0.0.1:0")?;
@@ -1148,6 +1168,7 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
             k_veth_rtt.push(kernel_pingpong(echo_addr, n_pp)?);
             k_lo_bulk.push(kernel_bulk_lo(bulk)?);
             k_veth_bulk.push(kernel_bulk_to(sink_addr, Amount::Bytes(bulk / 2))?);
+            k_veth_bulk6.push(kernel_bulk_to(sink6_addr, Amount::Bytes(bulk / 2))?);
             k_rx.push(kernel_bulk_from(source_addr, Amount::Bytes(bulk / 2))?);
             let mut sink = peer_role_args(
                 &tb,
@@ -1253,6 +1274,12 @@ fn run_all(cli: &Cli) -> Result<(Vec<http_bench::Pair>, Vec<Row>)> {
         "bulk 1 flow, uplink vs kernel over the same veth",
         median(up_bulk),
         kv,
+        "to a kernel sink in netns",
+    ));
+    rows.push(thr(
+        "bulk 1 flow over IPv6, uplink vs kernel over the same veth",
+        median(up_bulk6),
+        median(k_veth_bulk6),
         "to a kernel sink in netns",
     ));
     rows.push(thr(
