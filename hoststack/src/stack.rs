@@ -215,20 +215,35 @@ pub struct KeepAlive {
     pub probes: u32,
 }
 
-/// Push a flow's keepalive and timeout settings into its smoltcp socket.
-/// smoltcp has one keepalive interval and aborts after `timeout` of
-/// silence from the peer: the interval is `idle` until the connection has
-/// been silent that long, then `interval` (switched in [`Stack::egress`]
-/// and back on each arrival), and the timeout is `idle + interval *
-/// probes`: the probes and the verdict (smoltcp then sends a RST, as
-/// Linux does) fall where Linux's would.
-fn apply_keepalive(f: &mut Flow, default_timeout: Option<Duration>, now: Instant) {
+/// Push a flow's keepalive and timeout settings into its smoltcp socket
+/// (before each timer pass and after each arrival).
+///
+/// smoltcp has one keepalive interval, and aborts a connection after
+/// `timeout` of silence from the peer whether or not anything waits for
+/// it. With keepalive the interval is `idle` until the connection has been
+/// silent that long, then `interval` (switched here, and back on each
+/// arrival), and the timeout is `idle + interval * probes` (or the user
+/// timeout): the probes and the verdict (smoltcp then sends a RST, as
+/// Linux does) fall where Linux's would. Without keepalive, as in Linux,
+/// only a connection with data waiting to be acknowledged times out: the
+/// timeout is set only while the send queue holds some, so an idle
+/// connection lives on however long both ends stay quiet.
+fn apply_timeouts(f: &mut Flow, default_timeout: Option<Duration>, now: Instant) {
     if f.kind != FlowKind::Tcp {
         return;
     }
     let sock = f.set.get_mut::<tcp::Socket>(f.handle);
-    let dead_after = f.keepalive.map(|k| k.idle + k.interval * k.probes);
-    sock.set_timeout(f.user_timeout.or(dead_after).or(default_timeout));
+    let timeout = match f.keepalive {
+        Some(k) => Some(f.user_timeout.unwrap_or(k.idle + k.interval * k.probes)),
+        None if sock.send_queue() > 0 => f.user_timeout.or(default_timeout),
+        None => None,
+    };
+    if sock.timeout() != timeout {
+        sock.set_timeout(timeout);
+    }
+    if f.keepalive.is_none() && sock.keep_alive().is_none() {
+        return;
+    }
     let every = f.keepalive.map(|k| {
         if now >= f.last_rx + k.idle {
             k.interval
@@ -1225,7 +1240,6 @@ impl Stack {
         let mut s = tcp::Socket::new(rx, tx);
         s.set_congestion_control(tcp::CongestionControl::Cubic);
         s.set_ack_delay(self.cfg.tcp_ack_delay);
-        s.set_timeout(self.cfg.tcp_user_timeout);
         // Used only when the peer's SYN offers timestamps (smoltcp drops it
         // otherwise), as Linux does by default.
         if self.cfg.tcp_timestamps {
@@ -1540,7 +1554,7 @@ impl Stack {
             f.last_rx = now;
         }
         f.keepalive = ka;
-        apply_keepalive(f, default, now);
+        apply_timeouts(f, default, now);
         // smoltcp re-arms its keepalive timer only when a segment arrives
         // (or a probe leaves): one armed for a longer idle (an app that
         // sets SO_KEEPALIVE, then TCP_KEEPIDLE) would keep the old time.
@@ -1570,7 +1584,7 @@ impl Stack {
         let default = self.cfg.tcp_user_timeout;
         if let Some(f) = self.flow_mut(id) {
             f.user_timeout = t;
-            apply_keepalive(f, default, now);
+            apply_timeouts(f, default, now);
         }
     }
 
@@ -1841,7 +1855,7 @@ impl Stack {
                     // Heard from the peer: back to the idle interval, which
                     // smoltcp re-arms from now as it takes the segment.
                     f.last_rx = now;
-                    apply_keepalive(f, self.cfg.tcp_user_timeout, now);
+                    apply_timeouts(f, self.cfg.tcp_user_timeout, now);
                 }
                 let mut dev = OneShot {
                     rx: Some(frame),
@@ -1854,6 +1868,11 @@ impl Stack {
                 };
                 let r = self.iface.poll_ingress_single(now, &mut dev, &mut f.set);
                 let _ = r == PollIngressSingleResult::None;
+                if f.kind == FlowKind::Tcp {
+                    // An ACK may have emptied the send queue: an idle
+                    // connection has no timeout (see `apply_timeouts`).
+                    apply_timeouts(f, self.cfg.tcp_user_timeout, now);
+                }
                 if let Some(seg) = seg.as_ref().filter(|_| tcp) {
                     if f.rec.on_received(seg, frame, now) {
                         // A partial ACK while recovering: the next hole
@@ -1971,9 +1990,7 @@ impl Stack {
         let mut sent = 0u64;
         let is_tcp = f.kind == FlowKind::Tcp;
         let tcp = self.cfg.tcp_loss_recovery && is_tcp;
-        if f.keepalive.is_some() {
-            apply_keepalive(f, self.cfg.tcp_user_timeout, now);
-        }
+        apply_timeouts(f, self.cfg.tcp_user_timeout, now);
         // Only smoltcp's timeout closes a connection in a timer pass (its
         // TIME-WAIT ending is a clean close): remember it for the errno.
         let open_before = is_tcp
@@ -2239,7 +2256,12 @@ mod tests {
 
         /// B listens on `port`, A connects to it; the handshake is done.
         fn connected(port: u16) -> (Wire, FlowId) {
-            let mut w = Wire::new();
+            Self::connected_with(cfg(1), port)
+        }
+
+        /// [`Wire::connected`] with A configured as `a`.
+        fn connected_with(a: StackConfig, port: u16) -> (Wire, FlowId) {
+            let mut w = Wire::with(a, cfg(2));
             w.b.listen(IpListenEndpoint { addr: None, port }, 16, 7)
                 .unwrap();
             let mut out = VecTx::default();
@@ -2514,24 +2536,24 @@ mod tests {
 
     #[test]
     fn a_peer_silent_while_data_waits_is_dropped_after_the_user_timeout() {
-        // (stack default, the socket's own): how long until A gives up.
-        for (default, own, within) in [
-            (None, Some(500), Some(500..1400)),
-            (Some(2000), None, Some(2000..2900)),
-            (Some(2000), Some(700), Some(700..1600)),
-            (None, None, None),
+        // (stack default, the socket's own, data waiting): how long until
+        // A gives up. As in Linux, a quiet connection with nothing to send
+        // never times out, whatever the timeouts.
+        for (default, own, data, within) in [
+            (None, Some(500), true, Some(500..1400)),
+            (Some(2000), None, true, Some(2000..2900)),
+            (Some(2000), Some(700), true, Some(700..1600)),
+            (None, None, true, None),
+            (Some(500), Some(500), false, None),
         ] {
             let mut a_cfg = cfg(1);
             a_cfg.tcp_user_timeout = default.map(Duration::from_millis);
-            let mut w = Wire::with(a_cfg, cfg(2));
-            w.listen_80(16);
-            let mut out = VecTx::default();
-            let f = w.a.connect(ep(2, 80), None, 1, w.now).unwrap();
-            w.a.egress(f, w.now, &mut out);
-            w.pump(out.0, Vec::new());
+            let (mut w, f) = Wire::connected_with(a_cfg, 80);
             w.settle();
             w.a.set_user_timeout(f, own.map(Duration::from_millis), w.now);
-            w.a.tcp(f).unwrap().send_slice(b"hello").unwrap();
+            if data {
+                w.a.tcp(f).unwrap().send_slice(b"hello").unwrap();
+            }
             let t0 = w.now;
             let mut closed_at = None;
             for _ in 0..600 {

@@ -17,7 +17,7 @@ pub mod daemon;
 pub mod nginx;
 pub mod wrk;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -307,6 +307,21 @@ impl Testbed {
     /// A command that runs `program args` inside the peer namespace.
     pub fn peer_cmd(&self, program: &str, args: &[&str]) -> Command {
         self.ns.cmd(program, args)
+    }
+
+    /// Load nftables `rules` (`nft -f` syntax) in the peer namespace; they
+    /// go with it.
+    pub fn peer_nft(&self, rules: &str) -> Result<()> {
+        let mut nft = self
+            .peer_cmd("nft", &["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(
+            &mut nft.stdin.take().context("nft stdin")?,
+            rules.as_bytes(),
+        )?;
+        ensure!(nft.wait()?.success(), "nft rules in the peer namespace");
+        Ok(())
     }
 
     /// Run `ip -n <peer_ns> args...`; returns its stdout.

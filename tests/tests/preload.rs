@@ -581,15 +581,7 @@ fn connects_fail_fast_on_icmp_errors_and_unanswered_neighbours() -> Result<()> {
                  tcp dport 82 reject with icmp type net-unreachable\n\
                  tcp dport 83 reject with icmp type port-unreachable\n\
                  }\n}\n";
-    let mut nft = tb
-        .peer_cmd("nft", &["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(
-        &mut nft.stdin.take().context("nft stdin")?,
-        rules.as_bytes(),
-    )?;
-    ensure!(nft.wait()?.success(), "nft rules in the peer namespace");
+    tb.peer_nft(rules)?;
     let o = tb.daemon_ip4.octets();
     let nobody = format!("{}.{}.{}.77", o[0], o[1], o[2]);
     let peer = tb.peer_ip4.to_string();
@@ -684,15 +676,7 @@ fn keepalive_and_user_timeout_drop_silent_peers_with_etimedout() -> Result<()> {
     // From now on the peer hears nothing on port 7951.
     let rules = "table inet hs_silent {\n chain input {\n type filter hook input priority 0;\n \
                  tcp dport 7951 drop\n }\n}\n";
-    let mut nft = tb
-        .peer_cmd("nft", &["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(
-        &mut nft.stdin.take().context("nft stdin")?,
-        rules.as_bytes(),
-    )?;
-    ensure!(nft.wait()?.success(), "nft rules in the peer namespace");
+    tb.peer_nft(rules)?;
     std::fs::write(&flag, b"go")?;
     for (name, within) in [("user_timeout", 1.0..3.0), ("keepalive", 0.0..4.5)] {
         let line = p.expect(name, T)?;
@@ -729,15 +713,7 @@ fn connected_udp_hears_port_unreachable_as_econnrefused() -> Result<()> {
     let rules =
         "table inet hs_udp_reject {\n chain input {\n type filter hook input priority 0;\n \
                  udp dport 7963 reject with icmp type host-unreachable\n }\n}\n";
-    let mut nft = tb
-        .peer_cmd("nft", &["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(
-        &mut nft.stdin.take().context("nft stdin")?,
-        rules.as_bytes(),
-    )?;
-    ensure!(nft.wait()?.success(), "nft rules in the peer namespace");
+    tb.peer_nft(rules)?;
     let (peer, me) = (tb.peer_ip4.to_string(), tb.daemon_ip4.to_string());
     let code = format!(
         "import socket, time\n\
