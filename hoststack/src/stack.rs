@@ -2685,6 +2685,58 @@ mod tests {
         assert_eq!(w.a.syn_progress(lost), (false, 1));
     }
 
+    #[test]
+    fn a_hard_icmp_error_reaches_a_connected_udp_flow_only() {
+        let mut w = Wire::new();
+        let mut out = VecTx::default();
+        // A datagram from each of two A sockets to B's closed port 53:
+        // one connected there, one not.
+        let mut sent = Vec::new();
+        let mut flows = Vec::new();
+        for connect in [true, false] {
+            let any = IpListenEndpoint {
+                addr: None,
+                port: 0,
+            };
+            let f = w.a.udp_bind(any, ListenFamily::V4, 1).unwrap();
+            if connect {
+                w.a.udp_connect(f, ep(2, 53)).unwrap();
+            }
+            // The first try resolves B's MAC (smoltcp may drop that
+            // datagram); a later one goes out.
+            for _ in 0..20 {
+                w.a.udp(f).unwrap().send_slice(b"query", ep(2, 53)).unwrap();
+                w.a.egress(f, w.now, &mut out);
+                let d = out.0.iter().find(|fr| fr.get(23) == Some(&17)).cloned();
+                w.pump(std::mem::take(&mut out.0), Vec::new());
+                if let Some(d) = d {
+                    sent.push(d);
+                    break;
+                }
+                w.now += Duration::from_millis(200);
+            }
+            flows.push(f);
+        }
+        assert_eq!(sent.len(), 2, "both datagrams went out");
+        // B's own port unreachable (smoltcp answers a closed port) already
+        // reached the connected socket, and only that one.
+        assert_eq!(w.a.take_error(flows[0]), Some(libc::ECONNREFUSED));
+        assert_eq!(w.a.take_error(flows[1]), None);
+        let before = w.a.stats().udp_icmp_errors;
+        let mut sink = NullTx(Vec::new());
+        // Host unreachable is a soft error: Linux leaves the socket alone.
+        w.a.ingress(w.now, &icmp_unreachable(1, &sent[0]), false, &mut sink);
+        assert_eq!(w.a.take_error(flows[0]), None);
+        // Port unreachable: the connected socket's next call fails, once.
+        w.a.ingress(w.now, &icmp_unreachable(3, &sent[0]), false, &mut sink);
+        assert_eq!(w.a.take_error(flows[0]), Some(libc::ECONNREFUSED));
+        assert_eq!(w.a.take_error(flows[0]), None);
+        // The unconnected one hears nothing.
+        w.a.ingress(w.now, &icmp_unreachable(3, &sent[1]), false, &mut sink);
+        assert_eq!(w.a.take_error(flows[1]), None);
+        assert_eq!(w.a.stats().udp_icmp_errors, before + 1);
+    }
+
     /// Frames and the segment size asked of the device, as sent.
     #[derive(Default)]
     struct GsoTx(Vec<(Vec<u8>, Option<u16>)>);
