@@ -1531,7 +1531,6 @@ impl Stack {
         self.flow(id).map(|f| f.kind)
     }
 
-    /// Access the TCP socket of a flow.
     /// Turn keepalive on (Linux semantics, see [`KeepAlive`]) or off.
     pub fn set_keepalive(
         &mut self,
@@ -1594,6 +1593,7 @@ impl Stack {
         self.flow(id).is_some_and(|f| f.timed_out)
     }
 
+    /// Access the TCP socket of a flow.
     pub fn tcp(&mut self, id: FlowId) -> Option<&mut tcp::Socket<'static>> {
         let f = self.flow_mut(id)?;
         if f.kind != FlowKind::Tcp {

@@ -302,21 +302,9 @@ pub fn get(fd: c_int, level: c_int, name: c_int) -> R<Vec<u8>> {
         }
         (libc::IPPROTO_TCP, libc::TCP_NODELAY) => b(k.opts.nodelay),
         (libc::IPPROTO_TCP, libc::TCP_CORK) => b(k.opts.cork),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => put_int(if k.opts.keepidle > 0 {
-            k.opts.keepidle
-        } else {
-            7200
-        }),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL) => put_int(if k.opts.keepintvl > 0 {
-            k.opts.keepintvl
-        } else {
-            75
-        }),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT) => put_int(if k.opts.keepcnt > 0 {
-            k.opts.keepcnt
-        } else {
-            9
-        }),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => put_int(k.opts.keepalive_times().0),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL) => put_int(k.opts.keepalive_times().1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT) => put_int(k.opts.keepalive_times().2),
         (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT) => put_int(k.opts.user_timeout_ms),
         (libc::IPPROTO_TCP, libc::TCP_MAXSEG) if !k.opts.other.contains_key(&(level, name)) => {
             put_int(1448)

@@ -219,17 +219,24 @@ pub enum SState {
     Orphan,
 }
 
-/// The keepalive a socket's options ask for, with Linux's defaults for
-/// what is unset (7200 s idle, 75 s between probes, 9 probes).
-pub fn keepalive_of(o: &Opts) -> Option<(Duration, Duration, u32)> {
-    let or = |v: c_int, d: u64| Duration::from_secs(if v > 0 { v as u64 } else { d });
-    o.keepalive.then(|| {
+impl Opts {
+    /// TCP_KEEPIDLE, TCP_KEEPINTVL (seconds) and TCP_KEEPCNT, with Linux's
+    /// defaults for what is unset (7200 s, 75 s, 9 probes).
+    pub fn keepalive_times(&self) -> (c_int, c_int, c_int) {
+        let or = |v: c_int, d: c_int| if v > 0 { v } else { d };
         (
-            or(o.keepidle, 7200),
-            or(o.keepintvl, 75),
-            if o.keepcnt > 0 { o.keepcnt as u32 } else { 9 },
+            or(self.keepidle, 7200),
+            or(self.keepintvl, 75),
+            or(self.keepcnt, 9),
         )
-    })
+    }
+}
+
+/// The keepalive a socket's options ask for (see [`Opts::keepalive_times`]).
+pub fn keepalive_of(o: &Opts) -> Option<(Duration, Duration, u32)> {
+    let (idle, intvl, cnt) = o.keepalive_times();
+    let secs = |v: c_int| Duration::from_secs(v as u64);
+    o.keepalive.then(|| (secs(idle), secs(intvl), cnt as u32))
 }
 
 #[derive(Clone, Default)]
