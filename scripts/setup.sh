@@ -15,6 +15,11 @@ command -v nginx >/dev/null || need+=(nginx-light)
 command -v wrk >/dev/null || need+=(wrk)
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v curl >/dev/null || need+=(curl)
+# More servers the shim tests run, as other userspace stacks test theirs.
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-benchmark >/dev/null || need+=(redis-tools)
+command -v memcached >/dev/null || need+=(memcached)
+command -v lighttpd >/dev/null || need+=(lighttpd)
 command -v gcc >/dev/null || need+=(gcc)
 command -v unshare >/dev/null || need+=(util-linux)
 # The benchmark's packet-loss rows drop packets in the peer namespace.
