@@ -20,6 +20,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-benchmark >/dev/null || need+=(redis-tools)
 command -v memcached >/dev/null || need+=(memcached)
 command -v lighttpd >/dev/null || need+=(lighttpd)
+command -v haproxy >/dev/null || need+=(haproxy)
 command -v gcc >/dev/null || need+=(gcc)
 command -v unshare >/dev/null || need+=(util-linux)
 # The benchmark's packet-loss rows drop packets in the peer namespace.

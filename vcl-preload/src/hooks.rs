@@ -643,6 +643,47 @@ pub unsafe extern "C" fn sendfile(
     sendfile64(out, inp, off as *mut libc::off64_t, n)
 }
 
+#[no_mangle]
+pub unsafe extern "C" fn splice(
+    fd_in: c_int,
+    off_in: *mut libc::loff_t,
+    fd_out: c_int,
+    off_out: *mut libc::loff_t,
+    len: size_t,
+    flags: c_uint,
+) -> ssize_t {
+    let (a, b) = (is_bypass(fd_in), is_bypass(fd_out));
+    if !a && !b {
+        return real::splice(fd_in, off_in, fd_out, off_out, len, flags);
+    }
+    hook!(real::splice(fd_in, off_in, fd_out, off_out, len, flags), {
+        if a && b {
+            // Two sockets: neither side is a pipe.
+            rz(if len == 0 { Ok(0) } else { Err(libc::EINVAL) })
+        } else if a {
+            rz(ops::splice(
+                fd_in,
+                fd_out,
+                true,
+                !off_in.is_null(),
+                !off_out.is_null(),
+                len,
+                flags,
+            ))
+        } else {
+            rz(ops::splice(
+                fd_out,
+                fd_in,
+                false,
+                !off_out.is_null(),
+                !off_in.is_null(),
+                len,
+                flags,
+            ))
+        }
+    })
+}
+
 // ---------------------------------------------------------------- lifetime
 
 #[no_mangle]

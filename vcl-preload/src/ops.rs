@@ -813,6 +813,272 @@ pub fn sendfile(out: c_int, inp: c_int, off: Option<&mut i64>, count: usize) -> 
     }
 }
 
+/// Most bytes one splice moves through the shim.
+const SPLICE_MAX: usize = 1 << 20;
+
+/// splice(2) with a hoststack TCP socket on one side (`sock_in`: the
+/// input) and a kernel pipe on the other, as HAProxy's kernel splicing
+/// does. The kernel cannot move pages out of or into a FIFO, so the bytes
+/// are copied through the shim, under the kernel's rules: the socket's
+/// O_NONBLOCK and timeouts govern waiting for the socket, SPLICE_F_NONBLOCK
+/// or the pipe's O_NONBLOCK waiting for the pipe, and nothing is taken
+/// from one side that the other cannot take now (the pipe is written
+/// before the socket's bytes are consumed; the pipe is read only up to the
+/// room in the socket's FIFO). Errors in the kernel's order.
+pub fn splice(
+    sock: c_int,
+    pipe: c_int,
+    sock_in: bool,
+    sock_off: bool,
+    pipe_off: bool,
+    len: usize,
+    flags: libc::c_uint,
+) -> R<usize> {
+    let all =
+        libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MORE | libc::SPLICE_F_GIFT;
+    if len == 0 {
+        return Ok(0);
+    }
+    if flags & !all != 0 {
+        return Err(libc::EINVAL);
+    }
+    let fl = sys::splice_pipe(pipe, sock_in)?;
+    if pipe_off {
+        return Err(libc::ESPIPE);
+    }
+    if sock_off {
+        return Err(libc::EINVAL);
+    }
+    let pipe_nonblock = flags & libc::SPLICE_F_NONBLOCK != 0 || fl & libc::O_NONBLOCK != 0;
+    // One buffer per thread, reused: HAProxy splices every few KiB.
+    thread_local!(static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+    let want = len.min(SPLICE_MAX);
+    let run = |b: &mut [u8]| {
+        if sock_in {
+            splice_to_pipe(sock, pipe, pipe_nonblock, b)
+        } else {
+            splice_from_pipe(pipe, sock, pipe_nonblock, b)
+        }
+    };
+    BUF.with(|b| match b.try_borrow_mut() {
+        Ok(mut b) => {
+            if b.len() < want {
+                b.resize(want, 0);
+            }
+            run(&mut b[..want])
+        }
+        // A splice from a signal handler that interrupted one.
+        Err(_) => run(&mut vec![0u8; want]),
+    })
+}
+
+/// Socket -> pipe: peek, write what the pipe takes, consume that much.
+fn splice_to_pipe(sock: c_int, pipe: c_int, pipe_nonblock: bool, buf: &mut [u8]) -> R<usize> {
+    let mut dl = None;
+    let mut first = true;
+    let mut g = lock();
+    loop {
+        let s = st(&mut g);
+        let id = s.sock_of(sock).ok_or(libc::EBADF)?;
+        s.finish_connect(id);
+        let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+        if first {
+            dl = deadline(k.opts.rcvtimeo);
+            first = false;
+        }
+        let nonblock = k.nonblock;
+        let mut pipe_full = false;
+        match k.state {
+            SState::Connected { sid } => {
+                if k.rd_shut {
+                    return Ok(0);
+                }
+                let reset_seen = k.reset_seen;
+                let w = s.worker()?;
+                // No more than the pipe has room for (a page at least: its
+                // slots may hold less than a page each).
+                let room = sys::pipe_room(pipe).max(4096).min(buf.len());
+                let n = w.peek(sid, &mut buf[..room]).map_err(|e| e.errno())?;
+                if n > 0 {
+                    match sys::pipe_write_nowait(pipe, &buf[..n]) {
+                        Ok(m) => {
+                            // The bytes are in the pipe: consume them (they
+                            // are there, so this never waits).
+                            let mut done = 0;
+                            while done < m {
+                                match w.read(sid, &mut buf[done..m], Some(Duration::ZERO)) {
+                                    Ok(0) | Err(ApiError::WouldBlock) => break,
+                                    Ok(x) => done += x,
+                                    Err(e) => return Err(e.errno()),
+                                }
+                            }
+                            return Ok(m);
+                        }
+                        Err(libc::EAGAIN) if !pipe_nonblock => pipe_full = true,
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    let r = w.ready(sid).map_err(|e| e.errno())?;
+                    if let Some(e) = r.error {
+                        if reset_seen {
+                            return Ok(0);
+                        }
+                        if let Some(k) = s.socks.get_mut(&id) {
+                            k.reset_seen = true;
+                        }
+                        return Err(e);
+                    }
+                    if r.hup {
+                        return Ok(0);
+                    }
+                }
+            }
+            SState::Connecting { .. } => {}
+            SState::Udp { .. } => return Err(libc::EINVAL),
+            SState::Failed => {
+                let e = std::mem::take(&mut k.so_error);
+                return Err(if e == 0 { libc::ENOTCONN } else { e });
+            }
+            _ => return Err(libc::ENOTCONN),
+        }
+        let woke = if pipe_full {
+            // Data waits and the pipe is full: wait for room (or for news
+            // of the socket).
+            let mut p = [libc::pollfd {
+                fd: pipe,
+                events: libc::POLLOUT,
+                revents: 0,
+            }];
+            let (g2, woke) = block(g, None, &mut p, None);
+            g = g2;
+            woke
+        } else {
+            if nonblock {
+                return Err(libc::EAGAIN);
+            }
+            let (g2, woke) = block(g, dl, &mut [], None);
+            g = g2;
+            woke
+        };
+        match woke {
+            Woke::Intr if !sys::restart_after_signal() => return Err(libc::EINTR),
+            Woke::Timeout => return Err(libc::EAGAIN),
+            _ => {}
+        }
+    }
+}
+
+/// Pipe -> socket: read from the pipe at most the room in the FIFO, write
+/// it all. An empty pipe is looked at first, as the kernel does.
+fn splice_from_pipe(pipe: c_int, sock: c_int, pipe_nonblock: bool, buf: &mut [u8]) -> R<usize> {
+    let mut dl = None;
+    let mut first = true;
+    let mut g = lock();
+    loop {
+        let in_pipe = sys::pipe_len(pipe);
+        if in_pipe == 0 && sys::poll_now(pipe, libc::POLLHUP) {
+            // Empty, and no writer is left.
+            return Ok(0);
+        }
+        if in_pipe == 0 {
+            if pipe_nonblock {
+                return Err(libc::EAGAIN);
+            }
+            let mut p = [libc::pollfd {
+                fd: pipe,
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            let (g2, woke) = block(g, None, &mut p, None);
+            g = g2;
+            if matches!(woke, Woke::Intr) && !sys::restart_after_signal() {
+                return Err(libc::EINTR);
+            }
+            continue;
+        }
+        let s = st(&mut g);
+        let id = s.sock_of(sock).ok_or(libc::EBADF)?;
+        s.finish_connect(id);
+        let k = s.socks.get_mut(&id).ok_or(libc::EBADF)?;
+        if first {
+            dl = deadline(k.opts.sndtimeo);
+            first = false;
+        }
+        let nonblock = k.nonblock;
+        match k.state {
+            SState::Connected { sid } => {
+                if k.wr_shut {
+                    sigpipe(0);
+                    return Err(libc::EPIPE);
+                }
+                let w = s.worker()?;
+                let r = w.ready(sid).map_err(|e| e.errno())?;
+                if let Some(e) = r.error {
+                    if e == libc::EPIPE {
+                        sigpipe(0);
+                    }
+                    return Err(e);
+                }
+                let free = w.tx_free(sid).map_err(|e| e.errno())?;
+                if free > 0 {
+                    let n = free.min(buf.len()).min(in_pipe);
+                    let got = match sys::pipe_read_nowait(pipe, &mut buf[..n]) {
+                        Ok(got) => got,
+                        // Emptied by someone else since the poll: look again.
+                        Err(libc::EAGAIN) => continue,
+                        Err(e) => return Err(e),
+                    };
+                    if got == 0 {
+                        return Ok(0);
+                    }
+                    // It fits (at most the room just measured, and only
+                    // this thread writes under the lock): all of it goes.
+                    let mut done = 0;
+                    while done < got {
+                        match w.write(sid, &buf[done..got], Some(Duration::ZERO)) {
+                            Ok(x) => done += x,
+                            Err(ApiError::WouldBlock) => {
+                                // Not expected; never drop what left the pipe.
+                                match w.write(sid, &buf[done..got], None) {
+                                    Ok(x) => done += x,
+                                    Err(e) => {
+                                        return if done > 0 { Ok(done) } else { Err(e.errno()) }
+                                    }
+                                }
+                            }
+                            Err(e) => return if done > 0 { Ok(done) } else { Err(e.errno()) },
+                        }
+                    }
+                    return Ok(got);
+                }
+                if w.want_writable(sid).unwrap_or(true) {
+                    continue;
+                }
+            }
+            SState::Connecting { .. } => {}
+            SState::Udp { .. } => return Err(libc::EINVAL),
+            SState::Failed => {
+                let e = std::mem::take(&mut k.so_error);
+                return Err(if e == 0 { libc::ENOTCONN } else { e });
+            }
+            _ => {
+                sigpipe(0);
+                return Err(libc::EPIPE);
+            }
+        }
+        if nonblock {
+            return Err(libc::EAGAIN);
+        }
+        let (g2, woke) = block(g, dl, &mut [], None);
+        g = g2;
+        match woke {
+            Woke::Intr if !sys::restart_after_signal() => return Err(libc::EINTR),
+            Woke::Timeout => return Err(libc::EAGAIN),
+            _ => {}
+        }
+    }
+}
+
 pub fn shutdown(fd: c_int, how: c_int) -> R<()> {
     if !matches!(how, libc::SHUT_RD | libc::SHUT_WR | libc::SHUT_RDWR) {
         return Err(libc::EINVAL);

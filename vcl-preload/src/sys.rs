@@ -142,6 +142,142 @@ pub fn efd_drain(fd: c_int) {
     unsafe { real::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
 }
 
+/// The kernel fd of a splice's pipe side: its `F_GETFL` flags. EBADF for
+/// a bad fd or one not open in the direction needed, EINVAL for a fd that
+/// is no pipe (the kernel's answers when neither side is a pipe).
+pub fn splice_pipe(fd: c_int, write: bool) -> Result<c_int, c_int> {
+    // SAFETY: F_GETFL takes no pointer.
+    let fl = unsafe { real::fcntl(fd, libc::F_GETFL, 0) };
+    if fl < 0 {
+        return Err(libc::EBADF);
+    }
+    let acc = fl & libc::O_ACCMODE;
+    if (write && acc == libc::O_RDONLY) || (!write && acc == libc::O_WRONLY) {
+        return Err(libc::EBADF);
+    }
+    // SAFETY: stat is plain old data; zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one stat into an owned value.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(libc::EBADF);
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return Err(libc::EINVAL);
+    }
+    Ok(fl)
+}
+
+/// Write what fits into a pipe now, never blocking: `RWF_NOWAIT`, or on
+/// kernels without it for pipes, at most `PIPE_BUF` bytes once `poll` says
+/// there is room (a write of that size then needs one free slot).
+pub fn pipe_write_nowait(fd: c_int, buf: &[u8]) -> Result<usize, c_int> {
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec over `buf`, which outlives the call.
+    let r = unsafe { libc::pwritev2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+    if r >= 0 {
+        return Ok(r as usize);
+    }
+    match errno() {
+        libc::EOPNOTSUPP | libc::ENOSYS => {
+            if !poll_now(fd, libc::POLLOUT) {
+                return Err(libc::EAGAIN);
+            }
+            let n = buf.len().min(libc::PIPE_BUF);
+            // SAFETY: `n` bytes of `buf`.
+            let r = unsafe { real::write(fd, buf.as_ptr() as *const libc::c_void, n) };
+            if r < 0 {
+                Err(errno())
+            } else {
+                Ok(r as usize)
+            }
+        }
+        e => Err(e),
+    }
+}
+
+/// Read what a pipe holds now, never blocking (EAGAIN when empty, 0 when
+/// empty with no writer left).
+pub fn pipe_read_nowait(fd: c_int, buf: &mut [u8]) -> Result<usize, c_int> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec over `buf`, which outlives the call.
+    let r = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+    if r >= 0 {
+        return Ok(r as usize);
+    }
+    match errno() {
+        libc::EOPNOTSUPP | libc::ENOSYS => {
+            if !poll_now(fd, libc::POLLIN) {
+                return Err(libc::EAGAIN);
+            }
+            // SAFETY: `buf` is writable for its length; data (or EOF) is
+            // there, so the read does not block.
+            let r = unsafe { real::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            if r < 0 {
+                Err(errno())
+            } else {
+                Ok(r as usize)
+            }
+        }
+        e => Err(e),
+    }
+}
+
+/// Free bytes in a pipe: its capacity (`F_GETPIPE_SZ`) less what it holds
+/// (`FIONREAD`); `usize::MAX` if either is unknown.
+pub fn pipe_room(fd: c_int) -> usize {
+    // SAFETY: F_GETPIPE_SZ takes no pointer.
+    let cap = unsafe { real::fcntl(fd, libc::F_GETPIPE_SZ, 0) };
+    let mut used: c_int = 0;
+    // SAFETY: FIONREAD writes one int into `used`.
+    let r = unsafe {
+        real::ioctl(
+            fd,
+            libc::FIONREAD as libc::c_ulong,
+            &mut used as *mut c_int as usize,
+        )
+    };
+    if cap <= 0 || r < 0 {
+        return usize::MAX;
+    }
+    (cap as usize).saturating_sub(used.max(0) as usize)
+}
+
+/// Bytes a pipe holds (`FIONREAD`; 0 if unknown).
+pub fn pipe_len(fd: c_int) -> usize {
+    let mut n: c_int = 0;
+    // SAFETY: FIONREAD writes one int into `n`.
+    let r = unsafe {
+        real::ioctl(
+            fd,
+            libc::FIONREAD as libc::c_ulong,
+            &mut n as *mut c_int as usize,
+        )
+    };
+    if r < 0 {
+        0
+    } else {
+        n.max(0) as usize
+    }
+}
+
+/// Is `ev` (or a hang-up) on `fd` right now?
+pub fn poll_now(fd: c_int, ev: libc::c_short) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: ev,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let r = unsafe { real::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (ev | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// Parse a sockaddr from the app. EINVAL/EAFNOSUPPORT like the kernel.
 ///
 /// # Safety
