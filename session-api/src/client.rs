@@ -777,6 +777,12 @@ impl Worker {
         drop(self);
     }
 
+    /// The daemon is known to be gone (a call or a read of the attach
+    /// socket found it closed).
+    pub fn is_gone(&self) -> bool {
+        self.dead || self.app.inner.dead.load(Ordering::Acquire)
+    }
+
     fn send_req(&mut self, r: Request) -> Result<()> {
         if self.dead || self.app.inner.dead.load(Ordering::Acquire) {
             self.dead = true;

@@ -49,6 +49,8 @@ pub struct Daemon {
     /// Namespace secret.
     pub secret: String,
     log: PathBuf,
+    /// The flags it was started with (for [`Daemon::restart`]).
+    args: Vec<String>,
 }
 
 impl Daemon {
@@ -82,27 +84,49 @@ impl Daemon {
             Instant::now().elapsed().as_nanos()
         );
         let log = dir.join("daemon.log");
-        let mut cmd = Command::new(bin("hoststackd")?);
-        cmd.args(args)
-            .arg("--socket-dir")
-            .arg(&dir)
-            .arg("--namespace")
-            .arg(format!("default={secret}"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
-        let child = cmd.spawn().context("spawning hoststackd")?;
         let mut d = Daemon {
-            child: Some(child),
+            child: None,
             dir,
             secret,
             log,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    /// Start a new hoststackd in this one's place (same flags, socket
+    /// directory and secret), killing this one first if it still runs.
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let mut cmd = Command::new(bin("hoststackd")?);
+        cmd.args(&self.args)
+            .arg("--socket-dir")
+            .arg(&self.dir)
+            .arg("--namespace")
+            .arg(format!("default={}", self.secret))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)?,
+            );
+        self.child = Some(cmd.spawn().context("spawning hoststackd")?);
+        let d = self;
         let t0 = Instant::now();
         loop {
             if d.dir.join("ctl.sock").exists() && d.ctl("counters").is_ok() {
-                return Ok(d);
+                return Ok(());
             }
             if let Some(c) = d.child.as_mut() {
                 if let Some(st) = c.try_wait()? {

@@ -1244,8 +1244,9 @@ fn accepted_fds_are_cheap_dups_and_survive_the_app_closing_the_template() -> Res
 }
 
 #[test]
-fn when_the_daemon_dies_nginx_fails_cleanly_and_does_not_spin() -> Result<()> {
+fn when_the_daemon_dies_nginx_does_not_spin_and_serves_again_once_it_is_back() -> Result<()> {
     have("nginx")?;
+    have("wrk")?;
     let tb = Testbed::new()?;
     let mut d = Daemon::start(&tb, &[])?;
     let site = Site::new()?;
@@ -1265,6 +1266,31 @@ fn when_the_daemon_dies_nginx_fails_cleanly_and_does_not_spin() -> Result<()> {
     ensure!(
         used < 0.2,
         "nginx worker used {used:.2} s of CPU in 2 s with the daemon gone"
+    );
+    // A new daemon in the old one's place: the same nginx processes attach
+    // again, listen again, and serve (VPP's apps never notice a restart).
+    d.restart()?;
+    wait_http(&tb, &url)?;
+    ensure!(
+        peer_get(&tb, &url)? == site.small,
+        "wrong body after the restart"
+    );
+    let out = tb
+        .peer_cmd("wrk", &["-t1", "-c16", "-d1s", &url])
+        .output()?;
+    let (reqs, bad) = wrk_result(&String::from_utf8_lossy(&out.stdout))?;
+    ensure!(
+        reqs > 100 && bad == 0,
+        "wrk after the restart: {reqs} requests, {bad} errors"
+    );
+    ensure!(
+        child_pids(master).first() == Some(&worker),
+        "the nginx worker was replaced"
+    );
+    let apps = d.ctl("apps")?.to_string();
+    ensure!(
+        apps.contains(&format!("[{worker}]")),
+        "nginx's worker is not attached: {apps}"
     );
     quit(ng)?;
     Ok(())

@@ -12,7 +12,7 @@
 use crate::real;
 use crate::state::{
     block, is_bypass, is_epoll, lock, st, Reg, SState, State, Woke, G, MAGIC, MAGIC_CHAN,
-    MAGIC_CTRL, MAGIC_MQ, MAGIC_WAKE, R,
+    MAGIC_CTRL, MAGIC_MQ, MAGIC_WAKE, R, REATTACH_EVERY,
 };
 use crate::sys::{self, efd_drain, efd_signal};
 use libc::{c_int, epoll_event, pollfd};
@@ -403,6 +403,7 @@ fn wait_inner(
     let mut g: G = lock();
     loop {
         let s = st(&mut g);
+        s.try_reattach();
         s.pump();
         refresh_nested(s);
         if !s.eps.contains_key(&epfd) {
@@ -447,9 +448,15 @@ fn wait_inner(
             continue;
         }
         let wake = s.eps.get(&epfd).map_or(-1, |e| e.wake);
+        // With the daemon gone, wake up now and then to look for a new one.
+        let mut t = sys::ms_left(deadline);
+        if s.daemon_gone {
+            let cap = REATTACH_EVERY.as_millis() as c_int;
+            t = if t < 0 { cap } else { t.min(cap) };
+        }
         s.sleep_begin(wake, epfd, chan);
         drop(g);
-        let (r, e) = kernel_wait(epfd, out, sys::ms_left(deadline), sig);
+        let (r, e) = kernel_wait(epfd, out, t, sig);
         g = lock();
         let s = st(&mut g);
         s.sleep_end(wake, epfd, chan);
@@ -519,6 +526,7 @@ pub fn poll(
         .collect();
     loop {
         let s = st(&mut g);
+        s.try_reattach();
         s.pump();
         let mut n = 0;
         for p in fds.iter_mut() {

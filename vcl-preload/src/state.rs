@@ -185,6 +185,19 @@ pub fn st(g: &mut G) -> &mut State {
     g.as_mut().expect("state initialised by lock()")
 }
 
+/// The name an app attaches under: `program[pid]`.
+fn app_name() -> String {
+    let prog = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "app".into());
+    format!("{prog}[{}]", std::process::id())
+}
+
+/// How often a process whose daemon died looks for a new one (and the
+/// longest it sleeps in one wait meanwhile).
+pub const REATTACH_EVERY: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SState {
     /// Created, not yet bound to a transport: may still fall back to the kernel.
@@ -392,6 +405,8 @@ pub struct State {
     warned: bool,
     /// The daemon died: never wait on its fds again (they stay readable).
     pub daemon_gone: bool,
+    /// Last try to attach to a daemon restarted in the dead one's place.
+    last_reattach: Option<Instant>,
     /// Sockets in the `Inherited` state: while there are none, `adopt`
     /// (run before every operation) needs no table lookup.
     inherited: usize,
@@ -566,6 +581,7 @@ impl State {
             notes: Vec::new(),
             warned: false,
             daemon_gone: false,
+            last_reattach: None,
             inherited: 0,
             any_nested: false,
             templates: [(-1, 0); 2],
@@ -574,16 +590,117 @@ impl State {
 
     /// Attach (once per process) and return the worker; Err when hoststack
     /// cannot be used.
+    /// The daemon died (`daemon_gone`): attach to one restarted in its
+    /// place, trying at most every [`REATTACH_EVERY`]. On success the dead
+    /// worker is dropped without a word to anyone, every listener listens
+    /// again at its address on the new daemon (joining the group other
+    /// processes of the app re-create), UDP sockets bound to an address
+    /// are bound there again, and connections fail with ECONNRESET (their
+    /// state died with the daemon); epoll sets take the new worker's wake
+    /// fds on their next wait. True when a new worker is attached.
+    pub fn try_reattach(&mut self) -> bool {
+        use session_api::msg::{LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED};
+        if !self.daemon_gone || self.mode != Mode::Attached {
+            return false;
+        }
+        let now = Instant::now();
+        if self
+            .last_reattach
+            .is_some_and(|t| now.duration_since(t) < REATTACH_EVERY)
+        {
+            return false;
+        }
+        self.last_reattach = Some(now);
+        let mut cfg = env().attach.clone();
+        cfg.name = app_name();
+        let Ok(w) = App::attach(&cfg).and_then(|a| a.worker()) else {
+            return false;
+        };
+        if let Some(old) = self.worker.replace(w) {
+            old.detach_after_fork();
+        }
+        log_warn(
+            &self.cfg,
+            &format!(
+                "hoststackd is back in {}: attached again",
+                cfg.socket_dir.display()
+            ),
+        );
+        self.daemon_gone = false;
+        self.gen += 1;
+        for ep in self.eps.values_mut() {
+            if let Some(c) = ep.chan.take() {
+                close_own(c.efd);
+            }
+            ep.chan_sleepers = 0;
+            ep.magic_gen = 0;
+        }
+        self.by_sess.clear();
+        self.by_lid.clear();
+        self.by_token.clear();
+        self.abandoned.clear();
+        self.inherited = 0;
+        let ids: Vec<u64> = self.socks.keys().copied().collect();
+        for id in ids {
+            let Some(k) = self.socks.get_mut(&id) else {
+                continue;
+            };
+            k.reserved = None;
+            let (state, backlog, v6only, passive, bound) =
+                (k.state, k.backlog, k.v6only_flag(), k.passive, k.bound);
+            let new = match state {
+                SState::Listening { local, .. } | SState::Dormant { local } => {
+                    let flags = LISTEN_JOIN
+                        | LISTEN_SHARED
+                        | v6only
+                        | if passive { LISTEN_PASSIVE } else { 0 };
+                    match self
+                        .worker
+                        .as_mut()
+                        .map(|w| w.listen_with(local, backlog, flags))
+                    {
+                        Some(Ok((lid, local))) => SState::Listening { lid, local },
+                        _ => SState::Dormant { local },
+                    }
+                }
+                SState::Udp { .. } => {
+                    match bound.and_then(|a| self.worker.as_mut()?.udp_bind(a).ok()) {
+                        Some(sid) => SState::Udp { sid },
+                        None => SState::Failed,
+                    }
+                }
+                SState::Connecting { .. }
+                | SState::Connected { .. }
+                | SState::Inherited { .. }
+                | SState::Orphan => SState::Failed,
+                SState::Fresh | SState::Failed => continue,
+            };
+            if let Some(k) = self.socks.get_mut(&id) {
+                // The old entry's index keys belong to the dead worker.
+                k.state = SState::Fresh;
+                if new == SState::Failed {
+                    k.so_error = libc::ECONNRESET;
+                }
+            }
+            self.set_state(id, new);
+        }
+        true
+    }
+
     pub fn worker(&mut self) -> R<&mut Worker> {
+        if !self.daemon_gone && self.worker.as_ref().is_some_and(Worker::is_gone) {
+            // Found out by a call rather than by a wait (a process that
+            // never sleeps on the daemon's fds, like nginx's master).
+            self.daemon_gone = true;
+        }
+        if self.daemon_gone {
+            self.try_reattach();
+        }
         if self.worker.is_none() {
             if self.mode == Mode::Failed {
                 return Err(libc::ENETDOWN);
             }
-            let prog = std::env::current_exe()
-                .ok()
-                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .unwrap_or_else(|| "app".into());
-            let name = format!("{prog}[{}]", std::process::id());
+            let name = app_name();
             let mut cfg = env().attach.clone();
             cfg.name = name.clone();
             match App::attach(&cfg).and_then(|a| a.worker()) {
@@ -1483,7 +1600,15 @@ pub fn block(
         s.waiters.push((tefd, -1));
     }
     pfds.extend_from_slice(extra);
-    let ts = deadline.map(sys::ts_left);
+    // With the daemon gone, wake up now and then to look for a new one
+    // (the caller sees `Again`, and its next call tries).
+    let wait_until = if s.daemon_gone {
+        let cap = Instant::now() + REATTACH_EVERY;
+        Some(deadline.map_or(cap, |d| d.min(cap)))
+    } else {
+        deadline
+    };
+    let ts = wait_until.map(sys::ts_left);
     drop(g);
     // SAFETY: pfds is a valid array; ts and sigmask are null or valid.
     let r = unsafe {
