@@ -1296,6 +1296,79 @@ fn when_the_daemon_dies_nginx_does_not_spin_and_serves_again_once_it_is_back() -
     Ok(())
 }
 
+/// After a daemon restart an app's bound UDP socket is bound again (a
+/// peer's datagram reaches it and the answer goes back) and a connection
+/// that lived in the dead daemon fails with ECONNRESET, in a process that
+/// was not waiting on hoststack at all while the daemon was gone.
+#[test]
+fn after_a_daemon_restart_udp_is_bound_again_and_old_connections_reset() -> Result<()> {
+    let tb = Testbed::new()?;
+    let mut d = Daemon::start(&tb, &[])?;
+    let ip = tb.daemon_ip4.to_string();
+    let pip = tb.peer_ip4.to_string();
+    let peer_py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py/peer.py");
+    let mut echo = Proc::spawn(
+        tb.peer_cmd(
+            "python3",
+            &[
+                peer_py.to_str().context("path")?,
+                "echo-server",
+                &pip,
+                "7601",
+            ],
+        ),
+        "peer echo",
+    )?;
+    echo.expect("listening", T)?;
+    let app = format!(
+        "import socket, sys\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         u.bind(('{ip}', 7600))\n\
+         c = socket.create_connection(('{pip}', 7601), timeout=10)\n\
+         c.sendall(b'x'); assert c.recv(1) == b'x'\n\
+         print('ready', flush=True)\n\
+         sys.stdin.readline()\n\
+         try:\n\
+         \x20   c.sendall(b'y'); print('conn got', c.recv(1), flush=True)\n\
+         except OSError as e:\n\
+         \x20   print('conn errno', e.errno, flush=True)\n\
+         u.settimeout(20)\n\
+         d, a = u.recvfrom(100)\n\
+         u.sendto(d.upper(), a)\n\
+         print('udp answered', flush=True)\n"
+    );
+    let (mut p, mut stdin) = Proc::spawn_with_stdin(shim(&d, &["python3", "-c", &app])?, "app")?;
+    p.expect("ready", T)?;
+    d.kill(libc::SIGKILL);
+    d.restart()?;
+    use std::io::Write;
+    stdin.write_all(b"go\n")?;
+    let line = p.expect("conn", T)?;
+    ensure!(
+        line == format!("conn errno {}", libc::ECONNRESET),
+        "the connection from before the restart: {line}"
+    );
+    let client = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.2)\n\
+         t = time.time()\n\
+         while time.time() - t < 15:\n\
+         \x20   s.sendto(b'hello', ('{ip}', 7600))\n\
+         \x20   try:\n\
+         \x20       print(s.recvfrom(100)[0].decode(), flush=True); break\n\
+         \x20   except socket.timeout:\n\
+         \x20       pass\n"
+    );
+    let out = tb.peer_cmd("python3", &["-c", &client]).output()?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == "HELLO",
+        "UDP after the restart: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    p.expect("udp answered", T)?;
+    Ok(())
+}
+
 #[test]
 fn a_forking_server_hands_accepted_connections_to_its_children() -> Result<()> {
     // The inetd / ForkingTCPServer pattern: the parent accepts, forks, the
