@@ -167,64 +167,57 @@ pub fn splice_pipe(fd: c_int, write: bool) -> Result<c_int, c_int> {
     Ok(fl)
 }
 
-/// Write what fits into a pipe now, never blocking: `RWF_NOWAIT`, or on
-/// kernels without it for pipes, at most `PIPE_BUF` bytes once `poll` says
-/// there is room (a write of that size then needs one free slot).
+/// Write what fits into a pipe now, never blocking (EAGAIN when full).
 pub fn pipe_write_nowait(fd: c_int, buf: &[u8]) -> Result<usize, c_int> {
-    let iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: one iovec over `buf`, which outlives the call.
-    let r = unsafe { libc::pwritev2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
-    if r >= 0 {
-        return Ok(r as usize);
-    }
-    match errno() {
-        libc::EOPNOTSUPP | libc::ENOSYS => {
-            if !poll_now(fd, libc::POLLOUT) {
-                return Err(libc::EAGAIN);
-            }
-            let n = buf.len().min(libc::PIPE_BUF);
-            // SAFETY: `n` bytes of `buf`.
-            let r = unsafe { real::write(fd, buf.as_ptr() as *const libc::c_void, n) };
-            if r < 0 {
-                Err(errno())
-            } else {
-                Ok(r as usize)
-            }
-        }
-        e => Err(e),
-    }
+    pipe_nowait(fd, buf.as_ptr() as *mut u8, buf.len(), true)
 }
 
 /// Read what a pipe holds now, never blocking (EAGAIN when empty, 0 when
 /// empty with no writer left).
 pub fn pipe_read_nowait(fd: c_int, buf: &mut [u8]) -> Result<usize, c_int> {
+    pipe_nowait(fd, buf.as_mut_ptr(), buf.len(), false)
+}
+
+/// One non-blocking pipe read or write, whatever the pipe's own flags:
+/// `RWF_NOWAIT`, or on kernels without it for pipes, `poll` first and then
+/// at most what cannot block (a write of `PIPE_BUF` bytes needs one free
+/// slot; a read returns what is there).
+fn pipe_nowait(fd: c_int, p: *mut u8, len: usize, write: bool) -> Result<usize, c_int> {
     let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
+        iov_base: p as *mut libc::c_void,
+        iov_len: len,
     };
-    // SAFETY: one iovec over `buf`, which outlives the call.
-    let r = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+    // SAFETY: one iovec over the caller's buffer of `len` bytes (writable
+    // for a read), which outlives the call.
+    let r = unsafe {
+        if write {
+            libc::pwritev2(fd, &iov, 1, -1, libc::RWF_NOWAIT)
+        } else {
+            libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT)
+        }
+    };
     if r >= 0 {
         return Ok(r as usize);
     }
-    match errno() {
-        libc::EOPNOTSUPP | libc::ENOSYS => {
-            if !poll_now(fd, libc::POLLIN) {
-                return Err(libc::EAGAIN);
-            }
-            // SAFETY: `buf` is writable for its length; data (or EOF) is
-            // there, so the read does not block.
-            let r = unsafe { real::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-            if r < 0 {
-                Err(errno())
-            } else {
-                Ok(r as usize)
-            }
+    let e = errno();
+    if e != libc::EOPNOTSUPP && e != libc::ENOSYS {
+        return Err(e);
+    }
+    if !poll_now(fd, if write { libc::POLLOUT } else { libc::POLLIN }) {
+        return Err(libc::EAGAIN);
+    }
+    // SAFETY: as above; poll said this does not block.
+    let r = unsafe {
+        if write {
+            real::write(fd, p as *const libc::c_void, len.min(libc::PIPE_BUF))
+        } else {
+            real::read(fd, p as *mut libc::c_void, len)
         }
-        e => Err(e),
+    };
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(r as usize)
     }
 }
 
