@@ -221,28 +221,24 @@ fn pipe_nowait(fd: c_int, p: *mut u8, len: usize, write: bool) -> Result<usize, 
     }
 }
 
-/// Free bytes in a pipe: its capacity (`F_GETPIPE_SZ`) less what it holds
-/// (`FIONREAD`); `usize::MAX` if either is unknown.
+/// Free bytes in a pipe: its capacity (`F_GETPIPE_SZ`) less what it holds;
+/// `usize::MAX` if either is unknown.
 pub fn pipe_room(fd: c_int) -> usize {
     // SAFETY: F_GETPIPE_SZ takes no pointer.
     let cap = unsafe { real::fcntl(fd, libc::F_GETPIPE_SZ, 0) };
-    let mut used: c_int = 0;
-    // SAFETY: FIONREAD writes one int into `used`.
-    let r = unsafe {
-        real::ioctl(
-            fd,
-            libc::FIONREAD as libc::c_ulong,
-            &mut used as *mut c_int as usize,
-        )
-    };
-    if cap <= 0 || r < 0 {
-        return usize::MAX;
+    match (usize::try_from(cap), fionread(fd)) {
+        (Ok(cap), Some(used)) if cap > 0 => cap.saturating_sub(used),
+        _ => usize::MAX,
     }
-    (cap as usize).saturating_sub(used.max(0) as usize)
 }
 
-/// Bytes a pipe holds (`FIONREAD`; 0 if unknown).
+/// Bytes a pipe holds (0 if unknown).
 pub fn pipe_len(fd: c_int) -> usize {
+    fionread(fd).unwrap_or(0)
+}
+
+/// `FIONREAD` of a kernel fd.
+fn fionread(fd: c_int) -> Option<usize> {
     let mut n: c_int = 0;
     // SAFETY: FIONREAD writes one int into `n`.
     let r = unsafe {
@@ -252,11 +248,7 @@ pub fn pipe_len(fd: c_int) -> usize {
             &mut n as *mut c_int as usize,
         )
     };
-    if r < 0 {
-        0
-    } else {
-        n.max(0) as usize
-    }
+    (r >= 0).then_some(n.max(0) as usize)
 }
 
 /// Is `ev` (or a hang-up) on `fd` right now?
