@@ -297,6 +297,29 @@ pub fn envoy_args(config: &Path, concurrency: u32, log: &Path) -> Vec<String> {
     ]
 }
 
+/// Like [`envoy_args`] for Envoy's hot restart: epoch `epoch` of the
+/// Envoys sharing `base_id` (shared memory and UNIX sockets named after
+/// it); the parent drains for 1 s and exits 2 s after the child started.
+pub fn hot_restart_args(
+    config: &Path,
+    concurrency: u32,
+    log: &Path,
+    epoch: u32,
+    base_id: u32,
+) -> Vec<String> {
+    let mut a = envoy_args(config, concurrency, log);
+    a.retain(|x| x != "--disable-hot-restart");
+    a.extend([
+        "--restart-epoch".into(),
+        epoch.to_string(),
+        "--base-id".into(),
+        base_id.to_string(),
+        "--parent-shutdown-time-s".into(),
+        "2".into(),
+    ]);
+    a
+}
+
 /// One HTTP/1.1 GET to Envoy's admin endpoint (kernel socket; admin
 /// listeners on loopback are reachable from the kernel under the shim).
 pub fn admin_get(admin: SocketAddr, path: &str) -> Result<String> {
@@ -418,6 +441,11 @@ impl Envoy {
     /// A stat from its admin endpoint.
     pub fn stat(&self, name: &str) -> Result<u64> {
         stat(self.admin, name)
+    }
+
+    /// Wait until it exits by itself (a hot-restart parent).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        self.proc.wait(timeout)
     }
 
     /// Graceful stop (SIGTERM), bounded.

@@ -2,14 +2,15 @@
 //! proxy with 1 and 2 workers in front of nginx under the shim on the same
 //! node (cut-through), in front of nginx in the peer namespace (uplink), a
 //! TCP proxy listener, the admin endpoint, a STRICT_DNS cluster resolved
-//! through the kernel, and a hot reload of LDS/CDS files under load.
+//! through the kernel, a hot reload of LDS/CDS files under load, and a hot
+//! restart (a new Envoy takes the listener over) under load.
 //! Clients are kernel curl/wrk in the peer namespace; bodies are compared
 //! byte for byte and Envoy's own stats against the request counts.
 
 use anyhow::{bail, ensure, Context, Result};
 use envoy_integration::{
-    dynamic_bootstrap, envoy_args, shim_command, static_bootstrap, write_config, write_resources,
-    Cluster, Discovery, Envoy, Listener,
+    dynamic_bootstrap, envoy_args, hot_restart_args, log_tail, shim_command, static_bootstrap,
+    write_config, write_resources, Cluster, Discovery, Envoy, Listener,
 };
 use hoststack_tests::daemon::{bin, Daemon, Proc};
 use hoststack_tests::nginx::Site;
@@ -402,5 +403,103 @@ fn hot_reload_of_lds_and_cds_files_under_load_keeps_serving() -> Result<()> {
     ensure!(envoy.stat("cluster.b.upstream_rq_2xx")? > 0);
     ensure!(envoy.stat("http.ingress.downstream_rq_5xx")? == 0);
     envoy.stop()?;
+    Ok(())
+}
+
+/// Envoy's hot restart under the shim, under load: the new Envoy (epoch 1)
+/// gets the listener from the old one over a UNIX socket (SCM_RIGHTS) and
+/// must serve it after the old one exits. The passed descriptor is the
+/// old Envoy's placeholder; the shim finds the listener's address on it
+/// and joins the daemon's listener there (before: the new Envoy listened
+/// on a bare kernel socket and every request after the handover failed).
+#[test]
+fn hot_restart_hands_the_listener_to_the_new_envoy_under_load() -> Result<()> {
+    need_programs()?;
+    let tb = Testbed::new()?;
+    let d = Daemon::start(&tb, &[])?;
+    let site = Site::with_small(b'h')?;
+    let dir = Scratch::new()?;
+    let _peer = peer_nginx(&tb, &site, 8085)?;
+    let http: SocketAddr = format!("{}:10095", tb.daemon_ip4).parse()?;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let up: SocketAddr = format!("{}:8085", tb.peer_ip4).parse()?;
+    let cfg = static_bootstrap(
+        admin,
+        &[Listener::http("ingress", http, "peer")],
+        &[Cluster::fixed("peer", &[up])],
+    );
+    let conf = write_config(&dir.path("hot.json"), &cfg)?;
+    // Shared memory and sockets are named after the base id: one per test
+    // process.
+    let base_id = 1000 + std::process::id() % 50_000;
+    let spawn = |epoch: u32| -> Result<Envoy> {
+        let log = dir.path(&format!("hot-{epoch}.log"));
+        Envoy::spawn(
+            shim_command(&d, &hot_restart_args(&conf, 1, &log, epoch, base_id))?,
+            admin,
+            &log,
+        )
+    };
+    let mut old = spawn(0)?;
+    let url = format!("http://{http}/small");
+    wait_http(&tb, &url)?;
+    let load = {
+        let peer_ns = tb.peer_ns.clone();
+        let url = url.clone();
+        std::thread::spawn(move || -> Result<String> {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &peer_ns,
+                    "wrk",
+                    "-t1",
+                    "-c8",
+                    "-d6s",
+                    "--timeout",
+                    "5s",
+                    &url,
+                ])
+                .output()?;
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let new = spawn(1)?;
+    let logs = || {
+        format!(
+            "epoch 0 log:\n{}\nepoch 1 log:\n{}",
+            log_tail(&dir.path("hot-0.log")),
+            log_tail(&dir.path("hot-1.log"))
+        )
+    };
+    let st = old
+        .wait_exit(T)
+        .with_context(|| format!("the old Envoy did not hand over; {}", logs()))?;
+    ensure!(st.success(), "the old Envoy exited with {st}; {}", logs());
+    let text = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+    let w = WrkRun::parse(&text)?;
+    // The old Envoy closes its connections when it drains: at most one
+    // read error per wrk connection (as in the LDS reload test).
+    ensure!(
+        w.errors[0] == 0 && w.errors[2] == 0 && w.errors[3] == 0 && w.non_2xx == 0,
+        "errors during the hot restart:\n{text}"
+    );
+    ensure!(
+        w.errors[1] <= 8,
+        "more than one read error per connection:\n{text}"
+    );
+    ensure!(w.requests > 1000, "only {} requests", w.requests);
+    // The old one is gone: the new one serves the listener alone.
+    gets_match(&tb, &url, &site.small, 5)?;
+    let apps = d.ctl("apps")?.to_string();
+    ensure!(
+        !apps.contains(&format!("[{}]", old.pid())),
+        "the old Envoy is still attached: {apps}"
+    );
+    ensure!(new.stat("http.ingress.downstream_rq_2xx")? >= 5);
+    new.stop()?;
     Ok(())
 }

@@ -22,8 +22,8 @@ use session_api::fasthash::{FastMap, FastSet};
 use session_api::fifo::{FifoConsumer, FifoProducer};
 use session_api::msg::{
     dgram_header, parse_dgram_header, Event, Proto, Request, SessOpt, SessionDesc, Shut,
-    BIND_RESERVE, BIND_REUSEADDR, DGRAM_HDR, LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED,
-    LISTEN_V6ONLY,
+    BIND_RESERVE, BIND_REUSEADDR, DGRAM_HDR, LISTEN_EXISTING, LISTEN_JOIN, LISTEN_PASSIVE,
+    LISTEN_SHARED, LISTEN_V6ONLY,
 };
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -1002,6 +1002,8 @@ impl Engine {
                 return Err(libc::EADDRINUSE);
             }
             existing = Some(*id);
+        } else if flags & LISTEN_EXISTING != 0 {
+            return Err(libc::ENOENT);
         } else if self.groups.values().any(|g| g.overlaps(local, v6only))
             || self.reserved_elsewhere(local, v6only, shared)
         {
@@ -2850,6 +2852,32 @@ mod tests {
             self.peer.poll_timers(self.now, &mut tp);
             self.deliver(te.0, tp.0);
         }
+    }
+
+    #[test]
+    fn listen_existing_joins_a_group_and_never_creates_one() {
+        let mut b = Bench::new(4096, 8192);
+        let me = b.app;
+        let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
+        let other =
+            b.e.add_app("u".into(), "default".into(), 2, x.into())
+                .unwrap();
+        let a: SocketAddr = "198.18.0.1:5100".parse().unwrap();
+        let join = LISTEN_JOIN | LISTEN_SHARED | LISTEN_EXISTING;
+        // Nobody listens there: no group appears.
+        assert_eq!(
+            b.e.listen(other, 0, a, 8, join).map(|_| ()),
+            Err(libc::ENOENT)
+        );
+        assert_eq!(
+            b.e.listen(other, 0, a, 8, join).map(|_| ()),
+            Err(libc::ENOENT)
+        );
+        // Someone does (not shared): the flag joins it anyway, as
+        // LISTEN_JOIN does, and the address stays one group.
+        let (h1, ..) = b.e.listen(me, 0, a, 8, 0).unwrap();
+        let (h2, ..) = b.e.listen(other, 0, a, 8, join).unwrap();
+        assert_eq!(b.e.listeners[&h1].group, b.e.listeners[&h2].group);
     }
 
     #[test]

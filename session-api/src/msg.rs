@@ -300,6 +300,10 @@ pub const BIND_RESERVE: u8 = 16;
 /// hold a reservation of one address while neither listens (the first to
 /// listen wins, as in the kernel).
 pub const BIND_REUSEADDR: u8 = 32;
+/// Listen flag (with [`LISTEN_JOIN`]): only join a listener that exists
+/// on the address; ENOENT if none does (a process adopting a listening
+/// socket it received over a UNIX socket, e.g. Envoy's hot restart).
+pub const LISTEN_EXISTING: u8 = 64;
 
 const K_LISTEN: u16 = 1;
 const K_UNLISTEN: u16 = 2;

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Current ABI version; both sides must agree.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 /// Magic at offset 0 of every segment: "HSTKSEG1" read as a little-endian
 /// `u64`.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"HSTKSEG1");

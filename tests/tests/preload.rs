@@ -1369,6 +1369,57 @@ fn after_a_daemon_restart_udp_is_bound_again_and_old_connections_reset() -> Resu
     Ok(())
 }
 
+/// A listener's close frees its address before close() returns, as in the
+/// kernel, so another process may bind it at once (Envoy's hot restart
+/// hands its admin port over so, and failed now and then while the
+/// daemon learned of closes asynchronously). With the daemon stopped,
+/// close() therefore waits for it (at most 1 s), and once the daemon runs
+/// again the address is free.
+#[test]
+fn a_closed_listeners_address_is_free_when_close_returns() -> Result<()> {
+    let tb = Testbed::new()?;
+    let mut d = Daemon::start(&tb, &[])?;
+    let ip = tb.daemon_ip4.to_string();
+    let listener = format!(
+        "import socket, sys\n\
+         s = socket.socket()\n\
+         s.bind(('{ip}', 7700)); s.listen(8)\n\
+         print('listening', flush=True)\n\
+         sys.stdin.readline()\n\
+         s.close()\n\
+         print('closed', flush=True)\n\
+         sys.stdin.readline()\n"
+    );
+    let (mut a, mut a_in) =
+        Proc::spawn_with_stdin(shim(&d, &["python3", "-c", &listener])?, "listener")?;
+    a.expect("listening", T)?;
+    use std::io::Write;
+    d.kill(libc::SIGSTOP);
+    a_in.write_all(b"close\n")?;
+    let early = a.expect("closed", Duration::from_millis(300));
+    d.kill(libc::SIGCONT);
+    ensure!(
+        early.is_err(),
+        "close() returned while the daemon, which holds the address, was stopped"
+    );
+    a.expect("closed", T)?;
+    let other = format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.bind(('{ip}', 7700)); s.listen(8)\n\
+         print('bound', flush=True)\n"
+    );
+    let out = shim(&d, &["python3", "-c", &other])?.output()?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).contains("bound"),
+        "another process could not listen on the closed address: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a_in.write_all(b"exit\n")?;
+    a.success(T)?;
+    Ok(())
+}
+
 #[test]
 fn a_forking_server_hands_accepted_connections_to_its_children() -> Result<()> {
     // The inetd / ForkingTCPServer pattern: the parent accepts, forks, the

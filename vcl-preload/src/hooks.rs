@@ -409,12 +409,41 @@ unsafe fn recvmsg_impl(fd: c_int, msg: *mut msghdr, flags: c_int) -> R<usize> {
 #[no_mangle]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
     if !is_bypass(fd) {
-        return real::recvmsg(fd, msg, flags);
+        let r = real::recvmsg(fd, msg, flags);
+        if r >= 0 && !msg.is_null() && (*msg).msg_controllen > 0 {
+            let e = sys::errno();
+            let _: c_int = hook!(0, {
+                adopt_passed_fds(&*msg);
+                0
+            });
+            sys::set_errno(e);
+        }
+        return r;
     }
     hook!(
         real::recvmsg(fd, msg, flags),
         rz(recvmsg_impl(fd, msg, flags))
     )
+}
+
+/// Descriptors passed in `msg` (SCM_RIGHTS) that are hoststack listeners
+/// of another process are adopted ([`ops::adopt_passed`]).
+///
+/// # Safety
+/// `msg` is a message header the kernel just filled in.
+unsafe fn adopt_passed_fds(msg: &msghdr) {
+    let mut c = libc::CMSG_FIRSTHDR(msg);
+    while !c.is_null() {
+        if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+            let data = libc::CMSG_DATA(c) as *const c_int;
+            let n = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize)
+                / std::mem::size_of::<c_int>();
+            for i in 0..n {
+                ops::adopt_passed(data.add(i).read_unaligned());
+            }
+        }
+        c = libc::CMSG_NXTHDR(msg, c);
+    }
 }
 
 #[no_mangle]

@@ -9,7 +9,9 @@ use crate::sys::{self, any_addr, unmap};
 use libc::c_int;
 use session_api::client::Error as ApiError;
 use session_api::msg::Shut;
-use session_api::msg::{BIND_REUSEADDR, LISTEN_SHARED};
+use session_api::msg::{
+    BIND_REUSEADDR, LISTEN_EXISTING, LISTEN_JOIN, LISTEN_SHARED, LISTEN_V6ONLY,
+};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -186,11 +188,37 @@ pub fn listen(fd: c_int, backlog: c_int) -> R<()> {
 
 /// Also listen on the placeholder kernel socket (same address) when the
 /// address is loopback or a wildcard, so that kernel clients on this host
-/// (health checks, admin endpoints on 127.0.0.1) reach the app too. Best
-/// effort: a kernel-side conflict just leaves it hoststack-only.
+/// (health checks, admin endpoints on 127.0.0.1) reach the app too. Other
+/// addresses are the daemon's, not the kernel's: the placeholder is only
+/// bound there (IP_FREEBIND, shared, nothing listens), so that a process
+/// that receives the fd over a UNIX socket can read the address and join
+/// the listener ([`adopt_passed`]). Best effort: a kernel-side conflict
+/// just leaves it hoststack-only. True if the kernel listens too.
 fn kernel_listen(fd: c_int, local: SocketAddr, backlog: u32) -> bool {
-    if !(local.ip().is_loopback() || local.ip().is_unspecified()) {
-        return false;
+    let kernel_side = local.ip().is_loopback() || local.ip().is_unspecified();
+    if !kernel_side {
+        let one: c_int = 1;
+        let (level, name) = if local.is_ipv4() {
+            (libc::SOL_IP, libc::IP_FREEBIND)
+        } else {
+            (libc::SOL_IPV6, libc::IPV6_FREEBIND)
+        };
+        for (level, name) in [
+            (level, name),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+            (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+        ] {
+            // SAFETY: one int option value.
+            unsafe {
+                real::setsockopt(
+                    fd,
+                    level,
+                    name,
+                    &one as *const c_int as *const libc::c_void,
+                    std::mem::size_of::<c_int>() as libc::socklen_t,
+                )
+            };
+        }
     }
     let mut st: libc::sockaddr_storage = unsafe_zeroed();
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -208,7 +236,87 @@ fn kernel_listen(fd: c_int, local: SocketAddr, backlog: u32) -> bool {
             &mut len,
         );
         real::bind(fd, &st as *const _ as *const libc::sockaddr, len) == 0
+            && kernel_side
             && real::listen(fd, backlog as c_int) == 0
+    }
+}
+
+/// A descriptor that arrived over a UNIX socket (SCM_RIGHTS) may be the
+/// placeholder of another process's hoststack listener: Envoy's hot
+/// restart hands its listeners to the new Envoy this way. Its kernel
+/// socket carries the listener's address ([`kernel_listen`]); if the
+/// daemon has a listener there, join it (never create one), so the fd
+/// serves here as it did there. Anything else is left alone.
+pub fn adopt_passed(fd: c_int) {
+    if fd < 0 || fd as usize >= crate::state::MAX_FD || crate::state::is_bypass(fd) {
+        return;
+    }
+    let int_opt = |level: c_int, name: c_int| -> Option<c_int> {
+        let mut v: c_int = 0;
+        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+        // SAFETY: one int and its length.
+        let r = unsafe {
+            real::getsockopt(
+                fd,
+                level,
+                name,
+                &mut v as *mut c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (r == 0).then_some(v)
+    };
+    let Some(domain) = int_opt(libc::SOL_SOCKET, libc::SO_DOMAIN) else {
+        return;
+    };
+    if !(domain == libc::AF_INET || domain == libc::AF_INET6)
+        || int_opt(libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+    {
+        return;
+    }
+    let mut sa: libc::sockaddr_storage = unsafe_zeroed();
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: sa is a sockaddr_storage of `len` bytes.
+    let r = unsafe { real::getsockname(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) };
+    if r != 0 {
+        return;
+    }
+    // SAFETY: the kernel wrote `len` bytes of a sockaddr.
+    let Ok(local) = (unsafe { sys::read_sockaddr(&sa as *const _ as *const libc::sockaddr, len) })
+    else {
+        return;
+    };
+    let local = unmap(local);
+    if local.port() == 0 {
+        return;
+    }
+    let v6only = domain == libc::AF_INET6
+        && int_opt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).is_some_and(|v| v != 0);
+    let klisten = int_opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1);
+    // SAFETY: F_GETFL takes no pointer.
+    let nonblock = unsafe { real::fcntl(fd, libc::F_GETFL, 0) } & libc::O_NONBLOCK != 0;
+    let mut g = lock();
+    let s = st(&mut g);
+    let Ok(w) = s.worker() else {
+        return;
+    };
+    let flags =
+        LISTEN_JOIN | LISTEN_SHARED | LISTEN_EXISTING | if v6only { LISTEN_V6ONLY } else { 0 };
+    let Ok((lid, local)) = w.listen_with(local, 4096, flags) else {
+        return;
+    };
+    let id = s.add_sock(fd, domain, libc::SOCK_STREAM, nonblock, SState::Fresh);
+    s.set_state(id, SState::Listening { lid, local });
+    if let Some(k) = s.socks.get_mut(&id) {
+        k.bound = Some(local);
+        k.klisten = klisten;
+        k.used = true;
+        if v6only {
+            k.opts.other.insert(
+                (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+                1i32.to_ne_bytes().to_vec(),
+            );
+        }
     }
 }
 

@@ -185,6 +185,15 @@ pub fn st(g: &mut G) -> &mut State {
     g.as_mut().expect("state initialised by lock()")
 }
 
+/// Wait until the daemon has handled what this worker sent so far (a bind
+/// check of `addr` queued behind it is answered), at most 1 s: close()
+/// should not hang on a wedged daemon.
+fn close_barrier(w: &mut Worker, addr: SocketAddr) {
+    w.set_reply_timeout(Duration::from_secs(1));
+    let _ = w.bind_check(addr, 0);
+    w.set_reply_timeout(session_api::client::REPLY_TIMEOUT);
+}
+
 /// The name an app attaches under: `program[pid]`.
 fn app_name() -> String {
     let prog = std::env::current_exe()
@@ -987,18 +996,29 @@ impl State {
             return;
         };
         if let Some((token, true)) = s.reserved {
-            let _ = w.unbind(token);
+            if w.unbind(token).is_ok() && s.state == SState::Fresh {
+                // Free once close() returns (see the listener case below).
+                if let Some(a) = s.bound {
+                    close_barrier(w, a);
+                }
+            }
         }
         match s.state {
-            SState::Listening { lid, .. } => {
+            SState::Listening { lid, local } => {
                 self.by_lid.remove(&lid);
                 // After a fork the children may still be joining: keep the
                 // address for them instead of refusing connections.
-                let _ = if s.forked {
-                    w.unlisten_linger(lid)
-                } else {
-                    w.unlisten(lid)
-                };
+                if s.forked {
+                    let _ = w.unlisten_linger(lid);
+                } else if w.unlisten(lid).is_ok() {
+                    // As with the kernel, the address is free once close()
+                    // returns: a process told "I closed it" may bind it at
+                    // once (Envoy's hot restart hands its admin port over
+                    // so). The daemon has left the group when it answers a
+                    // bind check queued behind the unlisten: one round
+                    // trip, for listeners only.
+                    close_barrier(w, local);
+                }
             }
             SState::Connected { sid } | SState::Udp { sid } => {
                 self.by_sess.remove(&sid);
