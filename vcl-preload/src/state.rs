@@ -597,8 +597,6 @@ impl State {
         }
     }
 
-    /// Attach (once per process) and return the worker; Err when hoststack
-    /// cannot be used.
     /// The daemon died (`daemon_gone`): attach to one restarted in its
     /// place, trying at most every [`REATTACH_EVERY`]. On success the dead
     /// worker is dropped without a word to anyone, every listener listens
@@ -696,6 +694,8 @@ impl State {
         true
     }
 
+    /// Attach (once per process, again after the daemon was restarted)
+    /// and return the worker; Err when hoststack cannot be used.
     pub fn worker(&mut self) -> R<&mut Worker> {
         if !self.daemon_gone && self.worker.as_ref().is_some_and(Worker::is_gone) {
             // Found out by a call rather than by a wait (a process that
