@@ -145,6 +145,58 @@ fn wrk(tb: &Testbed, url: &str, conns: u32, secs: u32) -> Result<WrkRun> {
     WrkRun::parse(&String::from_utf8_lossy(&out.stdout))
 }
 
+/// wrk with `conns` connections for `secs` s from the peer namespace, in a
+/// thread (load while the test changes Envoy): its output.
+fn wrk_in_background(
+    tb: &Testbed,
+    url: &str,
+    conns: u32,
+    secs: u32,
+) -> std::thread::JoinHandle<Result<String>> {
+    let peer_ns = tb.peer_ns.clone();
+    let url = url.to_string();
+    std::thread::spawn(move || -> Result<String> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &peer_ns,
+                "wrk",
+                "-t1",
+                &format!("-c{conns}"),
+                &format!("-d{secs}s"),
+                "--timeout",
+                "5s",
+                &url,
+            ])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+}
+
+/// The load of [`wrk_in_background`] across a change of Envoy: Envoy
+/// closes drained connections after the drain time (1 s), and a request
+/// wrk sent on one just then fails with a read error before wrk reconnects.
+/// Envoy on kernel sockets does the same (measured: exactly one read error
+/// per connection), so up to one per connection is expected; nothing else
+/// is, and more than 1000 requests must have passed.
+fn load_survived(load: std::thread::JoinHandle<Result<String>>, conns: u64) -> Result<WrkRun> {
+    let text = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+    let w = WrkRun::parse(&text)?;
+    ensure!(
+        w.errors[0] == 0 && w.errors[2] == 0 && w.errors[3] == 0 && w.non_2xx == 0,
+        "errors under load:\n{text}"
+    );
+    ensure!(
+        w.errors[1] <= conns,
+        "more than one read error per connection:\n{text}"
+    );
+    ensure!(w.requests > 1000, "only {} requests under load", w.requests);
+    Ok(w)
+}
+
 /// `n` sequential GETs of `/small` must all return the site's body.
 fn gets_match(tb: &Testbed, url: &str, body: &[u8], n: usize) -> Result<()> {
     for i in 0..n {
@@ -342,27 +394,7 @@ fn hot_reload_of_lds_and_cds_files_under_load_keeps_serving() -> Result<()> {
         envoy.stat("cluster_manager.cds.update_success")?,
     );
     // Load for 6 s; reload the clusters, then the route, in the middle.
-    let load = {
-        let peer_ns = tb.peer_ns.clone();
-        let url = url.clone();
-        std::thread::spawn(move || -> Result<String> {
-            let out = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &peer_ns,
-                    "wrk",
-                    "-t1",
-                    "-c8",
-                    "-d6s",
-                    "--timeout",
-                    "5s",
-                    &url,
-                ])
-                .output()?;
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        })
-    };
+    let load = wrk_in_background(&tb, &url, 8, 6);
     std::thread::sleep(Duration::from_secs(2));
     write_resources(&cds, &[ca.to_json(), cb.to_json()])?;
     wait_for("CDS reload", T, || {
@@ -372,28 +404,7 @@ fn hot_reload_of_lds_and_cds_files_under_load_keeps_serving() -> Result<()> {
     wait_for("LDS reload", T, || {
         Ok(envoy.stat("listener_manager.lds.update_success")? > lds0)
     })?;
-    let text = load
-        .join()
-        .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
-    let w = WrkRun::parse(&text)?;
-    // Envoy closes the connections of the replaced filter chain after the
-    // drain time (1 s); a request wrk sent on one of them just then fails
-    // with a read error and wrk reconnects. Envoy on kernel sockets does
-    // the same (measured: exactly one read error per connection), so up to
-    // one per connection is expected; nothing else is.
-    ensure!(
-        w.errors[0] == 0 && w.errors[2] == 0 && w.errors[3] == 0 && w.non_2xx == 0,
-        "errors during the reload:\n{text}"
-    );
-    ensure!(
-        w.errors[1] <= 8,
-        "more than one read error per connection:\n{text}"
-    );
-    ensure!(
-        w.requests > 1000,
-        "only {} requests during the reload",
-        w.requests
-    );
+    load_survived(load, 8)?;
     // The new route serves the other site; both clusters carried traffic.
     wait_for("the new route", T, || {
         Ok(peer_get(&tb, &url).map(|r| r.1 == b.small).unwrap_or(false))
@@ -443,27 +454,7 @@ fn hot_restart_hands_the_listener_to_the_new_envoy_under_load() -> Result<()> {
     let mut old = spawn(0)?;
     let url = format!("http://{http}/small");
     wait_http(&tb, &url)?;
-    let load = {
-        let peer_ns = tb.peer_ns.clone();
-        let url = url.clone();
-        std::thread::spawn(move || -> Result<String> {
-            let out = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &peer_ns,
-                    "wrk",
-                    "-t1",
-                    "-c8",
-                    "-d6s",
-                    "--timeout",
-                    "5s",
-                    &url,
-                ])
-                .output()?;
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        })
-    };
+    let load = wrk_in_background(&tb, &url, 8, 6);
     std::thread::sleep(Duration::from_millis(1500));
     let new = spawn(1)?;
     let logs = || {
@@ -477,21 +468,8 @@ fn hot_restart_hands_the_listener_to_the_new_envoy_under_load() -> Result<()> {
         .wait_exit(T)
         .with_context(|| format!("the old Envoy did not hand over; {}", logs()))?;
     ensure!(st.success(), "the old Envoy exited with {st}; {}", logs());
-    let text = load
-        .join()
-        .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
-    let w = WrkRun::parse(&text)?;
-    // The old Envoy closes its connections when it drains: at most one
-    // read error per wrk connection (as in the LDS reload test).
-    ensure!(
-        w.errors[0] == 0 && w.errors[2] == 0 && w.errors[3] == 0 && w.non_2xx == 0,
-        "errors during the hot restart:\n{text}"
-    );
-    ensure!(
-        w.errors[1] <= 8,
-        "more than one read error per connection:\n{text}"
-    );
-    ensure!(w.requests > 1000, "only {} requests", w.requests);
+    // The old Envoy closes its connections when it drains.
+    load_survived(load, 8)?;
     // The old one is gone: the new one serves the listener alone.
     gets_match(&tb, &url, &site.small, 5)?;
     let apps = d.ctl("apps")?.to_string();

@@ -2693,6 +2693,17 @@ mod tests {
     }
 
     impl Bench {
+        /// A second app in the same namespace (and its end of the control
+        /// socket, to keep while it lives).
+        fn other_app(&mut self) -> (AppId, std::os::unix::net::UnixStream) {
+            let (x, y) = std::os::unix::net::UnixStream::pair().unwrap();
+            let id = self
+                .e
+                .add_app("u".into(), "default".into(), 2, x.into())
+                .unwrap();
+            (id, y)
+        }
+
         fn new(fifo: u32, rxbuf: usize) -> Self {
             let now = Instant::from_millis(1);
             let stack = Stack::new(stack_cfg(1, rxbuf), now);
@@ -2858,10 +2869,7 @@ mod tests {
     fn listen_existing_joins_a_group_and_never_creates_one() {
         let mut b = Bench::new(4096, 8192);
         let me = b.app;
-        let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
-        let other =
-            b.e.add_app("u".into(), "default".into(), 2, x.into())
-                .unwrap();
+        let (other, _ctrl) = b.other_app();
         let a: SocketAddr = "198.18.0.1:5100".parse().unwrap();
         let join = LISTEN_JOIN | LISTEN_SHARED | LISTEN_EXISTING;
         // Nobody listens there: no group appears.
@@ -2884,10 +2892,7 @@ mod tests {
     fn a_bound_address_is_held_until_given_back_and_ephemeral_ports_avoid_it() {
         let mut b = Bench::new(4096, 8192);
         let me = b.app;
-        let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
-        let other =
-            b.e.add_app("u".into(), "default".into(), 2, x.into())
-                .unwrap();
+        let (other, _ctrl) = b.other_app();
         let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
         let a = sa("198.18.0.1:5000");
         let (got, t) = b.e.bind_check(me, a, BIND_RESERVE).unwrap();
