@@ -10,7 +10,7 @@ use libc::c_int;
 use session_api::client::Error as ApiError;
 use session_api::msg::Shut;
 use session_api::msg::{
-    BIND_REUSEADDR, LISTEN_EXISTING, LISTEN_JOIN, LISTEN_SHARED, LISTEN_V6ONLY,
+    BIND_REUSEADDR, LISTEN_EXISTING, LISTEN_JOIN, LISTEN_PASSIVE, LISTEN_SHARED, LISTEN_V6ONLY,
 };
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -300,8 +300,13 @@ pub fn adopt_passed(fd: c_int) {
     let Ok(w) = s.worker() else {
         return;
     };
-    let flags =
-        LISTEN_JOIN | LISTEN_SHARED | LISTEN_EXISTING | if v6only { LISTEN_V6ONLY } else { 0 };
+    // Passive until this process polls or accepts on it (like a forked
+    // child's inherited listener): one that only holds it takes nothing.
+    let flags = LISTEN_JOIN
+        | LISTEN_SHARED
+        | LISTEN_EXISTING
+        | LISTEN_PASSIVE
+        | if v6only { LISTEN_V6ONLY } else { 0 };
     let Ok((lid, local)) = w.listen_with(local, 4096, flags) else {
         return;
     };
@@ -310,7 +315,7 @@ pub fn adopt_passed(fd: c_int) {
     if let Some(k) = s.socks.get_mut(&id) {
         k.bound = Some(local);
         k.klisten = klisten;
-        k.used = true;
+        k.passive = true;
         if v6only {
             k.opts.other.insert(
                 (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
