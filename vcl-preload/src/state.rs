@@ -623,9 +623,8 @@ impl State {
         let Ok(w) = App::attach(&cfg).and_then(|a| a.worker()) else {
             return false;
         };
-        if let Some(old) = self.worker.replace(w) {
-            old.detach_after_fork();
-        }
+        self.forget_worker(false);
+        self.worker = Some(w);
         log_warn(
             &self.cfg,
             &format!(
@@ -635,17 +634,6 @@ impl State {
         );
         self.daemon_gone = false;
         self.gen += 1;
-        for ep in self.eps.values_mut() {
-            if let Some(c) = ep.chan.take() {
-                close_own(c.efd);
-            }
-            ep.chan_sleepers = 0;
-            ep.magic_gen = 0;
-        }
-        self.by_sess.clear();
-        self.by_lid.clear();
-        self.by_token.clear();
-        self.abandoned.clear();
         self.inherited = 0;
         let ids: Vec<u64> = self.socks.keys().copied().collect();
         for id in ids {
@@ -1318,29 +1306,39 @@ impl State {
         }
     }
 
-    /// A fork child: drop the parent's worker without telling the daemon;
-    /// listeners go dormant, inherited connections become orphans.
-    pub fn after_fork_child(&mut self) {
+    /// Drop the worker without a word to the daemon (it belongs to the
+    /// parent, or the daemon is dead) and everything keyed by it: the
+    /// epoll instances' wake channels (our copies of their eventfds are
+    /// closed; `no_chan` keeps an instance from asking for a new one) and
+    /// the session, listener and connect indexes. Epoll sets take the next
+    /// worker's wake fds on their next wait.
+    fn forget_worker(&mut self, no_chan: bool) {
         if let Some(w) = self.worker.take() {
             w.detach_after_fork();
         }
-        self.mode = Mode::Unattached;
-        self.sleepers = 0;
-        self.waiters.clear();
         for ep in self.eps.values_mut() {
-            // The parent's channels are not ours; an inherited instance
-            // (shared with the parent) keeps waking the old way.
             if let Some(c) = ep.chan.take() {
-                // Our copy of the channel eventfd.
                 close_own(c.efd);
             }
-            ep.no_chan = true;
+            ep.no_chan |= no_chan;
             ep.chan_sleepers = 0;
+            ep.magic_gen = 0;
         }
         self.by_sess.clear();
         self.by_lid.clear();
         self.by_token.clear();
         self.abandoned.clear();
+    }
+
+    /// A fork child: drop the parent's worker without telling the daemon;
+    /// listeners go dormant, inherited connections become orphans.
+    pub fn after_fork_child(&mut self) {
+        // The parent's channels are not ours; an inherited instance (shared
+        // with the parent) keeps waking the old way.
+        self.forget_worker(true);
+        self.mode = Mode::Unattached;
+        self.sleepers = 0;
+        self.waiters.clear();
         for s in self.socks.values_mut() {
             if let Some((_, ours)) = s.reserved.as_mut() {
                 *ours = false;
@@ -1370,9 +1368,6 @@ impl State {
             .values()
             .filter(|s| matches!(s.state, SState::Inherited { .. }))
             .count();
-        for ep in self.eps.values_mut() {
-            ep.magic_gen = 0;
-        }
         // Inherited listeners stay open in the child even if the parent
         // closes them: join their groups now, passive until this process
         // accepts on them.
